@@ -1,0 +1,19 @@
+"""viditq-diffusers: ViDiT-Q W8A8 / W4A8 quantization for diffusers' diffusion transformers.
+
+Importing this package registers `ViDiTQConfig` with diffusers (`quant_method="viditq"`).
+"""
+
+from .config import PRESETS, ViDiTQConfig
+from .convert import quantize
+from .diffusers_quantizer import ViDiTQQuantizer, register
+from .footprint import fp16_weight_bytes, weight_bytes
+from .hub import model_card, push_to_hub, save_pretrained
+from .nn import ViDiTQLinear
+
+register()
+
+__version__ = "0.1.0"
+__all__ = [
+    "PRESETS", "ViDiTQConfig", "ViDiTQLinear", "ViDiTQQuantizer", "quantize", "save_pretrained",
+    "push_to_hub", "model_card", "weight_bytes", "fp16_weight_bytes",
+]

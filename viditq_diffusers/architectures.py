@@ -1,0 +1,55 @@
+"""Per-architecture knowledge: which linear layers are quantized by default.
+
+ViDiT-Q quantizes the attention and feed-forward linears inside the transformer blocks and
+keeps the rest in floating point (METHOD.md section 2): patch/timestep/caption/text
+embedders, adaLN / modulation projections (`norm*.linear`, `*_mod.*`), the output
+projection (`proj_out`, `norm_out`), the model's own `_keep_in_fp32_modules`, and every
+non-Linear layer (convs, norms). The rule is declarative: a block list name, then a
+pattern for the modulation linears that live inside blocks.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+# Top-level ModuleLists that hold the transformer blocks, per zoo class. HunyuanVideo's
+# `context_embedder.token_refiner.refiner_blocks` is a text embedder and stays FP.
+BLOCK_LISTS: dict[str, tuple[str, ...]] = {
+    "PixArtTransformer2DModel": ("transformer_blocks",),
+    "DiTTransformer2DModel": ("transformer_blocks",),
+    "SD3Transformer2DModel": ("transformer_blocks",),
+    "FluxTransformer2DModel": ("transformer_blocks", "single_transformer_blocks"),
+    "SanaTransformer2DModel": ("transformer_blocks",),
+    "HunyuanDiT2DModel": ("blocks",),
+    "QwenImageTransformer2DModel": ("transformer_blocks",),
+    "CogVideoXTransformer3DModel": ("transformer_blocks",),
+    "LatteTransformer3DModel": ("transformer_blocks", "temporal_transformer_blocks"),
+    "AllegroTransformer3DModel": ("transformer_blocks",),
+    "WanTransformer3DModel": ("blocks",),
+    "HunyuanVideoTransformer3DModel": ("transformer_blocks", "single_transformer_blocks"),
+    "LTXVideoTransformer3DModel": ("transformer_blocks",),
+    "MochiTransformer3DModel": ("transformer_blocks",),
+    "SanaVideoTransformer3DModel": ("transformer_blocks",),
+}
+DEFAULT_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "temporal_transformer_blocks", "blocks")
+
+# Inside a block: adaLN / modulation linears (`norm1.linear`, `norm1_context.linear`,
+# DiT's per-block `norm1.emb.*`, Qwen's `img_mod.1`) take the 2-D timestep embedding.
+MODULATION = re.compile(r"(^|\.)(norm\w*|\w+_mod)\.")
+
+
+def block_lists(model: nn.Module) -> tuple[str, ...]:
+    return BLOCK_LISTS.get(type(model).__name__, DEFAULT_BLOCK_LISTS)
+
+
+def is_quantized_by_default(model: nn.Module, name: str) -> bool:
+    """Whether the nn.Linear called `name` is quantized by default (attention / FFN in a block)."""
+    match = re.match(r"^([A-Za-z_]\w*)\.\d+\.(.+)$", name)
+    if match is None or match.group(1) not in block_lists(model):
+        return False
+    if MODULATION.search(match.group(2)):
+        return False
+    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or []
+    return not any(part in keep_fp32 for part in name.split("."))

@@ -1,0 +1,73 @@
+"""Model surgery: swap `nn.Linear` for `ViDiTQLinear` following a plan.
+
+`quantize(model, config)` is the public entry for an already-loaded model; the diffusers
+quantizer (`from_pretrained(..., quantization_config=...)`) runs the same functions.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .nn import ViDiTQLinear
+from .plan import build_plan, validate_plan
+
+
+def layer_from_spec(spec: dict, device=None, dtype=None) -> ViDiTQLinear:
+    """An empty `ViDiTQLinear` with the layout `spec` describes (e.g. on the meta device)."""
+    return ViDiTQLinear(
+        spec["in_features"], spec["out_features"], spec["bias"], spec["weight_bits"], spec["act_bits"],
+        spec["group_size"], spec["symmetric"], device=device, dtype=dtype,
+    )
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def check_not_quantized(model: nn.Module) -> None:
+    if getattr(model, "is_quantized", False) or any(isinstance(m, ViDiTQLinear) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} is already quantized; quantizing twice would re-round integer weights. "
+            f"Load the floating-point model again and quantize that."
+        )
+
+
+def resolve_plan(model: nn.Module, config) -> dict:
+    """The config's explicit plan (validated against the model), or the default plan."""
+    if config.plan is not None:
+        validate_plan(model, config.plan)
+        return config.plan
+    return build_plan(model, config)
+
+
+def quantize_linear(linear: nn.Linear, spec: dict, name: str) -> ViDiTQLinear:
+    return ViDiTQLinear.from_linear(
+        linear, spec["weight_bits"], spec["act_bits"], spec["group_size"], spec["symmetric"], name=name
+    )
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, config) -> nn.Module:
+    """Quantize an already-loaded diffusers model in place (and return it).
+
+    Sets what `from_pretrained(..., quantization_config=config)` sets, so `save_pretrained`,
+    `push_to_hub`, `.to(device)` and reloading work the same way.
+    """
+    from .diffusers_quantizer import ViDiTQQuantizer  # the quantizer imports this module
+
+    check_not_quantized(model)
+    config = copy.deepcopy(config)
+    plan = resolve_plan(model, config)
+    for name, spec in plan["layers"].items():
+        set_submodule(model, name, quantize_linear(model.get_submodule(name), spec, name))
+    config.plan = plan
+    quantizer = ViDiTQQuantizer(config, pre_quantized=False)
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)
+    return model

@@ -1,0 +1,136 @@
+"""diffusers glue: `ViDiTQQuantizer` and its registration under `quant_method="viditq"`.
+
+Two loading paths, one plan:
+- floating-point checkpoint + `ViDiTQConfig`: the plan is built on the meta-device model;
+  each planned `nn.Linear` is swapped for a `ViDiTQLinear` the moment its weight is read
+  (`create_quantized_param`), so the full FP model never sits in memory;
+- pre-quantized checkpoint (`config.json` carries the plan): the planned layers are built
+  empty on the meta device before loading and the int codes / scales load into them as is.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from diffusers.quantizers import auto as diffusers_auto
+from diffusers.quantizers.base import DiffusersQuantizer
+from torch import nn
+
+from .config import ViDiTQConfig, ViDiTQQuantMethod
+from .convert import layer_from_spec, resolve_plan, set_submodule
+from .hub import attach
+from .nn import ViDiTQLinear
+from .plan import validate_plan
+
+SAFETENSORS_METADATA = {"viditq_format": "1", "viditq_weight_scale": "float32 bit patterns stored as int32"}
+
+
+class ViDiTQQuantizer(DiffusersQuantizer):
+    requires_calibration = False
+    use_keep_in_fp32_modules = True
+
+    def __init__(self, quantization_config: ViDiTQConfig, **kwargs):
+        # The user's config object may be reused for another model: never write the plan into it.
+        super().__init__(copy.deepcopy(quantization_config), **kwargs)
+
+    @property
+    def plan_layers(self) -> dict:
+        return self.quantization_config.plan["layers"]
+
+    def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
+        config = self.quantization_config
+        if not self.pre_quantized:
+            config.plan = resolve_plan(model, config)
+            return model
+        if config.plan is None:
+            raise ValueError(
+                "This checkpoint's quantization_config has no 'plan', so its quantized layout cannot be rebuilt. "
+                "Re-save it with viditq_diffusers, or load the floating-point model with a ViDiTQConfig."
+            )
+        validate_plan(model, config.plan)
+        for name, spec in self.plan_layers.items():
+            old = model.get_submodule(name)
+            dtype = old.bias.dtype if old.bias is not None else None
+            set_submodule(model, name, layer_from_spec(spec, device="meta", dtype=dtype))
+        return model
+
+    def check_if_quantized_param(self, model, param_value, param_name, state_dict, **kwargs) -> bool:
+        layer, _, leaf = param_name.rpartition(".")
+        return not self.pre_quantized and leaf == "weight" and layer in self.plan_layers
+
+    def create_quantized_param(self, model, param_value, param_name, target_device, state_dict, unexpected_keys=None, **kwargs):
+        """Quantize one FP weight as it is read and swap its layer for a `ViDiTQLinear`."""
+        name = param_name.rpartition(".")[0]
+        old = model.get_submodule(name)
+        weight = param_value.to(target_device)
+        if not torch.isfinite(weight).all():
+            raise ValueError(
+                f"layer '{name}' has NaN or Inf in its weight; fix the checkpoint or keep the layer in floating "
+                f"point with modules_to_not_convert=['{name}']."
+            )
+        layer = layer_from_spec(self.plan_layers[name], device="meta", dtype=weight.dtype)
+        with torch.no_grad():
+            layer.set_weight(weight)
+        layer.bias = old.bias  # loaded already, or still on meta and filled by the loader later
+        set_submodule(model, name, layer)
+
+    def update_missing_keys(self, model, missing_keys, prefix):
+        quantized = [k for k in missing_keys if k.rpartition(".")[0] in (self.quantization_config.plan or {}).get("layers", {})]
+        if self.pre_quantized and quantized:
+            raise ValueError(
+                f"The checkpoint lacks {len(quantized)} quantized tensor(s) that its plan needs (e.g. {quantized[0]!r}). "
+                f"It is probably a floating-point checkpoint whose config.json carries a ViDiT-Q plan: remove "
+                f"'quantization_config' from config.json and pass quantization_config=ViDiTQConfig(...) instead."
+            )
+        return missing_keys
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        leftovers = [name for name in self.plan_layers if not isinstance(model.get_submodule(name), ViDiTQLinear)]
+        if leftovers:
+            raise ValueError(
+                f"{len(leftovers)} planned layer(s) got no weight from the checkpoint (e.g. {leftovers[0]!r}); "
+                f"the checkpoint does not match the model config."
+            )
+        model.register_to_config(quantization_config=self.quantization_config)
+        attach(model)
+        return model
+
+    def get_state_dict_and_metadata(self, state_dict, safe_serialization=False):
+        return state_dict, dict(SAFETENSORS_METADATA)
+
+    def _dequantize(self, model):
+        for name, spec in self.plan_layers.items():
+            layer = model.get_submodule(name)
+            linear = nn.Linear(spec["in_features"], spec["out_features"], spec["bias"], device=layer.qweight.device)
+            dtype = layer.bias.dtype if layer.bias is not None else torch.float32
+            linear.to(dtype)
+            with torch.no_grad():
+                linear.weight.copy_(layer.dequantized_weight())
+                if layer.bias is not None:
+                    linear.bias.copy_(layer.bias)
+            set_submodule(model, name, linear)
+        model.register_to_config(quantization_config=None)
+        return model
+
+    def adjust_target_dtype(self, torch_dtype):
+        return torch.int8  # for device_map="auto" size estimates
+
+    @property
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def register() -> None:
+    """Add ViDiT-Q to diffusers' quantizer registries (mutate the dicts, never rebind them)."""
+    key = ViDiTQQuantMethod.VIDITQ.value
+    diffusers_auto.AUTO_QUANTIZER_MAPPING[key] = ViDiTQQuantizer
+    diffusers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING[key] = ViDiTQConfig

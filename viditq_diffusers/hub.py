@@ -1,0 +1,116 @@
+"""Save, model card and push to the Hugging Face Hub (through huggingface_hub).
+
+Saving goes through diffusers' own `save_pretrained` (safetensors, sharding,
+`config.json` with the plan); this module only makes it atomic: everything is written
+into a temporary folder inside the target and then moved into place file by file with
+`os.replace`, so a crash never leaves a half-written file under a final name.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import shutil
+import tempfile
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+
+from .footprint import fp16_weight_bytes, weight_bytes
+from .plan import summarize
+
+
+def atomic_save(save, directory: str | os.PathLike, **kwargs) -> None:
+    """Run `save(tmp_dir, **kwargs)` in a temp folder inside `directory`, then move files into place."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".viditq-tmp-", dir=directory)
+    try:
+        save(tmp, **kwargs)
+        for root, _, files in os.walk(tmp):
+            target_root = os.path.join(directory, os.path.relpath(root, tmp))
+            os.makedirs(target_root, exist_ok=True)
+            for file in files:
+                os.replace(os.path.join(root, file), os.path.join(target_root, file))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_pretrained(obj, directory: str | os.PathLike, **kwargs) -> None:
+    """Atomically save a quantized model or pipeline (diffusers layout, safetensors)."""
+    kwargs.setdefault("safe_serialization", True)
+    atomic_save(obj.save_pretrained, directory, **kwargs)
+
+
+def attach(model) -> None:
+    """Give a quantized model atomic `save_pretrained` and a model-card `push_to_hub`."""
+    save = functools.partial(atomic_save, functools.partial(type(model).save_pretrained, model))
+    save.__signature__ = inspect.signature(model.save_pretrained)  # diffusers inspects it for kwargs
+    model.save_pretrained = save
+    model.push_to_hub = functools.partial(push_to_hub, model)
+
+
+def quantized_components(obj) -> dict:
+    """{component name: model} for every ViDiT-Q model in a pipeline, or {"model": obj} for a model."""
+    from .diffusers_quantizer import ViDiTQQuantizer
+
+    models = getattr(obj, "components", None) or {"model": obj}
+    return {n: m for n, m in models.items() if isinstance(getattr(m, "hf_quantizer", None), ViDiTQQuantizer)}
+
+
+def model_card(obj, repo_id: str) -> ModelCard:
+    """A model card: base model, method, bits per layer, weight memory before/after, how to load."""
+    components = quantized_components(obj)
+    if not components:
+        raise ValueError("Nothing to describe: the object holds no ViDiT-Q quantized model. Quantize it first.")
+    is_pipeline = hasattr(obj, "components")
+    base = getattr(obj, "name_or_path", None) or next(iter(components.values())).config.get("_name_or_path", "")
+    rows = []
+    for name, model in components.items():
+        plan = model.hf_quantizer.quantization_config.plan
+        formats = ", ".join(f"{label}: {n}" for label, n in sorted(summarize(plan).items()))
+        before, after = fp16_weight_bytes(model), weight_bytes(model)
+        rows.append(
+            f"| {name} | {type(model).__name__} | {len(plan['layers'])} ({formats}) | "
+            f"{before / 2**20:.1f} MiB | {after / 2**20:.1f} MiB | {after / before:.3f}x |"
+        )
+    loader = "DiffusionPipeline" if is_pipeline else type(next(iter(components.values()))).__name__
+    text = f"""---
+{ModelCardData(library_name="diffusers", tags=["viditq", "quantized", "diffusion-transformer"]).to_yaml()}
+---
+
+# {repo_id}
+
+A [ViDiT-Q](https://arxiv.org/abs/2406.02540) quantized checkpoint made with `viditq-diffusers`.
+
+- Base model: `{base or "unknown"}`
+- Method: ViDiT-Q W/A integer quantization: static per-output-channel (or per-group) min-max weights,
+  dynamic per-token activations, integer GEMM; layers outside the transformer blocks stay in floating point.
+
+| component | class | quantized layers (formats) | weights in FP16 | weights quantized | ratio |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+## How to load
+
+```python
+import viditq_diffusers  # registers the "viditq" quantizer with diffusers
+from diffusers import {loader}
+
+model = {loader}.from_pretrained("{repo_id}")
+```
+"""
+    return ModelCard(text)
+
+
+def push_to_hub(obj, repo_id: str, token: str | None = None, private: bool | None = None,
+                commit_message: str = "Upload ViDiT-Q quantized checkpoint", endpoint: str | None = None) -> str:
+    """Upload a quantized model or pipeline with its model card; returns the commit URL."""
+    card = model_card(obj, repo_id)
+    api = HfApi(endpoint=endpoint, token=token)
+    api.create_repo(repo_id, exist_ok=True, private=private)
+    with tempfile.TemporaryDirectory() as folder:
+        save_pretrained(obj, folder)
+        card.save(os.path.join(folder, "README.md"))
+        info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+    return info.commit_url

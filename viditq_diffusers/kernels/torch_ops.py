@@ -1,0 +1,99 @@
+"""The torch implementation of the quantized linear, and its float reference.
+
+`linear_int` is what runs: activations are quantized per token and multiplied with the
+int codes by a real integer GEMM (`torch._int_mm`, int32 accumulation); scales, zero
+points and bias are applied to the int32 result. `linear_reference` is the same math in
+float64 with dequantized operands; tests hold the two against each other.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..quant.formats import dequantize_weight, quantize_activation_per_token
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 `a [M, K]` x int8 `b [N, K]`^T -> int32 `[M, N]`.
+
+    CUDA's `_int_mm` needs M > 16 and K, N multiples of 8: pad with zeros (exact) and slice.
+    """
+    if a.device.type == "cuda":
+        m, k = a.shape
+        n = b.shape[0]
+        pad_m, pad_k, pad_n = max(17 - m, 0), (-k) % 8, (-n) % 8
+        if pad_m or pad_k:
+            a = F.pad(a, (0, pad_k, 0, pad_m))
+        if pad_k or pad_n:
+            b = F.pad(b, (0, pad_k, 0, pad_n))
+        return torch._int_mm(a, b.t())[:m, :n]
+    return torch._int_mm(a.contiguous(), b.t())
+
+
+def int_mm_zero_point(xq: torch.Tensor, codes: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """`xq @ (codes - zero)^T` in int32; the zero point is folded in with the row sums of `xq`."""
+    acc = int_mm(xq, codes)
+    if zero is not None:
+        acc = acc - xq.sum(dim=1, dtype=torch.int32).unsqueeze(1) * zero.to(torch.int32).unsqueeze(0)
+    return acc
+
+
+def linear_int(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    act_bits: int,
+) -> torch.Tensor:
+    """W{4,8}A8 linear on a 2-D input: dynamic per-token activation quantization + integer GEMM.
+
+    `codes` int8 `[N, K]`, `scale` fp32 `[N, G]`, `zero` int8 `[N, G]` or None.
+    """
+    xq, x_scale = quantize_activation_per_token(x, act_bits)
+    groups = scale.shape[1]
+    if groups == 1:
+        y = int_mm_zero_point(xq, codes, None if zero is None else zero[:, 0]).to(torch.float32) * scale[:, 0]
+    else:
+        # One integer GEMM per input-channel group; group scales are applied in fp32.
+        size = codes.shape[1] // groups
+        y = None
+        for g in range(groups):
+            cols = slice(g * size, (g + 1) * size)
+            acc = int_mm_zero_point(xq[:, cols], codes[:, cols], None if zero is None else zero[:, g])
+            part = acc.to(torch.float32) * scale[:, g]
+            y = part if y is None else y + part
+    y = y * x_scale
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype)
+
+
+def linear_weight_only(
+    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """W{4,8}A16: dequantize the weight to the activation dtype and run a float matmul."""
+    weight = dequantize_weight(codes, scale, zero).to(x.dtype)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def linear_reference(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    act_bits: int,
+) -> torch.Tensor:
+    """Float64 reference of the quantized linear ("fake quantization"), for tests."""
+    if act_bits < 16:
+        xq, x_scale = quantize_activation_per_token(x, act_bits)
+        x64 = xq.to(torch.float64) * x_scale.to(torch.float64)
+    else:
+        x64 = x.to(torch.float64)
+    w64 = dequantize_weight(codes, scale, zero).to(torch.float64)
+    y = x64 @ w64.t()
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y

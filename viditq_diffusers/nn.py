@@ -1,0 +1,130 @@
+"""`ViDiTQLinear`: the one quantized layer. Buffers only; `forward` calls the kernels."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .kernels import linear_reference, quantized_linear
+from .quant.formats import check_bits, dequantize_weight, pack_int4, quantize_weight, unpack_int4
+
+
+class ViDiTQLinear(nn.Module):
+    """A linear layer with integer weights and (for A8) dynamically quantized activations.
+
+    State (what `state_dict` / safetensors hold):
+    - `qweight`: int8 codes `[out, in]` for W8; for W4, uint8 `[out, ceil(in/2)]` holding two
+      codes per byte (low nibble first, stored as code + 8);
+    - `weight_scale`: fp32 scales `[out, G]` (G = 1 per-channel, else `in // group_size`),
+      stored as their int32 bit patterns. Loaders (diffusers' `torch_dtype`, `.to(dtype)`,
+      ComfyUI casts) cast floating tensors; an integer buffer is never cast, so the scales a
+      checkpoint was saved with are exactly the scales it reloads with;
+    - `weight_zero`: int8 zero points `[out, G]`, only for asymmetric weights;
+    - `bias`: a floating-point parameter, as in `nn.Linear`.
+    The name `qweight` (not `weight`) makes a plain `nn.Linear` refuse this state dict
+    instead of loading int codes as float weights.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        weight_bits: int = 8,
+        act_bits: int = 8,
+        group_size: int | None = None,
+        symmetric: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        check_bits(weight_bits, "weight_bits")
+        if act_bits != 16:
+            check_bits(act_bits, "act_bits")
+        if group_size is not None and (group_size <= 0 or in_features % group_size):
+            raise ValueError(
+                f"group_size={group_size} does not divide in_features={in_features}; "
+                f"pick a divisor of {in_features} or group_size=None (per-channel)."
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_bits, self.act_bits = weight_bits, act_bits
+        self.group_size, self.symmetric = group_size, symmetric
+        groups = in_features // group_size if group_size else 1
+        if weight_bits == 4:
+            qweight = torch.empty(out_features, (in_features + 1) // 2, dtype=torch.uint8, device=device)
+        else:
+            qweight = torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("weight_scale", torch.empty(out_features, groups, dtype=torch.int32, device=device))
+        if symmetric:
+            self.weight_zero = None
+        else:
+            self.register_buffer("weight_zero", torch.empty(out_features, groups, dtype=torch.int8, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, weight_bits: int, act_bits: int, group_size=None, symmetric=False, name: str = ""
+    ) -> "ViDiTQLinear":
+        """Quantize a float `nn.Linear` (weights quantized exactly once)."""
+        weight = linear.weight.detach()
+        if not torch.isfinite(weight).all():
+            raise ValueError(
+                f"layer '{name or linear}' has NaN or Inf in its weight; fix the checkpoint or keep the layer "
+                f"in floating point with modules_to_not_convert=['{name}']."
+            )
+        layer = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, weight_bits, act_bits,
+            group_size, symmetric, device=weight.device, dtype=weight.dtype,
+        )
+        layer.set_weight(weight)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        codes, scale, zero = quantize_weight(weight, self.weight_bits, self.group_size, self.symmetric)
+        self.qweight = pack_int4(codes) if self.weight_bits == 4 else codes
+        self.weight_scale = scale.view(torch.int32)
+        if zero is not None:
+            self.weight_zero = zero
+
+    def codes(self) -> torch.Tensor:
+        """int8 codes `[out, in]` (unpacked for W4)."""
+        return unpack_int4(self.qweight, self.in_features) if self.weight_bits == 4 else self.qweight
+
+    def scales(self) -> torch.Tensor:
+        """fp32 weight scales `[out, G]` (a view, no copy)."""
+        return self.weight_scale.view(torch.float32)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_weight(self.codes(), self.scales(), self.weight_zero)
+
+    def _apply_2d(self, x: torch.Tensor, fn) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"ViDiTQLinear expects {self.in_features} input features, got shape {tuple(x.shape)}")
+        y = fn(x.reshape(-1, self.in_features))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._apply_2d(
+            x, lambda x2: quantized_linear(x2, self.codes(), self.scales(), self.weight_zero, self.bias, self.act_bits)
+        )
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Float64 fake-quant reference of `forward` (tests and debugging)."""
+        return self._apply_2d(
+            x, lambda x2: linear_reference(x2, self.codes(), self.scales(), self.weight_zero, self.bias, self.act_bits)
+        )
+
+    def weight_bytes(self) -> int:
+        """Bytes of the quantized weight state (codes, scales, zero points; bias excluded)."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.weight_scale, self.weight_zero) if t is not None)
+
+    def extra_repr(self) -> str:
+        group = f"group_size={self.group_size}" if self.group_size else "per-channel"
+        kind = "sym" if self.symmetric else "asym"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"W{self.weight_bits}A{self.act_bits}, {group}, {kind}"
+        )

@@ -1,0 +1,111 @@
+"""`QuantPlan`: the per-layer decisions, as plain JSON data.
+
+A plan is a dict written into `config.json` (`quantization_config["plan"]`), so a saved
+checkpoint rebuilds its exact layout before any weight is read:
+
+    {"version": 1, "model_class": "PixArtTransformer2DModel",
+     "layers": {"transformer_blocks.0.attn1.to_q": {
+         "weight_bits": 8, "act_bits": 8, "group_size": null, "symmetric": false,
+         "method": "minmax", "in_features": 1152, "out_features": 1152, "bias": true}}}
+
+Layers absent from `layers` stay in floating point. Future per-layer fields (a smoothing
+vector name, a rotation seed, per-timestep-window bits as `"windows": [{"until": 0.25,
+"weight_bits": 8}, ...]`) are added as new keys with a version bump; a reader refuses keys
+it does not know rather than ignoring them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+from torch import nn
+
+from .architectures import is_quantized_by_default
+
+PLAN_VERSION = 1
+LAYER_KEYS = {"weight_bits", "act_bits", "group_size", "symmetric", "method", "in_features", "out_features", "bias"}
+METHODS = {"minmax"}
+
+
+def matches_any(name: str, patterns: list[str]) -> bool:
+    """`name` is a pattern, lies under a pattern (prefix + "."), or fnmatches it."""
+    return any(name == p or name.startswith(p + ".") or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def layer_spec(linear: nn.Module, config) -> dict:
+    return {
+        "weight_bits": config.weight_bits,
+        "act_bits": config.act_bits,
+        "group_size": config.group_size,
+        "symmetric": config.weight_symmetric,
+        "method": "minmax",
+        "in_features": linear.in_features,
+        "out_features": linear.out_features,
+        "bias": linear.bias is not None,
+    }
+
+
+def build_plan(model: nn.Module, config) -> dict:
+    """The default plan: every attention / FFN linear of the blocks, minus `modules_to_not_convert`."""
+    layers = {
+        name: layer_spec(module, config)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and is_quantized_by_default(model, name)
+        and not matches_any(name, config.modules_to_not_convert)
+    }
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no quantizable layers: ViDiT-Q quantizes the nn.Linear layers inside "
+            f"transformer blocks, and none were found (or all are in modules_to_not_convert). "
+            f"Pass a model with transformer blocks, or an explicit plan."
+        )
+    return {"version": PLAN_VERSION, "model_class": type(model).__name__, "layers": layers}
+
+
+def validate_plan(model: nn.Module, plan: dict) -> None:
+    """Check that `plan` fits `model`'s architecture; raise a ValueError that names the mismatch."""
+    if not isinstance(plan, dict) or "layers" not in plan:
+        raise ValueError("plan must be a dict with a 'layers' mapping (see viditq_diffusers.plan).")
+    if plan.get("version") != PLAN_VERSION:
+        raise ValueError(
+            f"plan version {plan.get('version')!r} is not supported by this viditq_diffusers (reads version "
+            f"{PLAN_VERSION}); upgrade viditq-diffusers or re-quantize the model."
+        )
+    modules = dict(model.named_modules())
+    problems = []
+    for name, spec in plan["layers"].items():
+        unknown = set(spec) - LAYER_KEYS
+        missing = LAYER_KEYS - set(spec)
+        module = modules.get(name)
+        if unknown or missing:
+            problems.append(f"{name}: unknown keys {sorted(unknown)} / missing keys {sorted(missing)}")
+        elif module is None:
+            problems.append(f"{name}: no such layer in {type(model).__name__}")
+        elif not hasattr(module, "in_features"):
+            problems.append(f"{name}: is a {type(module).__name__}, not a linear layer")
+        elif (module.in_features, module.out_features) != (spec["in_features"], spec["out_features"]):
+            problems.append(
+                f"{name}: plan says {spec['in_features']}->{spec['out_features']} features, "
+                f"model has {module.in_features}->{module.out_features}"
+            )
+        elif spec["method"] not in METHODS:
+            problems.append(f"{name}: unknown method {spec['method']!r}")
+        elif (module.bias is not None) != spec["bias"]:
+            problems.append(f"{name}: plan says bias={spec['bias']}, model layer has bias={module.bias is not None}")
+    if problems:
+        shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
+        raise ValueError(
+            f"The quantization plan does not match {type(model).__name__} ({len(problems)} problem(s)):\n  {shown}\n"
+            f"The plan was made for another architecture or config; build a new plan for this model."
+        )
+
+
+def summarize(plan: dict) -> dict[str, int]:
+    """Count of layers per format label, e.g. {"W8A8": 12, "W4A8-g32": 4}."""
+    counts: dict[str, int] = {}
+    for spec in plan["layers"].values():
+        group = f"-g{spec['group_size']}" if spec["group_size"] else ""
+        label = f"W{spec['weight_bits']}A{spec['act_bits']}{group}"
+        counts[label] = counts.get(label, 0) + 1
+    return counts
