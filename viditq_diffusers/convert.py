@@ -10,6 +10,7 @@ import copy
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .nn import ViDiTQLinear
 from .plan import build_plan, validate_plan
@@ -51,6 +52,23 @@ def quantize_linear(linear: nn.Linear, spec: dict, name: str) -> ViDiTQLinear:
 
 
 @torch.no_grad()
+def own_aligned_memory(model: nn.Module) -> None:
+    """Copy CPU tensors that are not 64-byte aligned (e.g. mmap'ed from safetensors) into fresh memory.
+
+    CPU BLAS picks kernels by pointer alignment, so the same weights at another address can round
+    differently; without this a reloaded model is not bit-identical to the one that was saved.
+    """
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is not None and tensor.device.type == "cpu" and tensor.data_ptr() % 64:
+                    if isinstance(tensor, nn.Parameter):
+                        tensor.data = tensor.data.clone()
+                    else:
+                        store[name] = tensor.clone()
+
+
+@torch.no_grad()
 def quantize(model: nn.Module, config) -> nn.Module:
     """Quantize an already-loaded diffusers model in place (and return it).
 
@@ -62,8 +80,9 @@ def quantize(model: nn.Module, config) -> nn.Module:
     check_not_quantized(model)
     config = copy.deepcopy(config)
     plan = resolve_plan(model, config)
-    for name, spec in plan["layers"].items():
+    for name, spec in tqdm(plan["layers"].items(), desc="Quantizing", unit="layer", disable=None):
         set_submodule(model, name, quantize_linear(model.get_submodule(name), spec, name))
+    own_aligned_memory(model)
     config.plan = plan
     quantizer = ViDiTQQuantizer(config, pre_quantized=False)
     model.is_quantized = True

@@ -16,9 +16,10 @@ import torch
 from diffusers.quantizers import auto as diffusers_auto
 from diffusers.quantizers.base import DiffusersQuantizer
 from torch import nn
+from tqdm.auto import tqdm
 
 from .config import ViDiTQConfig, ViDiTQQuantMethod
-from .convert import layer_from_spec, resolve_plan, set_submodule
+from .convert import layer_from_spec, own_aligned_memory, resolve_plan, set_submodule
 from .hub import attach
 from .nn import ViDiTQLinear
 from .plan import validate_plan
@@ -42,6 +43,7 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         config = self.quantization_config
         if not self.pre_quantized:
             config.plan = resolve_plan(model, config)
+            self.progress = tqdm(total=len(self.plan_layers), desc="Quantizing", unit="layer", disable=None)
             return model
         if config.plan is None:
             raise ValueError(
@@ -74,6 +76,7 @@ class ViDiTQQuantizer(DiffusersQuantizer):
             layer.set_weight(weight)
         layer.bias = old.bias  # loaded already, or still on meta and filled by the loader later
         set_submodule(model, name, layer)
+        self.progress.update()
 
     def update_missing_keys(self, model, missing_keys, prefix):
         quantized = [k for k in missing_keys if k.rpartition(".")[0] in (self.quantization_config.plan or {}).get("layers", {})]
@@ -86,12 +89,15 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         return missing_keys
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if getattr(self, "progress", None) is not None:
+            self.progress.close()
         leftovers = [name for name in self.plan_layers if not isinstance(model.get_submodule(name), ViDiTQLinear)]
         if leftovers:
             raise ValueError(
                 f"{len(leftovers)} planned layer(s) got no weight from the checkpoint (e.g. {leftovers[0]!r}); "
                 f"the checkpoint does not match the model config."
             )
+        own_aligned_memory(model)
         model.register_to_config(quantization_config=self.quantization_config)
         attach(model)
         return model
