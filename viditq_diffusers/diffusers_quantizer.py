@@ -18,6 +18,7 @@ from diffusers.quantizers.base import DiffusersQuantizer
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoint import tensor_headers
 from .config import ViDiTQConfig, ViDiTQQuantMethod
 from .convert import layer_from_spec, own_aligned_memory, resolve_plan, set_submodule
 from .hub import attach
@@ -52,8 +53,7 @@ class ViDiTQQuantizer(DiffusersQuantizer):
             )
         validate_plan(model, config.plan)
         for name, spec in self.plan_layers.items():
-            old = model.get_submodule(name)
-            dtype = old.bias.dtype if old.bias is not None else None
+            dtype = model.get_submodule(name).weight.dtype
             set_submodule(model, name, layer_from_spec(spec, device="meta", dtype=dtype))
         return model
 
@@ -77,6 +77,14 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         layer.bias = old.bias  # loaded already, or still on meta and filled by the loader later
         set_submodule(model, name, layer)
         self.progress.update()
+
+    def maybe_update_loaded_keys(self, loaded_keys, checkpoint_files):
+        # Read every safetensors header up front: a truncated shard fails here with a clear message
+        # instead of half-way through loading.
+        for path in checkpoint_files or []:
+            if str(path).endswith(".safetensors"):
+                tensor_headers(str(path))
+        return loaded_keys
 
     def update_missing_keys(self, model, missing_keys, prefix):
         quantized = [k for k in missing_keys if k.rpartition(".")[0] in (self.quantization_config.plan or {}).get("layers", {})]
@@ -108,9 +116,8 @@ class ViDiTQQuantizer(DiffusersQuantizer):
     def _dequantize(self, model):
         for name, spec in self.plan_layers.items():
             layer = model.get_submodule(name)
-            linear = nn.Linear(spec["in_features"], spec["out_features"], spec["bias"], device=layer.qweight.device)
-            dtype = layer.bias.dtype if layer.bias is not None else torch.float32
-            linear.to(dtype)
+            linear = nn.Linear(spec["in_features"], spec["out_features"], spec["bias"],
+                               device=layer.qweight.device, dtype=layer.weight.dtype)
             with torch.no_grad():
                 linear.weight.copy_(layer.dequantized_weight())
                 if layer.bias is not None:

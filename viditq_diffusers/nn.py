@@ -20,9 +20,11 @@ class ViDiTQLinear(nn.Module):
       ComfyUI casts) cast floating tensors; an integer buffer is never cast, so the scales a
       checkpoint was saved with are exactly the scales it reloads with;
     - `weight_zero`: int8 zero points `[out, G]`, only for asymmetric weights;
-    - `bias`: a floating-point parameter, as in `nn.Linear`.
-    The name `qweight` (not `weight`) makes a plain `nn.Linear` refuse this state dict
-    instead of loading int codes as float weights.
+    - `bias`: a floating-point parameter, as in `nn.Linear`;
+    - `weight`: an empty tensor in the layer's compute dtype. It keeps `layer.weight.dtype`
+      meaningful for diffusers code that reads it, and a loader that does not know ViDiT-Q
+      (a plain `nn.Linear`, diffusers without the quantization_config) fails on its shape
+      instead of loading int codes into a float weight.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class ViDiTQLinear(nn.Module):
             qweight = torch.empty(out_features, (in_features + 1) // 2, dtype=torch.uint8, device=device)
         else:
             qweight = torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        self.register_buffer("weight", torch.empty(0, device=device, dtype=dtype))
         self.register_buffer("qweight", qweight)
         self.register_buffer("weight_scale", torch.empty(out_features, groups, dtype=torch.int32, device=device))
         if symmetric:
@@ -84,6 +87,7 @@ class ViDiTQLinear(nn.Module):
 
     def set_weight(self, weight: torch.Tensor) -> None:
         codes, scale, zero = quantize_weight(weight, self.weight_bits, self.group_size, self.symmetric)
+        self.weight = torch.empty(0, dtype=weight.dtype, device=weight.device)
         self.qweight = pack_int4(codes) if self.weight_bits == 4 else codes
         self.weight_scale = scale.view(torch.int32)
         if zero is not None:

@@ -32,7 +32,13 @@ def matches_any(name: str, patterns: list[str]) -> bool:
     return any(name == p or name.startswith(p + ".") or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def layer_spec(linear: nn.Module, config) -> dict:
+def layer_spec(name: str, linear: nn.Module, config) -> dict:
+    if config.group_size and linear.in_features % config.group_size:
+        raise ValueError(
+            f"group_size={config.group_size} does not divide in_features={linear.in_features} of layer '{name}'; "
+            f"pick a group size that divides every quantized layer, or keep '{name}' in floating point "
+            f"with modules_to_not_convert=['{name}']."
+        )
     return {
         "weight_bits": config.weight_bits,
         "act_bits": config.act_bits,
@@ -48,7 +54,7 @@ def layer_spec(linear: nn.Module, config) -> dict:
 def build_plan(model: nn.Module, config) -> dict:
     """The default plan: every attention / FFN linear of the blocks, minus `modules_to_not_convert`."""
     layers = {
-        name: layer_spec(module, config)
+        name: layer_spec(name, module, config)
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear)
         and is_quantized_by_default(model, name)
