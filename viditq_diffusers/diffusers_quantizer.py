@@ -84,6 +84,14 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         for path in checkpoint_files or []:
             if str(path).endswith(".safetensors"):
                 tensor_headers(str(path))
+        layers = (self.quantization_config.plan or {}).get("layers", {})
+        unplanned = sorted({k.rpartition(".")[0] for k in loaded_keys if k.endswith(".qweight")} - set(layers))
+        if self.pre_quantized and unplanned:
+            raise ValueError(
+                f"The checkpoint holds quantized tensors for {len(unplanned)} layer(s) that the plan in its "
+                f"config.json does not list (e.g. {unplanned[0]!r}): config.json and the weights do not belong "
+                f"together. Restore the config.json saved with these weights."
+            )
         return loaded_keys
 
     def update_missing_keys(self, model, missing_keys, prefix):

@@ -1,0 +1,44 @@
+"""The `viditq` console script, run as a user would (a real subprocess)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from viditq_diffusers.zoo import build_tiny_pixart_pipeline
+
+VIDITQ = str(Path(sys.executable).with_name("viditq"))
+
+
+def viditq(*args, check=True):
+    result = subprocess.run([VIDITQ, *map(str, args)], capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_quantize_pipeline_and_info(tmp_path):
+    src = build_tiny_pixart_pipeline(tmp_path / "pipe")
+    out = viditq("quantize", src, "--preset", "w4a8", "--group-size", "32", "--out", tmp_path / "q")
+    assert "transformer: PixArtTransformer2DModel" in out.stdout and "W4A8-g32" in out.stdout
+    assert (tmp_path / "q" / "model_index.json").exists() and not list((tmp_path / "q").rglob(".viditq-tmp-*"))
+    info = json.loads(viditq("info", tmp_path / "q", "--json").stdout)
+    summary = info["transformer"]
+    assert summary["formats"] == {"W4A8-g32": summary["num_quantized"]} and summary["num_quantized"] > 0
+    assert 0 < summary["weight_bytes"] < summary["fp16_bytes"]
+    listing = viditq("info", tmp_path / "q", "--layers").stdout
+    assert "transformer_blocks.0.attn1.to_q" in listing and "ratio to FP16" in listing
+
+
+def test_demo_prints_info_and_error():
+    out = viditq("demo").stdout
+    assert "W8A8" in out and "ratio to FP16" in out
+    error = float(out.split("relative L2 error ")[1].split(",")[0])
+    assert 0 < error < 0.05
+
+
+def test_errors_are_clear(tmp_path):
+    result = viditq("info", tmp_path, check=False)
+    assert result.returncode == 2 and "holds no ViDiT-Q quantized model" in result.stderr
+    result = viditq("quantize", tmp_path / "nope", "--out", tmp_path / "x", check=False)
+    assert result.returncode == 2 and "is not a diffusers model or pipeline directory" in result.stderr
