@@ -92,3 +92,22 @@ def test_quantize_save_reload(fp_checkpoint, fmt, tmp_path):
     if kwargs["preset"].endswith("a8"):
         # ...and not the weight-only one: activations really are quantized.
         assert rel(out, weight_only) > 5 * max(rel(out, sim), 1e-6)
+
+
+@pytest.mark.parametrize("cls_name", sorted(ZOO))
+def test_default_roles_keep_embedders_adaln_and_io_in_fp(cls_name):
+    from viditq_diffusers.plan import build_plan
+
+    model = ZOO[cls_name].build()
+    planned = set(build_plan(model, ViDiTQConfig())["layers"])
+    keep_fp32 = model._keep_in_fp32_modules or []
+    for name in planned:
+        parts = name.split(".")
+        assert parts[1].isdigit(), f"{name}: only layers inside transformer blocks are quantized"
+        assert not any(p.startswith(("norm", "emb", "time", "caption")) or p.endswith("_mod") for p in parts), name
+        assert not any(p in keep_fp32 for p in parts), f"{name} is in _keep_in_fp32_modules"
+    assert any(n.endswith(("to_q", "attn.to_q")) for n in planned), "attention is quantized"
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for name in ("proj_out", "x_embedder", "proj_in", "context_embedder", "caption_projection.linear_1"):
+        assert name not in planned
+    assert planned < linears
