@@ -92,3 +92,26 @@ def test_cast_keeps_scales_exact():
     assert torch.equal(layer.scales(), scales) and layer.bias.dtype == torch.float16
     x = torch.randn(4, 64, dtype=torch.float16)
     torch.testing.assert_close(layer(x).double(), layer.reference_forward(x), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", [(1, 64, 48), (16, 64, 48), (33, 63, 45), (300, 256, 512)])
+@pytest.mark.parametrize("weight_bits,group_size", [(8, None), (4, None), (4, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_integer_path(shape, weight_bits, group_size, dtype):
+    """CUDA `_int_mm` needs M > 16 and K, N multiples of 8: odd shapes are padded, results stay exact."""
+    m, k, n = shape
+    if group_size and k % group_size:
+        pytest.skip("group does not divide K")
+    _, layer = make(weight_bits, 8, group_size, in_f=k, out_f=n)
+    x = torch.randn(m, k) * torch.linspace(0.1, 5, k)
+    cpu = layer(x)
+    layer.cuda().to(dtype)
+    with CountOps() as trace:
+        y = layer(x.cuda().to(dtype))
+    assert "aten._int_mm" in trace.ops and y.dtype == dtype and y.is_cuda
+    ref = layer.reference_forward(x.cuda().to(dtype))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.cpu(), cpu, rtol=1e-5, atol=1e-5)
