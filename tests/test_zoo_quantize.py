@@ -111,3 +111,17 @@ def test_default_roles_keep_embedders_adaln_and_io_in_fp(cls_name):
     for name in ("proj_out", "x_embedder", "proj_in", "context_embedder", "caption_projection.linear_1"):
         assert name not in planned
     assert planned < linears
+
+
+def test_dequantize_gives_back_plain_linears(tmp_path):
+    entry = ZOO["PixArtTransformer2DModel"]
+    entry.build().save_pretrained(tmp_path / "fp")
+    model = entry.cls.from_pretrained(tmp_path / "fp", quantization_config=ViDiTQConfig(preset="w8a16"))
+    inputs = entry.make_inputs(0)
+    with torch.no_grad():
+        quantized = run(model, inputs)
+        model.dequantize()
+        assert not any(isinstance(m, ViDiTQLinear) for m in model.modules()) and not model.is_quantized
+        assert rel(run(model, inputs), quantized) < 1e-5  # same weights, now as floats
+    model.save_pretrained(tmp_path / "deq")  # a plain FP checkpoint again
+    assert "quantization_config" not in (tmp_path / "deq" / "config.json").read_text()

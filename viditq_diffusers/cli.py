@@ -77,6 +77,8 @@ def cmd_demo(args) -> None:
         save_pretrained(quantized, q_dir)
         print(f"Tiny PixArt transformer quantized to {args.preset} and saved; `viditq info` says:")
         print_summary(checkpoint_summary(q_dir), layers=False)
+        print("  (a tiny model: its floating-point embedders, stored in FP32, dominate the bytes; "
+              "benchmarks/memory.py measures a PixArt-alpha-sized one)")
         inputs = entry.make_inputs(0)
         with torch.no_grad():
             ref, out = run(fp, inputs).double(), run(quantized, inputs).double()

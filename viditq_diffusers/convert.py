@@ -82,7 +82,6 @@ def quantize(model: nn.Module, config) -> nn.Module:
     plan = resolve_plan(model, config)
     for name, spec in tqdm(plan["layers"].items(), desc="Quantizing", unit="layer", disable=None):
         set_submodule(model, name, quantize_linear(model.get_submodule(name), spec, name))
-    own_aligned_memory(model)
     config.plan = plan
     quantizer = ViDiTQQuantizer(config, pre_quantized=False)
     model.is_quantized = True

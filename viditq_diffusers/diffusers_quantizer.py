@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from diffusers.configuration_utils import FrozenDict
 from diffusers.quantizers import auto as diffusers_auto
 from diffusers.quantizers.base import DiffusersQuantizer
 from torch import nn
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from .checkpoint import tensor_headers
 from .config import ViDiTQConfig, ViDiTQQuantMethod
 from .convert import layer_from_spec, own_aligned_memory, resolve_plan, set_submodule
-from .hub import attach
+from .hub import attach, detach
 from .nn import ViDiTQLinear
 from .plan import validate_plan
 
@@ -38,7 +39,7 @@ class ViDiTQQuantizer(DiffusersQuantizer):
 
     @property
     def plan_layers(self) -> dict:
-        return self.quantization_config.plan["layers"]
+        return (self.quantization_config.plan or {}).get("layers", {})
 
     def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
         config = self.quantization_config
@@ -84,8 +85,7 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         for path in checkpoint_files or []:
             if str(path).endswith(".safetensors"):
                 tensor_headers(str(path))
-        layers = (self.quantization_config.plan or {}).get("layers", {})
-        unplanned = sorted({k.rpartition(".")[0] for k in loaded_keys if k.endswith(".qweight")} - set(layers))
+        unplanned = sorted({k.rpartition(".")[0] for k in loaded_keys if k.endswith(".qweight")} - set(self.plan_layers))
         if self.pre_quantized and unplanned:
             raise ValueError(
                 f"The checkpoint holds quantized tensors for {len(unplanned)} layer(s) that the plan in its "
@@ -95,7 +95,7 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         return loaded_keys
 
     def update_missing_keys(self, model, missing_keys, prefix):
-        quantized = [k for k in missing_keys if k.rpartition(".")[0] in (self.quantization_config.plan or {}).get("layers", {})]
+        quantized = [k for k in missing_keys if k.rpartition(".")[0] in self.plan_layers]
         if self.pre_quantized and quantized:
             raise ValueError(
                 f"The checkpoint lacks {len(quantized)} quantized tensor(s) that its plan needs (e.g. {quantized[0]!r}). "
@@ -131,7 +131,9 @@ class ViDiTQQuantizer(DiffusersQuantizer):
                 if layer.bias is not None:
                     linear.bias.copy_(layer.bias)
             set_submodule(model, name, linear)
-        model.register_to_config(quantization_config=None)
+        # a plain FP model again: its config.json must not claim otherwise
+        model._internal_dict = FrozenDict({k: v for k, v in model.config.items() if k != "quantization_config"})
+        detach(model)
         return model
 
     def adjust_target_dtype(self, torch_dtype):

@@ -50,6 +50,12 @@ def attach(model) -> None:
     model.push_to_hub = functools.partial(push_to_hub, model)
 
 
+def detach(model) -> None:
+    """Undo `attach` (after `model.dequantize()`)."""
+    for name in ("save_pretrained", "push_to_hub"):
+        model.__dict__.pop(name, None)
+
+
 def quantized_components(obj) -> dict:
     """{component name: model} for every ViDiT-Q model in a pipeline, or {"model": obj} for a model."""
     from .diffusers_quantizer import ViDiTQQuantizer
