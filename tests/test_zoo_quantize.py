@@ -5,6 +5,8 @@ float64 fake-quant simulation of W?A8 much better than the weight-only simulatio
 fails if activations were not quantized or weights were quantized wrong.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -125,3 +127,35 @@ def test_dequantize_gives_back_plain_linears(tmp_path):
         assert rel(run(model, inputs), quantized) < 1e-5  # same weights, now as floats
     model.save_pretrained(tmp_path / "deq")  # a plain FP checkpoint again
     assert "quantization_config" not in (tmp_path / "deq" / "config.json").read_text()
+
+
+def test_half_model_and_sharded_checkpoint_reload_bit_identical(tmp_path):
+    entry = ZOO["WanTransformer3DModel"]  # has _keep_in_fp32_modules
+    entry.build().save_pretrained(tmp_path / "fp")
+    model = entry.cls.from_pretrained(tmp_path / "fp", torch_dtype=torch.bfloat16,
+                                      quantization_config=ViDiTQConfig(preset="w4a8", group_size=32))
+    assert model.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert model.blocks[0].norm2.weight.dtype == torch.float32  # kept in fp32 by the class
+    inputs = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in entry.make_inputs(0).items()}
+    with torch.no_grad():
+        out = run(model, inputs)
+    model.save_pretrained(tmp_path / "q", max_shard_size="20KB")
+    assert len(list((tmp_path / "q").glob("*.safetensors"))) > 1
+    reloaded = entry.cls.from_pretrained(tmp_path / "q")  # no torch_dtype: the plan remembers bf16
+    assert reloaded.blocks[0].norm2.weight.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(run(reloaded, inputs), out)
+
+
+def test_save_is_atomic(tmp_path):
+    from viditq_diffusers.hub import atomic_save
+
+    def crash_half_way(directory):
+        (Path(directory) / "config.json").write_text("{}")
+        (Path(directory) / "weights.safetensors").write_bytes(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save(crash_half_way, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == [], "nothing half-written under a final name"

@@ -37,6 +37,14 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         # The user's config object may be reused for another model: never write the plan into it.
         super().__init__(copy.deepcopy(quantization_config), **kwargs)
 
+    def update_torch_dtype(self, torch_dtype):
+        # A checkpoint reloads in the dtype it was quantized in (its floating-point layers were
+        # saved in it), unless the caller asks for another: the same outputs, bit for bit.
+        plan = self.quantization_config.plan or {}
+        if torch_dtype is None and self.pre_quantized and plan.get("dtype"):
+            return getattr(torch, plan["dtype"])
+        return torch_dtype
+
     @property
     def plan_layers(self) -> dict:
         return (self.quantization_config.plan or {}).get("layers", {})
@@ -114,6 +122,8 @@ class ViDiTQQuantizer(DiffusersQuantizer):
                 f"the checkpoint does not match the model config."
             )
         own_aligned_memory(model)
+        first = model.get_submodule(next(iter(self.plan_layers)))
+        self.quantization_config.plan["dtype"] = str(first.weight.dtype).removeprefix("torch.")
         model.register_to_config(quantization_config=self.quantization_config)
         attach(model)
         return model

@@ -8,7 +8,9 @@ checkpoint rebuilds its exact layout before any weight is read:
          "weight_bits": 8, "act_bits": 8, "group_size": null, "symmetric": false,
          "method": "minmax", "in_features": 1152, "out_features": 1152, "bias": true}}}
 
-Layers absent from `layers` stay in floating point. Future per-layer fields (a smoothing
+Layers absent from `layers` stay in floating point. After quantization the plan also records
+`"dtype"`, the compute dtype the model was quantized in, so a reload without `torch_dtype`
+gets the same floating-point layers back. Future per-layer fields (a smoothing
 vector name, a rotation seed, per-timestep-window bits as `"windows": [{"until": 0.25,
 "weight_bits": 8}, ...]`) are added as new keys with a version bump; a reader refuses keys
 it does not know rather than ignoring them.
