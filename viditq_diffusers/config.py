@@ -28,6 +28,8 @@ PRESETS: dict[str, dict] = {
     "w4a8": {"weight_bits": 4, "act_bits": 8, "group_size": None},
     "w8a16": {"weight_bits": 8, "act_bits": 16, "group_size": None},
     "w4a16": {"weight_bits": 4, "act_bits": 16, "group_size": None},
+    # Baseline, not ViDiT-Q: per-tensor weights, static per-tensor activations from calibration.
+    "naive_w8a8": {"weight_bits": 8, "act_bits": 8, "group_size": None, "per_tensor": True, "static_acts": True},
 }
 
 
@@ -42,7 +44,8 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
         modules_to_not_convert: extra layer names (or prefixes, or fnmatch patterns) to keep in
             floating point, on top of the per-architecture defaults.
         components: pipeline components to quantize when used with `DiffusionPipeline.from_pretrained`.
-        calibration: calibration statistics (reserved for calibrated presets; must be None for now).
+        calibration: `{layer name: input absmax}` for presets with static activation scales
+            (`naive_w8a8`); see `viditq_diffusers.calibration.input_absmax`. None otherwise.
         plan: a full per-layer plan (`QuantPlan` dict). When given it decides every layer and the
             bit/group arguments are only defaults for the summary.
         weight_symmetric: symmetric weights (no zero point). Default False: asymmetric min-max,
@@ -82,10 +85,14 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
             check_bits(self.act_bits, "act_bits")
         if self.group_size is not None and self.group_size <= 0:
             raise ValueError(f"group_size must be a positive divisor of in_features or None, got {self.group_size}.")
-        if calibration is not None:
+        if self.static_acts and not isinstance(calibration, dict):
             raise ValueError(
-                "calibration statistics are not used by this version's presets (w8a8, w4a8, w8a16, w4a16 are "
-                "calibration-free); pass calibration=None."
+                f"preset {preset!r} uses static activation scales: pass calibration={{layer name: input absmax}}, "
+                f"e.g. from viditq_diffusers.calibration.input_absmax(model, run)."
+            )
+        if calibration is not None and not self.static_acts:
+            raise ValueError(
+                f"preset {preset!r} quantizes activations dynamically and uses no calibration; pass calibration=None."
             )
         json.dumps(self.to_dict())  # fail early on anything that would not survive config.json
 
@@ -98,6 +105,16 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
 
     def __repr__(self) -> str:
         return f"ViDiTQConfig({json.dumps(self.to_dict(), sort_keys=True)})"
+
+    @property
+    def per_tensor(self) -> bool:
+        """One weight scale per tensor (the naive baseline), from the preset."""
+        return PRESETS[self.preset].get("per_tensor", False)
+
+    @property
+    def static_acts(self) -> bool:
+        """Static per-tensor activation scales from calibration (the naive baseline), from the preset."""
+        return PRESETS[self.preset].get("static_acts", False)
 
     @property
     def label(self) -> str:

@@ -16,12 +16,19 @@ from .nn import ViDiTQLinear
 from .plan import build_plan, validate_plan
 
 
+def layout(spec: dict) -> dict:
+    """`ViDiTQLinear` quantization fields of a plan entry (optional fields take their defaults)."""
+    return dict(
+        weight_bits=spec["weight_bits"], act_bits=spec["act_bits"], group_size=spec["group_size"],
+        symmetric=spec["symmetric"], weight_per_tensor=spec.get("weight_per_tensor", False),
+        act_scale=spec.get("act_scale"),
+    )
+
+
 def layer_from_spec(spec: dict, device=None, dtype=None) -> ViDiTQLinear:
     """An empty `ViDiTQLinear` with the layout `spec` describes (e.g. on the meta device)."""
-    return ViDiTQLinear(
-        spec["in_features"], spec["out_features"], spec["bias"], spec["weight_bits"], spec["act_bits"],
-        spec["group_size"], spec["symmetric"], device=device, dtype=dtype,
-    )
+    return ViDiTQLinear(spec["in_features"], spec["out_features"], spec["bias"], device=device, dtype=dtype,
+                        **layout(spec))
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -43,12 +50,6 @@ def resolve_plan(model: nn.Module, config) -> dict:
         validate_plan(model, config.plan)
         return config.plan
     return build_plan(model, config)
-
-
-def quantize_linear(linear: nn.Linear, spec: dict, name: str) -> ViDiTQLinear:
-    return ViDiTQLinear.from_linear(
-        linear, spec["weight_bits"], spec["act_bits"], spec["group_size"], spec["symmetric"], name=name
-    )
 
 
 @torch.no_grad()
@@ -81,7 +82,7 @@ def quantize(model: nn.Module, config) -> nn.Module:
     config = copy.deepcopy(config)
     plan = resolve_plan(model, config)
     for name, spec in tqdm(plan["layers"].items(), desc="Quantizing", unit="layer", disable=None):
-        set_submodule(model, name, quantize_linear(model.get_submodule(name), spec, name))
+        set_submodule(model, name, ViDiTQLinear.from_linear(model.get_submodule(name), name=name, **layout(spec)))
     config.plan = plan
     quantizer = ViDiTQQuantizer(config, pre_quantized=False)
     model.is_quantized = True

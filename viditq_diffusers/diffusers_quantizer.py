@@ -75,14 +75,9 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         name = param_name.rpartition(".")[0]
         old = model.get_submodule(name)
         weight = param_value.to(target_device)
-        if not torch.isfinite(weight).all():
-            raise ValueError(
-                f"layer '{name}' has NaN or Inf in its weight; fix the checkpoint or keep the layer in floating "
-                f"point with modules_to_not_convert=['{name}']."
-            )
         layer = layer_from_spec(self.plan_layers[name], device="meta", dtype=weight.dtype)
         with torch.no_grad():
-            layer.set_weight(weight)
+            layer.set_weight(weight, name)
         layer.bias = old.bias  # loaded already, or still on meta and filled by the loader later
         set_submodule(model, name, layer)
         self.progress.update()

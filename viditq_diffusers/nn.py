@@ -36,6 +36,8 @@ class ViDiTQLinear(nn.Module):
         act_bits: int = 8,
         group_size: int | None = None,
         symmetric: bool = False,
+        weight_per_tensor: bool = False,
+        act_scale: float | None = None,
         device=None,
         dtype=None,
     ):
@@ -51,42 +53,49 @@ class ViDiTQLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight_bits, self.act_bits = weight_bits, act_bits
         self.group_size, self.symmetric = group_size, symmetric
+        # The naive baseline: one weight scale per tensor, one calibrated static activation scale.
+        self.weight_per_tensor, self.act_scale = weight_per_tensor, act_scale
         groups = in_features // group_size if group_size else 1
+        scale_rows = 1 if weight_per_tensor else out_features
         if weight_bits == 4:
             qweight = torch.empty(out_features, (in_features + 1) // 2, dtype=torch.uint8, device=device)
         else:
             qweight = torch.empty(out_features, in_features, dtype=torch.int8, device=device)
         self.register_buffer("weight", torch.empty(0, device=device, dtype=dtype))
         self.register_buffer("qweight", qweight)
-        self.register_buffer("weight_scale", torch.empty(out_features, groups, dtype=torch.int32, device=device))
+        self.register_buffer("weight_scale", torch.empty(scale_rows, groups, dtype=torch.int32, device=device))
         if symmetric:
             self.weight_zero = None
         else:
-            self.register_buffer("weight_zero", torch.empty(out_features, groups, dtype=torch.int8, device=device))
+            self.register_buffer("weight_zero", torch.empty(scale_rows, groups, dtype=torch.int8, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, weight_bits: int, act_bits: int, group_size=None, symmetric=False, name: str = ""
+        cls, linear: nn.Linear, weight_bits: int = 8, act_bits: int = 8, group_size=None, symmetric=False,
+        name: str = "", **layout,
     ) -> "ViDiTQLinear":
-        """Quantize a float `nn.Linear` (weights quantized exactly once)."""
+        """Quantize a float `nn.Linear` (weights quantized exactly once). `layout`: further constructor fields."""
         weight = linear.weight.detach()
-        if not torch.isfinite(weight).all():
-            raise ValueError(
-                f"layer '{name or linear}' has NaN or Inf in its weight; fix the checkpoint or keep the layer "
-                f"in floating point with modules_to_not_convert=['{name}']."
-            )
         layer = cls(
             linear.in_features, linear.out_features, linear.bias is not None, weight_bits, act_bits,
-            group_size, symmetric, device=weight.device, dtype=weight.dtype,
+            group_size, symmetric, device=weight.device, dtype=weight.dtype, **layout,
         )
-        layer.set_weight(weight)
+        layer.set_weight(weight, name)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
 
-    def set_weight(self, weight: torch.Tensor) -> None:
-        codes, scale, zero = quantize_weight(weight, self.weight_bits, self.group_size, self.symmetric)
+    def set_weight(self, weight: torch.Tensor, name: str = "") -> None:
+        """Quantize `weight` into this layer's buffers; `name` is for the error message."""
+        if not torch.isfinite(weight).all():
+            raise ValueError(
+                f"layer '{name}' has NaN or Inf in its weight; fix the checkpoint or keep the layer "
+                f"in floating point with modules_to_not_convert=['{name}']."
+            )
+        codes, scale, zero = quantize_weight(
+            weight, self.weight_bits, self.group_size, self.symmetric, self.weight_per_tensor
+        )
         self.weight = torch.empty(0, dtype=weight.dtype, device=weight.device)
         self.qweight = pack_int4(codes) if self.weight_bits == 4 else codes
         self.weight_scale = scale.view(torch.int32)
@@ -104,6 +113,9 @@ class ViDiTQLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_weight(self.codes(), self.scales(), self.weight_zero)
 
+    def _act_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None if self.act_scale is None else torch.tensor(self.act_scale, dtype=torch.float32, device=x.device)
+
     def _apply_2d(self, x: torch.Tensor, fn) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"ViDiTQLinear expects {self.in_features} input features, got shape {tuple(x.shape)}")
@@ -112,13 +124,17 @@ class ViDiTQLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._apply_2d(
-            x, lambda x2: quantized_linear(x2, self.codes(), self.scales(), self.weight_zero, self.bias, self.act_bits)
+            x, lambda x2: quantized_linear(
+                x2, self.codes(), self.scales(), self.weight_zero, self.bias, self.act_bits, self._act_scale(x2)
+            )
         )
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float64 fake-quant reference of `forward` (tests and debugging)."""
         return self._apply_2d(
-            x, lambda x2: linear_reference(x2, self.codes(), self.scales(), self.weight_zero, self.bias, self.act_bits)
+            x, lambda x2: linear_reference(
+                x2, self.codes(), self.scales(), self.weight_zero, self.bias, self.act_bits, self._act_scale(x2)
+            )
         )
 
     def weight_bytes(self) -> int:
@@ -127,6 +143,9 @@ class ViDiTQLinear(nn.Module):
 
     def extra_repr(self) -> str:
         group = f"group_size={self.group_size}" if self.group_size else "per-channel"
+        group = "per-tensor" if self.weight_per_tensor else group
+        if self.act_scale is not None:
+            group += f", static act_scale={self.act_scale:.3g}"
         kind = "sym" if self.symmetric else "asym"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

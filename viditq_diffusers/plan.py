@@ -23,9 +23,12 @@ import fnmatch
 from torch import nn
 
 from .architectures import is_quantized_by_default
+from .quant.formats import qrange
 
 PLAN_VERSION = 1
 LAYER_KEYS = {"weight_bits", "act_bits", "group_size", "symmetric", "method", "in_features", "out_features", "bias"}
+# Optional per-layer fields (absent = default): the naive baseline's per-tensor weights and static activation scale.
+OPTIONAL_LAYER_KEYS = {"weight_per_tensor": False, "act_scale": None}
 METHODS = {"minmax"}
 
 
@@ -41,7 +44,7 @@ def layer_spec(name: str, linear: nn.Module, config) -> dict:
             f"pick a group size that divides every quantized layer, or keep '{name}' in floating point "
             f"with modules_to_not_convert=['{name}']."
         )
-    return {
+    spec = {
         "weight_bits": config.weight_bits,
         "act_bits": config.act_bits,
         "group_size": config.group_size,
@@ -51,6 +54,17 @@ def layer_spec(name: str, linear: nn.Module, config) -> dict:
         "out_features": linear.out_features,
         "bias": linear.bias is not None,
     }
+    if config.per_tensor:
+        spec["weight_per_tensor"] = True
+    if config.static_acts:
+        if name not in config.calibration:
+            raise ValueError(
+                f"calibration has no activation statistics for layer '{name}'; calibrate this model "
+                f"(viditq_diffusers.calibration.input_absmax) before using preset {config.preset!r}."
+            )
+        _, qmax = qrange(config.act_bits)
+        spec["act_scale"] = float(config.calibration[name]) / qmax
+    return spec
 
 
 def build_plan(model: nn.Module, config) -> dict:
@@ -83,7 +97,7 @@ def validate_plan(model: nn.Module, plan: dict) -> None:
     modules = dict(model.named_modules())
     problems = []
     for name, spec in plan["layers"].items():
-        unknown = set(spec) - LAYER_KEYS
+        unknown = set(spec) - LAYER_KEYS - set(OPTIONAL_LAYER_KEYS)
         missing = LAYER_KEYS - set(spec)
         module = modules.get(name)
         if unknown or missing:
@@ -114,6 +128,8 @@ def summarize(plan: dict) -> dict[str, int]:
     counts: dict[str, int] = {}
     for spec in plan["layers"].values():
         group = f"-g{spec['group_size']}" if spec["group_size"] else ""
+        group += "-tensor" if spec.get("weight_per_tensor") else ""
+        group += "-static" if spec.get("act_scale") is not None else ""
         label = f"W{spec['weight_bits']}A{spec['act_bits']}{group}"
         counts[label] = counts.get(label, 0) + 1
     return counts

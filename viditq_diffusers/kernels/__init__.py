@@ -7,11 +7,11 @@ Triton kernels will plug in here.
 from .torch_ops import int_mm, linear_int, linear_reference, linear_weight_only
 
 
-def quantized_linear(x, codes, scale, zero, bias, act_bits):
+def quantized_linear(x, codes, scale, zero, bias, act_bits, act_scale=None):
     """Dispatch a quantized linear on a 2-D input `x`."""
     if act_bits >= 16:
         return linear_weight_only(x, codes, scale, zero, bias)
-    return linear_int(x, codes, scale, zero, bias, act_bits)
+    return linear_int(x, codes, scale, zero, bias, act_bits, act_scale)
 
 
 __all__ = ["int_mm", "linear_int", "linear_reference", "linear_weight_only", "quantized_linear"]

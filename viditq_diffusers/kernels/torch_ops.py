@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..quant.formats import dequantize_weight, quantize_activation_per_token
+from ..quant.formats import dequantize_weight, quantize_activation_per_token, quantize_activation_static
 
 
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -31,6 +31,12 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a.contiguous(), b.t())
 
 
+def quantize_activations(x, act_bits, act_scale=None):
+    if act_scale is None:
+        return quantize_activation_per_token(x, act_bits)
+    return quantize_activation_static(x, act_scale, act_bits)
+
+
 def int_mm_zero_point(xq: torch.Tensor, codes: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
     """`xq @ (codes - zero)^T` in int32; the zero point is folded in with the row sums of `xq`."""
     acc = int_mm(xq, codes)
@@ -46,12 +52,15 @@ def linear_int(
     zero: torch.Tensor | None,
     bias: torch.Tensor | None,
     act_bits: int,
+    act_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """W{4,8}A8 linear on a 2-D input: dynamic per-token activation quantization + integer GEMM.
+    """W{4,8}A8 linear on a 2-D input: activation quantization + integer GEMM.
 
-    `codes` int8 `[N, K]`, `scale` fp32 `[N, G]`, `zero` int8 `[N, G]` or None.
+    `codes` int8 `[N, K]`, `scale` fp32 `[N, G]` (or `[1, 1]` per-tensor), `zero` int8 like `scale`
+    or None. Activations are quantized per token on the fly, or with the calibrated static
+    `act_scale` when one is given (the naive baseline).
     """
-    xq, x_scale = quantize_activation_per_token(x, act_bits)
+    xq, x_scale = quantize_activations(x, act_bits, act_scale)
     groups = scale.shape[1]
     if groups == 1:
         y = int_mm_zero_point(xq, codes, None if zero is None else zero[:, 0]).to(torch.float32) * scale[:, 0]
@@ -85,10 +94,11 @@ def linear_reference(
     zero: torch.Tensor | None,
     bias: torch.Tensor | None,
     act_bits: int,
+    act_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Float64 reference of the quantized linear ("fake quantization"), for tests."""
     if act_bits < 16:
-        xq, x_scale = quantize_activation_per_token(x, act_bits)
+        xq, x_scale = quantize_activations(x, act_bits, act_scale)
         x64 = xq.to(torch.float64) * x_scale.to(torch.float64)
     else:
         x64 = x.to(torch.float64)

@@ -30,12 +30,15 @@ def check_bits(bits: int, what: str) -> None:
 
 
 def quantize_weight(
-    weight: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False
+    weight: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False,
+    per_tensor: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Min-max round-to-nearest weight quantization, computed once in fp32.
 
     `weight` is `[out, in]`. Returns `(codes int8 [out, in], scale fp32 [out, G],
     zero int8 [out, G] or None)` with `G = in // group_size` (1 when per-channel).
+    `per_tensor=True` (the naive baseline) uses one scale for the whole matrix: shape `[1, 1]`,
+    which broadcasts wherever a `[out, 1]` scale would.
     """
     out_features, in_features = weight.shape
     group = group_size or in_features
@@ -45,13 +48,14 @@ def quantize_weight(
             f"pick a divisor of {in_features} or group_size=None (per-channel)."
         )
     w = weight.detach().to(torch.float32).reshape(out_features, in_features // group, group)
+    stats = w.reshape(1, 1, -1) if per_tensor else w
     qmin, qmax = qrange(bits)
     if symmetric:
-        scale = w.abs().amax(dim=-1) / qmax
+        scale = stats.abs().amax(dim=-1) / qmax
         zero = None
     else:
         # The range always includes 0 (as in the reference), so 0 is exactly representable.
-        wmax, wmin = w.amax(dim=-1).clamp(min=0), w.amin(dim=-1).clamp(max=0)
+        wmax, wmin = stats.amax(dim=-1).clamp(min=0), stats.amin(dim=-1).clamp(max=0)
         scale = (wmax - wmin) / (qmax - qmin)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero rows: any scale works
     if not symmetric:
@@ -83,6 +87,18 @@ def quantize_activation_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch
     scale = xf.abs().amax(dim=-1, keepdim=True) / qmax
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = torch.round(xf / safe).clamp(-qmax - 1, qmax).to(torch.int8)
+    return codes, scale
+
+
+def quantize_activation_static(x: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric quantization of a 2-D tensor with one calibrated scale (values beyond it clip).
+
+    Returns `(codes int8, scale fp32 [1, 1])`, the same shapes `quantize_activation_per_token` gives.
+    """
+    _, qmax = qrange(bits)
+    scale = scale.to(torch.float32).reshape(1, 1)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(x.to(torch.float32) / safe).clamp(-qmax - 1, qmax).to(torch.int8)
     return codes, scale
 
 
