@@ -81,7 +81,7 @@ def test_ssim_matches_gaussian_window_formula():
     assert 0 < ssim(x, ref) < 1
 
 
-# ------------------------------------------------------------------------------------------------ relative MSE, accuracy
+# ----------------------------------------------------------------------------------------- relative MSE, accuracy
 
 
 def test_relative_mse():

@@ -54,7 +54,8 @@ def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0, max_db: fl
     batch; this differs from the PSNR of the pooled MSE (log of a mean != mean of logs).
     Identical samples have MSE 0 and PSNR +inf: each per-sample value is capped at ``max_db`` (default 100 dB,
     far above any quantization result, so one exact sample cannot turn the batch mean into inf). Pass
-    ``max_db=None`` to keep inf.
+    ``max_db=None`` to keep inf. (torchmetrics holds ``data_range`` as a float32 scalar, so values match the
+    formula to ~1e-6 dB.)
     """
     x, ref, n = _fold(x, ref)
     per = peak_signal_noise_ratio(x, ref, data_range=data_range, reduction="none", dim=(1, 2, 3))
