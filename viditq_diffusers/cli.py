@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 from tqdm.auto import tqdm
 
@@ -59,32 +58,45 @@ def cmd_info(args) -> None:
         print_summary(summary, layers=args.layers)
 
 
+BUNDLED_PIPELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "reference_models", "pixart_digits")
+DEMO_PROMPTS = ["a thick handwritten digit 7", "a thin handwritten digit 3", "an italic handwritten digit 5",
+                "a faint handwritten digit 0", "a handwritten digit 8"]
+
+
 def cmd_demo(args) -> None:
-    """Quantize a tiny built-in PixArt transformer, print its info and the FP-vs-quantized error."""
+    """Quantize the bundled trained PixArt pipeline, generate FP vs quantized, save a grid, print metrics."""
     import torch
-    from diffusers import PixArtTransformer2DModel
+    from diffusers import DiffusionPipeline
 
-    from .zoo import ZOO, run
+    from .evaluation import compare_samples, epsilon_error, generate, save_grid
+    from .footprint import fp16_weight_bytes, weight_bytes
 
-    entry = ZOO["PixArtTransformer2DModel"]
-    with tempfile.TemporaryDirectory() as tmp:
-        fp_dir, q_dir = os.path.join(tmp, "fp"), os.path.join(tmp, args.preset)
-        entry.build(seed=0).save_pretrained(fp_dir)
-        fp = PixArtTransformer2DModel.from_pretrained(fp_dir)
-        quantized = PixArtTransformer2DModel.from_pretrained(fp_dir, quantization_config=ViDiTQConfig(preset=args.preset))
-        from .hub import save_pretrained
-
-        save_pretrained(quantized, q_dir)
-        print(f"Tiny PixArt transformer quantized to {args.preset} and saved; `viditq info` says:")
-        print_summary(checkpoint_summary(q_dir), layers=False)
-        print("  (a tiny model: its floating-point embedders, stored in FP32, dominate the bytes; "
-              "benchmarks/memory.py measures a PixArt-alpha-sized one)")
-        inputs = entry.make_inputs(0)
-        with torch.no_grad():
-            ref, out = run(fp, inputs).double(), run(quantized, inputs).double()
-        rel = ((out - ref).norm() / ref.norm()).item()
-        psnr = 10 * torch.log10(ref.abs().max() ** 2 / ((out - ref) ** 2).mean()).item()
-        print(f"FP32 vs {args.preset.upper()} output: relative L2 error {rel:.4f}, PSNR {psnr:.1f} dB")
+    if not os.path.isfile(os.path.join(args.pipeline, "model_index.json")):
+        raise FileNotFoundError(
+            f"no diffusers pipeline at {args.pipeline!r}; the trained reference pipeline ships in the git "
+            f"checkout (reference_models/pixart_digits): install from the checkout or pass --pipeline DIR."
+        )
+    call = dict(num_inference_steps=args.steps, guidance_scale=4.5, use_resolution_binning=False, clean_caption=False)
+    seeds = list(range(len(DEMO_PROMPTS)))
+    fp = DiffusionPipeline.from_pretrained(args.pipeline)
+    rows, table = {}, []
+    for label, config in [("FP32", None)] + [(p.upper(), ViDiTQConfig(preset=p)) for p in args.presets]:
+        pipe = fp if config is None else DiffusionPipeline.from_pretrained(args.pipeline, quantization_config=config)
+        pipe.set_progress_bar_config(disable=True)
+        rows[label] = generate(pipe, DEMO_PROMPTS, seeds, **call)
+        if config is None:
+            continue
+        scores = compare_samples(rows[label], rows["FP32"])
+        eps = epsilon_error(fp, pipe.transformer, DEMO_PROMPTS, seeds, **call)
+        ratio = weight_bytes(pipe.transformer) / fp16_weight_bytes(pipe.transformer)
+        table.append(f"| {label} | {scores['psnr']:.2f} | {scores['ssim']:.4f} | {eps:.2e} | {ratio:.3f}x |")
+    save_grid(rows, args.out, scale=3)
+    print(f"Bundled pipeline {args.pipeline}: {len(DEMO_PROMPTS)} prompts, seeds {seeds}, {args.steps} steps")
+    print("| variant | PSNR vs FP (dB) | SSIM vs FP | eps rel. MSE | transformer weights vs FP16 |")
+    print("|---|---:|---:|---:|---:|")
+    print("\n".join(table))
+    print(f"grid (rows: {', '.join(rows)}; columns: {' / '.join(DEMO_PROMPTS)}) saved to {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,8 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
 
-    d = sub.add_parser("demo", help="quantize a tiny built-in PixArt and print its error vs FP")
-    d.add_argument("--preset", default="w8a8", choices=sorted(PRESETS))
+    d = sub.add_parser("demo", help="quantize the bundled trained pipeline, save an FP-vs-quantized grid, print metrics")
+    d.add_argument("--pipeline", default=BUNDLED_PIPELINE, help="a diffusers PixArt pipeline directory")
+    d.add_argument("--presets", nargs="+", default=["w8a8"], choices=[p for p in PRESETS if p != "naive_w8a8"])
+    d.add_argument("--steps", type=int, default=20)
+    d.add_argument("--out", default="viditq-demo.png", help="where to save the grid PNG")
     d.set_defaults(func=cmd_demo)
     return parser
 
