@@ -84,10 +84,14 @@ def quantize_activation_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch
     """
     _, qmax = qrange(bits)
     xf = x.to(torch.float32)
-    scale = xf.abs().amax(dim=-1, keepdim=True) / qmax
+    return round_to_codes(xf, xf.abs().amax(dim=-1, keepdim=True) / qmax, bits)
+
+
+def round_to_codes(xf: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric codes of fp32 `xf` for a broadcastable fp32 `scale` (a zero scale gives zero codes)."""
+    _, qmax = qrange(bits)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.round(xf / safe).clamp(-qmax - 1, qmax).to(torch.int8)
-    return codes, scale
+    return torch.round(xf / safe).clamp(-qmax - 1, qmax).to(torch.int8), scale
 
 
 def quantize_activation_static(x: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,11 +99,7 @@ def quantize_activation_static(x: torch.Tensor, scale: torch.Tensor, bits: int =
 
     Returns `(codes int8, scale fp32 [1, 1])`, the same shapes `quantize_activation_per_token` gives.
     """
-    _, qmax = qrange(bits)
-    scale = scale.to(torch.float32).reshape(1, 1)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.round(x.to(torch.float32) / safe).clamp(-qmax - 1, qmax).to(torch.int8)
-    return codes, scale
+    return round_to_codes(x.to(torch.float32), scale.to(torch.float32).reshape(1, 1), bits)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
