@@ -1,12 +1,13 @@
-"""Quality of each quantization config on a reference pipeline, vs FP from identical noise.
+"""Quality of each quantization config on the reference pipelines, vs FP from identical noise.
 
-For the pipeline and (with --stress) its outlier-stressed copy (synthetic, function-preserving),
-it generates N prompts x seeds with FP and with each config and prints one table per pipeline:
-PSNR / SSIM vs FP, teacher-forced epsilon relative MSE, classifier accuracy on the requested
-digit, and FD of classifier features vs FP. It writes the tables to JSON and an image grid
-(FP and each config, same seeds) per pipeline.
+For the image pipeline (PixArt-alpha) and the video pipeline (Latte), and with --stress their outlier-stressed
+copies (synthetic, function-preserving), it generates prompts x seeds with FP and with each config and prints
+one table per pipeline: PSNR / SSIM vs FP, teacher-forced epsilon relative MSE, classifier accuracy on the
+request (image: the digit; video: the digit AND the direction of motion), FD of classifier features vs FP and,
+for video, the frame-to-frame warp error relative to FP's. It writes the tables to JSON, an image grid per
+image pipeline and an animated GIF grid per video pipeline (FP and each config, same seeds).
 
-    python benchmarks/quality.py [--pipeline reference_models/pixart_digits] [--per-digit 2] [--stress 100]
+    python benchmarks/quality.py [--per-digit 5] [--per-pair 1] [--stress 100] [--only image|video]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import copy
 import json
 import os
 import sys
+import time
 
 import torch
 from diffusers import DiffusionPipeline
@@ -25,10 +27,12 @@ sys.path.insert(0, ROOT)  # the `reference` package (data, classifier) lives at 
 
 from reference.classifier import load_classifier  # noqa: E402
 from reference.data import STYLES, prompt_for  # noqa: E402
+from reference.evaluate_video import classify_clips, eval_video_prompts, video_call  # noqa: E402
+from reference.video_data import DIRECTIONS, recentre, video_prompt_for  # noqa: E402
 from viditq_diffusers import ViDiTQConfig, quantize  # noqa: E402
 from viditq_diffusers import metrics  # noqa: E402
 from viditq_diffusers.calibration import input_absmax  # noqa: E402
-from viditq_diffusers.evaluation import compare_samples, epsilon_error, generate, save_grid  # noqa: E402
+from viditq_diffusers.evaluation import compare_samples, epsilon_error, generate, save_grid, save_video_grid  # noqa: E402
 from viditq_diffusers.stress import stress  # noqa: E402
 
 CONFIGS = {
@@ -37,12 +41,57 @@ CONFIGS = {
     "W4A8": dict(preset="w4a8"),
     "W4A8 g64": dict(preset="w4a8", group_size=64),
 }
+MODELS = os.path.join(ROOT, "reference_models")
 
 
-def prompts_and_digits(per_digit: int, offset: int = 0):
-    digits = [d for d in range(10) for _ in range(per_digit)]
-    prompts = [prompt_for(d, STYLES[(i + offset) % len(STYLES)]) for i, d in enumerate(digits)]
-    return prompts, digits
+class ImageTask:
+    """Prompts name a digit and a style; scored on the digit."""
+
+    pipeline = os.path.join(MODELS, "pixart_digits")
+
+    def __init__(self, args):
+        self.call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=32, width=32,
+                         use_resolution_binning=False, clean_caption=False)
+        self.digits = [d for d in range(10) for _ in range(args.per_digit)]
+        self.prompts = [prompt_for(d, STYLES[i % len(STYLES)]) for i, d in enumerate(self.digits)]
+        self.calibration_prompts = [prompt_for(d, STYLES[(d + 1) % len(STYLES)]) for d in range(10)]
+
+    def accuracy(self, classifier, samples):
+        return metrics.accuracy(classifier(samples), torch.tensor(self.digits))
+
+    def features(self, classifier, samples):
+        return classifier.features(samples)
+
+    def extra(self, samples, reference):
+        return {}
+
+    def save(self, grid, path):
+        save_grid(grid, path + ".png")
+
+
+class VideoTask:
+    """Prompts name a digit and a direction; scored on both, plus temporal consistency."""
+
+    pipeline = os.path.join(MODELS, "latte_digits")
+
+    def __init__(self, args):
+        self.call = video_call(args.steps, args.guidance)
+        self.digits, self.directions, self.prompts = eval_video_prompts(args.per_pair)
+        self.calibration_prompts = [video_prompt_for(d, DIRECTIONS[(d + 1) % 4]) for d in range(10)]
+
+    def accuracy(self, classifier, samples):
+        digits, directions = classify_clips(classifier, samples)
+        ok = [int(d) == e and m == f for d, m, e, f in zip(digits, directions, self.digits, self.directions)]
+        return sum(ok) / len(ok)
+
+    def features(self, classifier, samples):  # one feature vector per frame
+        return classifier.features(recentre(samples.flatten(0, 1)))
+
+    def extra(self, samples, reference):
+        return {"warp_ratio": metrics.temporal_consistency(samples) / metrics.temporal_consistency(reference)}
+
+    def save(self, grid, path):
+        save_video_grid(grid, path + ".gif")
 
 
 def with_transformer(pipe, transformer):
@@ -51,68 +100,77 @@ def with_transformer(pipe, transformer):
     return new
 
 
-def evaluate(pipe, name, args, classifier, out_dir):
-    call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=32, width=32,
-                use_resolution_binning=False, clean_caption=False)
-    prompts, digits = prompts_and_digits(args.per_digit)
-    seeds = list(range(len(prompts)))
-    labels = torch.tensor(digits)
+@torch.no_grad()
+def evaluate(pipe, task, args, classifier, path):
+    seeds = list(range(len(task.prompts)))
     # Calibration for the static baseline: other prompts and seeds than the evaluation's.
-    cal_prompts, _ = prompts_and_digits(1, offset=1)
-    absmax = input_absmax(pipe.transformer, lambda: generate(pipe, cal_prompts, list(range(1000, 1010)), **call))
-
-    reference = generate(pipe, prompts, seeds, **call)
-    ref_feats = classifier.features(reference)
+    absmax = input_absmax(pipe.transformer, lambda: generate(pipe, task.calibration_prompts,
+                                                             list(range(1000, 1010)), **task.call))
+    reference = generate(pipe, task.prompts, seeds, **task.call)
+    ref_feats = task.features(classifier, reference)
     rows = {"FP": {"psnr": float("inf"), "ssim": 1.0, "eps_rel_mse": 0.0,
-                   "accuracy": metrics.accuracy(classifier(reference), labels), "fd": 0.0}}
+                   "accuracy": task.accuracy(classifier, reference), "fd": 0.0, **task.extra(reference, reference)}}
     grid = {"FP": reference[: args.grid]}
     for label, kwargs in CONFIGS.items():
+        t0 = time.time()
         config = ViDiTQConfig(**kwargs, calibration=absmax if kwargs["preset"] == "naive_w8a8" else None)
         quantized = with_transformer(pipe, quantize(copy.deepcopy(pipe.transformer), config))
-        samples = generate(quantized, prompts, seeds, **call)
+        samples = generate(quantized, task.prompts, seeds, **task.call)
         rows[label] = {
             **compare_samples(samples, reference),
-            "eps_rel_mse": epsilon_error(pipe, quantized.transformer, prompts[:10], seeds[:10], **call),
-            "accuracy": metrics.accuracy(classifier(samples), labels),
-            "fd": metrics.frechet_distance(classifier.features(samples), ref_feats),
+            "eps_rel_mse": epsilon_error(pipe, quantized.transformer, task.prompts[:10], seeds[:10], **task.call),
+            "accuracy": task.accuracy(classifier, samples),
+            "fd": metrics.frechet_distance(task.features(classifier, samples), ref_feats),
+            **task.extra(samples, reference),
         }
         grid[label] = samples[: args.grid]
-    save_grid(grid, os.path.join(out_dir, f"{name}.png"))
+        print(f"  {label}: {time.time() - t0:.0f} s", file=sys.stderr)
+    task.save(grid, path)
     return rows
 
 
 def print_table(name, rows):
-    print(f"\n{name}\n| config | PSNR dB | SSIM | eps rel. MSE | digit accuracy | FD (classifier features) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    video = "warp_ratio" in rows["FP"]
+    head = "| config | PSNR dB | SSIM | eps rel. MSE | " + (
+        "digit+direction accuracy | FD (classifier features) | warp error / FP |" if video else
+        "digit accuracy | FD (classifier features) |")
+    print(f"\n{name}\n{head}\n|---|---:|---:|---:|---:|---:|" + ("---:|" if video else ""))
     for label, r in rows.items():
-        print(f"| {label} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['eps_rel_mse']:.2e} | {r['accuracy']:.3f} | {r['fd']:.3f} |")
+        line = f"| {label} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['eps_rel_mse']:.2e} | {r['accuracy']:.3f} | {r['fd']:.3f} |"
+        print(line + (f" {r['warp_ratio']:.3f} |" if video else ""))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pipeline", default=os.path.join(ROOT, "reference_models", "pixart_digits"))
-    parser.add_argument("--per-digit", type=int, default=2, help="prompts per digit (x10 samples)")
+    parser.add_argument("--only", choices=["image", "video"], default=None, help="run one pipeline only")
+    parser.add_argument("--per-digit", type=int, default=5, help="image: prompts per digit (x10 samples)")
+    parser.add_argument("--per-pair", type=int, default=1, help="video: clips per (digit, direction) (x40)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=4.5)
-    parser.add_argument("--stress", type=float, default=100.0, help="k of the stressed variant; 0 = skip it")
-    parser.add_argument("--grid", type=int, default=10, help="samples per row in the grid")
+    parser.add_argument("--stress", type=float, default=100.0, help="k of the stressed variants; 0 = skip them")
+    parser.add_argument("--grid", type=int, default=10, help="samples per row in the grids")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "quality"))
     args = parser.parse_args()
     torch.manual_seed(0)
+    torch.set_num_threads(2)
     os.makedirs(args.out, exist_ok=True)
     classifier = load_classifier()
-    pipe = DiffusionPipeline.from_pretrained(args.pipeline)
-    pipe.set_progress_bar_config(disable=True)
-    variants = {"image": pipe}
-    if args.stress:
-        variants[f"image, stressed k={args.stress:g} (synthetic)"] = stressed = stress(pipe, seed=0, k=args.stress)
-        stressed.set_progress_bar_config(disable=True)
     results = {}
-    for name, variant in variants.items():
-        slug = name.split(",")[0] + ("-stressed" if "stressed" in name else "")
-        results[name] = evaluate(variant, slug, args, classifier, args.out)
-        print_table(name, results[name])
-    with open(os.path.join(args.out, "quality.json"), "w") as f:
+    for kind, task in (("image", ImageTask(args)), ("video", VideoTask(args))):
+        if args.only not in (None, kind):
+            continue
+        pipe = DiffusionPipeline.from_pretrained(task.pipeline)
+        pipe.set_progress_bar_config(disable=True)
+        variants = {kind: (pipe, kind)}
+        if args.stress:
+            stressed = stress(pipe, k=args.stress)
+            stressed.set_progress_bar_config(disable=True)
+            variants[f"{kind}, stressed k={args.stress:g} (synthetic)"] = (stressed, f"{kind}-stressed")
+        for name, (variant, slug) in variants.items():
+            results[name] = evaluate(variant, task, args, classifier, os.path.join(args.out, slug))
+            print_table(name, results[name])
+    path = os.path.join(args.out, f"quality-{args.only}.json" if args.only else "quality.json")
+    with open(path, "w") as f:
         json.dump({"args": vars(args), "results": results}, f, indent=2)
 
 

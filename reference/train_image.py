@@ -12,7 +12,7 @@ Two stages, each resumable and time-boxed, then the pipeline directory is writte
     python -m reference.train_image --stage transformer --minutes 49 --seed 0     # add --resume to continue
     python -m reference.train_image --stage save                                  # re-write pipeline from ckpt
 
-Checkpoints go to reference_models/.ckpt/ every ``--ckpt-minutes``; the pipeline goes to
+Checkpoints (safetensors + JSON, ``reference.checkpoint``) go to reference_models/.ckpt/ every ``--ckpt-minutes``; the pipeline goes to
 reference_models/pixart_digits/ (also written at the end of the transformer stage).
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import diffusers
 
+from reference.checkpoint import load_checkpoint, save_checkpoint
 from reference.data import PROMPT_WORDS, all_prompts, sample_batch
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference_models")
@@ -37,15 +38,15 @@ TEXT_LEN = 8  # enough for every prompt; padding is masked, so the pipeline's 12
 
 
 # ------------------------------------------------------------------------------------------------ components
-def build_tokenizer():
+def build_tokenizer(words: tuple[str, ...] = PROMPT_WORDS):
     """A T5 (Unigram) tokenizer built in code over the prompt words (char fallback for anything else)."""
     from transformers import T5Tokenizer
 
     chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'-\""
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [("\u2581" + w, -3.0) for w in PROMPT_WORDS]
+    vocab += [("\u2581" + w, -3.0) for w in words]
     vocab += [(c, -10.0) for c in chars]
-    vocab += [("\u2581" + c, -9.0) for c in chars if c not in PROMPT_WORDS]
+    vocab += [("\u2581" + c, -9.0) for c in chars if c not in words]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=120)
 
 
@@ -93,28 +94,14 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> tuple[torch.T
     return text_encoder(t.input_ids, attention_mask=t.attention_mask)[0], t.attention_mask
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-def _save_ckpt(name: str, state: dict) -> None:
-    os.makedirs(CKPT, exist_ok=True)
-    tmp = os.path.join(CKPT, name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, os.path.join(CKPT, name + ".pt"))
-
-
-def _load_ckpt(name: str) -> dict | None:
-    p = os.path.join(CKPT, name + ".pt")
-    return torch.load(p, weights_only=False) if os.path.exists(p) else None
-
-
 # ------------------------------------------------------------------------------------------------ stage 1: VAE
 def train_vae(args) -> None:
     vae = build_vae(args.seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed + 10)
     step, spent = 0, 0.0
-    if args.resume and (ck := _load_ckpt("vae")):
-        vae.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"]); g.set_state(ck["rng"])
-        step, spent = ck["step"], ck["spent"]
+    if args.resume and (meta := load_checkpoint(CKPT, "vae", modules=dict(model=vae), optimizer=opt, generator=g)):
+        step, spent = meta["step"], meta["spent"]
     t0, last = time.time() - spent, time.time()
     bar = tqdm(desc="vae", initial=step, unit="step")
     while time.time() - t0 < args.minutes * 60:
@@ -126,8 +113,8 @@ def train_vae(args) -> None:
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         step += 1; bar.update(); bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.3f}")
         if time.time() - last > args.ckpt_minutes * 60:
-            _save_ckpt("vae", dict(model=vae.state_dict(), opt=opt.state_dict(), rng=g.get_state(),
-                                   step=step, spent=time.time() - t0)); last = time.time()
+            save_checkpoint(CKPT, "vae", modules=dict(model=vae), optimizer=opt, generator=g, step=step,
+                            spent=time.time() - t0); last = time.time()
     bar.close()
     # scaling factor = 1 / std of sampled latents over a large fixed batch; report reconstruction PSNR
     vae.eval()
@@ -140,17 +127,16 @@ def train_vae(args) -> None:
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     print(f"vae: {step} steps, {(time.time() - t0) / 60:.1f} min, latent std {z.std():.3f}, "
           f"latent mean {z.mean():.3f}, recon PSNR {psnr:.2f} dB")
-    _save_ckpt("vae", dict(model=vae.state_dict(), opt=opt.state_dict(), rng=g.get_state(), step=step,
-                           spent=time.time() - t0, scaling_factor=vae.config.scaling_factor,
-                           psnr=float(psnr), done=True))
+    save_checkpoint(CKPT, "vae", modules=dict(model=vae), optimizer=opt, generator=g, step=step,
+                    spent=time.time() - t0, scaling_factor=vae.config.scaling_factor, psnr=float(psnr), done=True)
 
 
 def load_trained_vae(seed: int) -> diffusers.AutoencoderKL:
-    ck = _load_ckpt("vae")
-    assert ck is not None and ck.get("done"), "train the VAE first: --stage vae"
     vae = build_vae(seed)
-    vae.load_state_dict(ck["model"])
-    vae.register_to_config(scaling_factor=ck["scaling_factor"])
+    meta = load_checkpoint(CKPT, "vae", modules=dict(model=vae))
+    if not (meta and meta.get("done")):
+        raise SystemExit("train the VAE first: --stage vae")
+    vae.register_to_config(scaling_factor=meta["scaling_factor"])
     return vae.eval().requires_grad_(False)
 
 
@@ -191,12 +177,11 @@ def train_transformer(args) -> None:
     alphas_bar = diffusers.DDPMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear").alphas_cumprod
     g = torch.Generator().manual_seed(args.seed + 20)
     step, spent = 0, 0.0
-    if args.resume and (ck := _load_ckpt("transformer")):
-        model.load_state_dict(ck["model"]); ema.load_state_dict(ck["ema"]); opt.load_state_dict(ck["opt"])
-        g.set_state(ck["rng"]); step, spent = ck["step"], ck["spent"]
-    save = lambda: _save_ckpt("transformer", dict(  # noqa: E731
-        model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), rng=g.get_state(),
-        step=step, spent=time.time() - t0, args=vars(args)))
+    if args.resume and (meta := load_checkpoint(CKPT, "transformer", modules=dict(model=model, ema=ema),
+                                                optimizer=opt, generator=g)):
+        step, spent = meta["step"], meta["spent"]
+    save = lambda: save_checkpoint(CKPT, "transformer", modules=dict(model=model, ema=ema),  # noqa: E731
+                                   optimizer=opt, generator=g, step=step, spent=time.time() - t0, args=vars(args))
     t0, last = time.time() - spent, time.time()
     bar = tqdm(desc="transformer", initial=step, unit="step")
     avg = None
@@ -237,16 +222,18 @@ def train_transformer(args) -> None:
 
 def save_pipeline(args) -> str:
     """Write reference_models/pixart_digits/ from the checkpoints (EMA transformer weights by default)."""
-    ck = _load_ckpt("transformer")
     tokenizer = build_tokenizer()
     text_encoder = build_text_encoder(len(tokenizer), args.seed)
-    transformer = build_transformer(args.seed)
-    transformer.load_state_dict(ck[args.weights])
+    model, ema = build_transformer(args.seed), build_transformer(args.seed)
+    meta = load_checkpoint(CKPT, "transformer", modules=dict(model=model, ema=ema))
+    if meta is None:
+        raise SystemExit("no checkpoint: train first (--stage transformer)")
+    transformer = ema if args.weights == "ema" else model
     pipe = diffusers.PixArtAlphaPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=load_trained_vae(args.seed),
         transformer=transformer.eval(), scheduler=build_scheduler())
     pipe.save_pretrained(args.out)
-    print(f"saved {args.out} ({args.weights} transformer weights, step {ck['step']}, {ck['spent'] / 60:.1f} min)")
+    print(f"saved {args.out} ({args.weights} transformer weights, step {meta['step']}, {meta['spent'] / 60:.1f} min)")
     return args.out
 
 

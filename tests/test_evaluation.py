@@ -5,7 +5,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from viditq_diffusers import ViDiTQConfig
-from viditq_diffusers.evaluation import compare_samples, epsilon_error, generate, save_grid
+from viditq_diffusers.evaluation import compare_samples, epsilon_error, generate, save_grid, save_video_grid
 from viditq_diffusers.zoo import build_tiny_pixart_pipeline
 
 CALL = dict(num_inference_steps=3, height=32, width=32, use_resolution_binning=False, clean_caption=False)
@@ -31,3 +31,14 @@ def test_harness(tmp_path):
 
     save_grid({"FP": reference, "W8A8": generate(w8, PROMPTS, SEEDS, **CALL)}, tmp_path / "grid.png")
     assert Image.open(tmp_path / "grid.png").size[1] == 2 * (64 + 2)
+
+
+def test_video_grid_is_an_animated_gif(tmp_path):
+    clips = torch.rand(3, 5, 3, 8, 8) * 2 - 1
+    save_video_grid({"FP": clips, "W8A8": clips.flip(1)}, tmp_path / "grid.gif", scale=1)
+    gif = Image.open(tmp_path / "grid.gif")
+    assert gif.n_frames == 5 and gif.size[1] == 2 * (8 + 2)
+    first = torch.tensor(list(gif.convert("L").getdata())).reshape(gif.size[1], gif.size[0])
+    gif.seek(4)
+    last = torch.tensor(list(gif.convert("L").getdata())).reshape(gif.size[1], gif.size[0])
+    assert not torch.equal(first, last)  # the frames differ: it animates

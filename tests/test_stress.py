@@ -68,3 +68,23 @@ def test_stressed_pipeline_generates_same_image(tmp_path):
         hidden_states=torch.randn(1, 4, 16, 16), timestep=torch.tensor([500]), encoder_hidden_states=torch.randn(
             1, 8, 32), added_cond_kwargs={"resolution": None, "aspect_ratio": None}))
     assert min(ratios.values()) >= 50
+
+
+def test_default_pick_gives_timestep_varying_outliers_on_the_trained_model():
+    """On the trained reference transformer (whose modulation really depends on the timestep), the default
+    channel pick gives outliers >= 50x at every timestep whose size changes with the timestep."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pipe = DiffusionPipeline.from_pretrained(os.path.join(root, "reference_models", "pixart_digits"))
+    emb, mask, _, _ = pipe.encode_prompt("a handwritten digit 3", do_classifier_free_guidance=False,
+                                         clean_caption=False, max_sequence_length=8)
+    inputs = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)),
+                  encoder_hidden_states=emb, encoder_attention_mask=mask,
+                  added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    stressed = stress(pipe.transformer, k=100.0)
+    assert stressed.viditq_stress["pick"] == "time_varying"
+    ratios = [channel_absmax_ratio(stressed, dict(inputs, timestep=torch.tensor([t]))) for t in (10, 500, 990)]
+    assert min(min(r.values()) for r in ratios) >= 50
+    swing = [max(r[n] for r in ratios) / min(r[n] for r in ratios) for n in ratios[0]]
+    assert sorted(swing)[len(swing) // 2] > 1.2, swing  # the median layer's ratio moves by > 20%

@@ -14,12 +14,18 @@ from . import metrics
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], **call) -> torch.Tensor:
-    """Samples in [-1, 1] (`[N, C, H, W]`, or `[N, F, C, H, W]` for video), one seeded generator per prompt."""
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    """Samples in [-1, 1] (`[N, C, H, W]`, or `[N, F, C, H, W]` for video), one seeded generator per prompt.
+
+    `LattePipeline` is called one prompt at a time: with several prompts it pads the text to 120 tokens and
+    zeroes the padding, while with one it cuts the text to its length, so batching would change the samples."""
+    per_call = 1 if type(pipe).__name__ == "LattePipeline" else max(len(prompts), 1)
+    chunks = []
     with torch.no_grad():
-        out = pipe(prompt=prompts, generator=generators, output_type="pt", **call)
-    samples = out.frames if hasattr(out, "frames") else out.images
-    return samples.float() * 2 - 1
+        for start in range(0, len(prompts), per_call):
+            generators = [torch.Generator().manual_seed(seed) for seed in seeds[start:start + per_call]]
+            out = pipe(prompt=prompts[start:start + per_call], generator=generators, output_type="pt", **call)
+            chunks.append(out.frames if hasattr(out, "frames") else out.images)
+    return torch.cat(chunks).float() * 2 - 1
 
 
 @torch.no_grad()
@@ -47,13 +53,12 @@ def compare_samples(samples: torch.Tensor, reference: torch.Tensor) -> dict[str,
     return {"psnr": metrics.psnr(samples, reference), "ssim": metrics.ssim(samples, reference)}
 
 
-def save_grid(rows: dict[str, torch.Tensor], path: str, scale: int = 2) -> None:
-    """A PNG with one labelled row per variant (samples in [-1, 1], `[N, C, H, W]`), same column = same seed."""
+def _grid_image(rows: dict[str, torch.Tensor], scale: int):
+    """One labelled row per variant (images in [-1, 1], `[N, C, H, W]`), same column = same seed."""
     from PIL import Image, ImageDraw
 
     label_width = 8 * max(len(name) for name in rows) + 8
-    first = next(iter(rows.values()))
-    n, _, h, w = first.shape
+    n, _, h, w = next(iter(rows.values())).shape
     h, w = h * scale, w * scale
     grid = Image.new("RGB", (label_width + n * (w + 2), len(rows) * (h + 2)), "white")
     draw = ImageDraw.Draw(grid)
@@ -64,4 +69,16 @@ def save_grid(rows: dict[str, torch.Tensor], path: str, scale: int = 2) -> None:
         for c, image in enumerate(pixels):
             tile = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).resize((w, h), Image.NEAREST)
             grid.paste(tile, (label_width + c * (w + 2), top))
-    grid.save(path)
+    return grid
+
+
+def save_grid(rows: dict[str, torch.Tensor], path: str, scale: int = 2) -> None:
+    """A PNG with one labelled row per variant (samples in [-1, 1], `[N, C, H, W]`), same column = same seed."""
+    _grid_image(rows, scale).save(path)
+
+
+def save_video_grid(rows: dict[str, torch.Tensor], path: str, scale: int = 2, frame_ms: int = 150) -> None:
+    """An animated GIF of the same grid for videos (`[N, F, C, H, W]` in [-1, 1]), looping forever."""
+    frames = [_grid_image({name: clips[:, f] for name, clips in rows.items()}, scale)
+              for f in range(next(iter(rows.values())).shape[1])]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)

@@ -41,7 +41,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["stress", "channel_absmax_ratio", "stressed_blocks"]
+__all__ = ["stress", "channel_absmax_ratio", "modulation_range", "stressed_blocks"]
 
 # chunk indices in the 6*D adaLN-single vector (see module docstring)
 _SHIFT_MSA, _SCALE_MSA, _SHIFT_MLP, _SCALE_MLP = 0, 1, 3, 4
@@ -65,12 +65,47 @@ def stressed_blocks(transformer: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _channel_sets(channels, dim: int, seed: int) -> dict[str, torch.Tensor]:
-    """``{"msa": idx, "mlp": idx}``. ``channels``: an int (that many random channels per pair, seeded), a
+@torch.no_grad()
+def modulation_range(transformer: nn.Module, timesteps: Sequence[int] = range(0, 1000, 20),
+                     floor: float = 0.3) -> dict[str, torch.Tensor]:
+    """How much each channel's modulation moves with the timestep, per pair: ``{"msa": [D], "mlp": [D]}``.
+
+    For pair (shift, scale) and channel j the modulation amplitude is ``a_j(tau) = |1 + scale_j(tau)| +
+    |shift_j(tau)|`` (block table + shared ``t(tau)``). Per block the score is ``(max_tau a_j - min_tau a_j) /
+    m`` with ``m`` the median over channels of the mean amplitude, and 0 where ``min_tau a_j < floor * m``
+    (an outlier that vanishes at some timestep would not stay one); scores are averaged over the blocks.
+    High-scoring channels give outliers that are always large and whose size follows the timestep."""
+    ada = transformer.adaln_single
+    n = len(timesteps)
+    cond = {"resolution": None, "aspect_ratio": None}
+    if getattr(ada, "use_additional_conditions", False):  # PixArt at 1024 px also embeds size and aspect ratio
+        cond = {"resolution": torch.full((n, 2), 1024.0), "aspect_ratio": torch.ones(n, 1)}
+    t, _ = ada(torch.as_tensor(list(timesteps)), added_cond_kwargs=cond, batch_size=n,
+               hidden_dtype=ada.linear.weight.dtype)
+    t = t.double().reshape(n, 6, -1)
+    out = {}
+    for pair, (c_shift, c_scale) in {"msa": (_SHIFT_MSA, _SCALE_MSA), "mlp": (_SHIFT_MLP, _SCALE_MLP)}.items():
+        scores = []
+        for _, block in stressed_blocks(transformer):
+            table = block.scale_shift_table.double()
+            amp = (1 + table[c_scale] + t[:, c_scale]).abs() + (table[c_shift] + t[:, c_shift]).abs()  # [n, D]
+            m = amp.mean(0).median()
+            score = (amp.amax(0) - amp.amin(0)) / m
+            scores.append(torch.where(amp.amin(0) >= floor * m, score, torch.zeros_like(score)))
+        out[pair] = torch.stack(scores).mean(0)
+    return out
+
+
+def _channel_sets(channels, dim: int, seed: int, transformer: nn.Module, pick: str) -> dict[str, torch.Tensor]:
+    """``{"msa": idx, "mlp": idx}``. ``channels``: an int (that many channels per pair, picked per ``pick``), a
     sequence of indices (used for both pairs) or a dict with keys ``"msa"`` and ``"mlp"``."""
     if isinstance(channels, int):
         if not 0 < channels <= dim:
             raise ValueError(f"channels must be in 1..{dim}, got {channels}")
+        if pick == "time_varying":
+            return {p: r.topk(channels).indices.sort().values for p, r in modulation_range(transformer).items()}
+        if pick != "random":
+            raise ValueError(f"pick must be 'time_varying' or 'random', got {pick!r}")
         g = torch.Generator().manual_seed(seed)
         return {p: torch.randperm(dim, generator=g)[:channels].sort().values for p in ("msa", "mlp")}
     if isinstance(channels, dict):
@@ -114,15 +149,19 @@ def _stress_transformer_(transformer: nn.Module, k: float, sets: dict[str, torch
             layer.weight[:, j] = scaled(layer.weight[:, j], lambda w: w / k)
 
 
-def stress(pipe_or_transformer, seed: int = 0, k: float = 100.0, channels: int | Sequence[int] | dict = 4):
+def stress(pipe_or_transformer, seed: int = 0, k: float = 100.0, channels: int | Sequence[int] | dict = 4,
+           pick: str = "time_varying"):
     """Return an outlier-stressed copy (see the module docstring); the input is never modified.
 
     Args:
         pipe_or_transformer: a diffusers pipeline with a ``transformer`` (PixArt/Latte) or such a transformer.
-        seed: seeds the choice of channels when ``channels`` is an int.
+        seed: seeds the choice of channels when ``channels`` is an int and ``pick="random"``.
         k: outlier factor; the chosen input channels of attn1.to_q/k/v and ff.net.0.proj grow k-fold.
-        channels: number of random channels per pair (msa, mlp), explicit indices (both pairs), or
+        channels: number of channels per pair (msa, mlp), explicit indices (both pairs), or
             ``{"msa": [...], "mlp": [...]}``. One set per pair is shared by all blocks (see docstring).
+        pick: for an int ``channels``: ``"time_varying"`` takes the channels whose modulation moves most
+            with the timestep (:func:`modulation_range`), so the outliers vary with it as in real DiTs;
+            ``"random"`` draws them from ``seed``.
 
     Returns:
         For a transformer: a stressed deep copy. For a pipeline: a new pipeline of the same class whose
@@ -135,10 +174,10 @@ def stress(pipe_or_transformer, seed: int = 0, k: float = 100.0, channels: int |
     is_pipe = not isinstance(pipe_or_transformer, nn.Module)
     transformer = pipe_or_transformer.transformer if is_pipe else pipe_or_transformer
     stressed_blocks(transformer)  # validate before copying
-    sets = _channel_sets(channels, transformer.adaln_single.linear.out_features // 6, seed)
+    sets = _channel_sets(channels, transformer.adaln_single.linear.out_features // 6, seed, transformer, pick)
     new = copy.deepcopy(transformer)
     _stress_transformer_(new, float(k), sets)
-    new.viditq_stress = {"synthetic": True, "seed": seed, "k": float(k),
+    new.viditq_stress = {"synthetic": True, "seed": seed, "k": float(k), "pick": pick,
                          "channels": {p: v.tolist() for p, v in sets.items()}}
     if not is_pipe:
         return new

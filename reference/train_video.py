@@ -1,0 +1,169 @@
+"""Train the text-to-video reference pipeline (Latte architecture) on moving digits, from scratch.
+
+The clips come from ``reference.video_data`` (8 frames of 32x32, a digit moving 1.5 px/frame left, right, up
+or down, named in the prompt). The pipeline reuses the image pipeline's trained VAE (frame by frame, as
+``LattePipeline`` decodes) and its text-encoder recipe (a frozen seeded random-init T5, d_model 64), with a
+tokenizer over the video prompt words. Trained here: a ``LatteTransformer3DModel`` (4 spatial + 4 temporal
+blocks, 4 heads x 32 = 128 hidden, patch 2 -> 16 tokens per frame, cross-attention to the text) with the
+epsilon-prediction DDPM loss, 10% empty-prompt dropout (classifier-free guidance), AdamW, warmup + constant
+LR and an EMA of the weights (the EMA weights ship).
+
+Text conditioning matches what ``LattePipeline`` feeds the transformer for ONE prompt per call: the prompt's
+T5 features cut to its token count (7 for every prompt here), no attention mask; the unconditional features
+are those of "" cut to the same length. (With several prompts per call ``LattePipeline`` pads to 120 tokens
+and zeroes the padding instead, which this model was not trained for: call it one prompt at a time, or pass
+``prompt_embeds`` / ``negative_prompt_embeds`` from :func:`encode_video_prompts`.)
+
+    python -m reference.train_video --minutes 50 --seed 0          # add --resume to continue
+    python -m reference.train_video --save-only                    # re-write the pipeline from the checkpoint
+
+Checkpoints (safetensors + JSON) go to reference_models/.ckpt/latte.safetensors every ``--ckpt-minutes``; the
+pipeline goes to reference_models/latte_digits/.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import diffusers
+
+from reference.checkpoint import load_checkpoint, save_checkpoint
+from reference.train_image import CKPT, ROOT, adapt_threads, build_scheduler, build_text_encoder, build_tokenizer
+from reference.video_data import FRAMES, VIDEO_PROMPT_WORDS, all_video_prompts, sample_clips
+
+OUT = os.path.join(ROOT, "latte_digits")
+IMAGE_VAE = os.path.join(ROOT, "pixart_digits", "vae")
+
+
+def build_video_transformer(seed: int) -> diffusers.LatteTransformer3DModel:
+    """8 output channels as in Latte (epsilon + learned-sigma halves): ``LattePipeline`` always keeps only the
+    first half of the prediction unless the scheduler's variance is learned. Only that half is trained."""
+    torch.manual_seed(seed + 3)
+    return diffusers.LatteTransformer3DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=4, num_attention_heads=4,
+        attention_head_dim=32, cross_attention_dim=128, caption_channels=64, attention_bias=True,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, video_length=FRAMES)
+
+
+@torch.no_grad()
+def encode_video_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """T5 features as ``LattePipeline`` gives them for one prompt per call: cut to the prompt's token count.
+    Every prompt must have the same count (true for the video prompts, and for "" cut to that count)."""
+    ids = tokenizer(prompts, padding="longest", return_tensors="pt")
+    n = int(ids.attention_mask.sum(1).max())
+    return text_encoder(ids.input_ids[:, :n], attention_mask=ids.attention_mask[:, :n])[0]
+
+
+def uncond_features(tokenizer, text_encoder, length: int) -> torch.Tensor:
+    """Features of the empty prompt cut to ``length`` tokens, as ``LattePipeline`` builds the negative."""
+    ids = tokenizer([""], padding="max_length", max_length=length, return_tensors="pt")
+    return text_encoder(ids.input_ids, attention_mask=ids.attention_mask)[0]
+
+
+def load_image_vae() -> diffusers.AutoencoderKL:
+    return diffusers.AutoencoderKL.from_pretrained(IMAGE_VAE).eval().requires_grad_(False)
+
+
+def train(args) -> None:
+    torch.manual_seed(args.seed)
+    tokenizer = build_tokenizer(VIDEO_PROMPT_WORDS)
+    text_encoder = build_text_encoder(len(tokenizer), args.seed)
+    vae = load_image_vae()
+    sf = vae.config.scaling_factor
+    model = build_video_transformer(args.seed)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    prompts = all_video_prompts()
+    emb = encode_video_prompts(tokenizer, text_encoder, prompts)
+    emb = torch.cat([emb, uncond_features(tokenizer, text_encoder, emb.shape[1])])
+    index = {p: i for i, p in enumerate(prompts)}
+    alphas_bar = diffusers.DDPMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear").alphas_cumprod
+    g = torch.Generator().manual_seed(args.seed + 30)
+    step, spent = 0, 0.0
+    if args.resume and (meta := load_checkpoint(CKPT, "latte", modules=dict(model=model, ema=ema),
+                                                optimizer=opt, generator=g)):
+        step, spent = meta["step"], meta["spent"]
+    t0, last = time.time() - spent, time.time()
+    save = lambda: save_checkpoint(CKPT, "latte", modules=dict(model=model, ema=ema), optimizer=opt,  # noqa: E731
+                                   generator=g, step=step, spent=time.time() - t0, args=vars(args))
+    bar = tqdm(desc="latte", initial=step, unit="step")
+    avg = None
+    while time.time() - t0 < args.minutes * 60:
+        t_step = time.time()
+        clips, _, _, ps = sample_clips(g, args.batch)
+        b = clips.shape[0]
+        with torch.no_grad():
+            z0 = vae.encode(clips.flatten(0, 1)).latent_dist.sample(generator=g) * sf
+        z0 = z0.reshape(b, FRAMES, *z0.shape[1:]).transpose(1, 2)       # (B, C, F, h, w), Latte's layout
+        ids = torch.tensor([index[p] for p in ps])
+        ids[torch.rand(b, generator=g) < args.p_uncond] = len(prompts)  # CFG dropout -> empty prompt
+        t = torch.randint(0, 1000, (b,), generator=g)
+        eps = torch.randn(z0.shape, generator=g)
+        a = alphas_bar[t].view(b, 1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        pred = model(zt, timestep=t, encoder_hidden_states=emb[ids]).sample[:, :4]  # see build_video_transformer
+        loss = F.mse_loss(pred, eps)
+        for grp in opt.param_groups:
+            grp["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        opt.zero_grad(set_to_none=True); loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
+        d = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - d)
+        step += 1
+        threads = adapt_threads(step, time.time() - t_step, args.threads)
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        bar.update(); bar.set_postfix(loss=f"{avg:.4f}", threads=threads)
+        if time.time() - last > args.ckpt_minutes * 60:
+            save(); last = time.time()
+    bar.close()
+    save()
+    print(f"latte: {step} steps, {(time.time() - t0) / 60:.1f} min, loss(avg) {avg}")
+    save_pipeline(args)
+
+
+def save_pipeline(args) -> str:
+    """Write reference_models/latte_digits/ from the checkpoint (EMA transformer weights by default)."""
+    tokenizer = build_tokenizer(VIDEO_PROMPT_WORDS)
+    model, ema = build_video_transformer(args.seed), build_video_transformer(args.seed)
+    meta = load_checkpoint(CKPT, "latte", modules=dict(model=model, ema=ema))
+    if meta is None:
+        raise SystemExit("no checkpoint: train first (python -m reference.train_video)")
+    pipe = diffusers.LattePipeline(
+        tokenizer=tokenizer, text_encoder=build_text_encoder(len(tokenizer), args.seed), vae=load_image_vae(),
+        transformer=(ema if args.weights == "ema" else model).eval(), scheduler=build_scheduler())
+    pipe.save_pretrained(args.out)
+    print(f"saved {args.out} ({args.weights} weights, step {meta['step']}, {meta['spent'] / 60:.1f} min)")
+    return args.out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=50.0, help="wall-clock training budget")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--save-only", action="store_true", help="only write the pipeline from the checkpoint")
+    p.add_argument("--ckpt-minutes", type=float, default=3.0)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--p-uncond", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=OUT, help="pipeline folder to write")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="transformer weights to ship")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    (save_pipeline if args.save_only else train)(args)
+
+
+if __name__ == "__main__":
+    main()
