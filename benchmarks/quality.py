@@ -8,6 +8,10 @@ for video, the frame-to-frame warp error relative to FP's. It writes the tables 
 image pipeline and an animated GIF grid per video pipeline (FP and each config, same seeds).
 
     python benchmarks/quality.py [--per-digit 5] [--per-pair 1] [--stress 100] [--only image|video]
+    python benchmarks/quality.py --suite ablation     # channel-balancing ablation (W4A8 and W8A8 baselines)
+
+All configs that need activation statistics share one calibration run (`viditq_diffusers.calibrate`) on
+other prompts and seeds than the evaluation's.
 """
 
 from __future__ import annotations
@@ -31,15 +35,29 @@ from reference.evaluate_video import classify_clips, eval_video_prompts, video_c
 from reference.video_data import DIRECTIONS, recentre, video_prompt_for  # noqa: E402
 from viditq_diffusers import ViDiTQConfig, quantize  # noqa: E402
 from viditq_diffusers import metrics  # noqa: E402
-from viditq_diffusers.calibration import input_absmax  # noqa: E402
+from viditq_diffusers.calibration import calibrate  # noqa: E402
 from viditq_diffusers.evaluation import compare_samples, epsilon_error, generate, save_grid, save_video_grid  # noqa: E402
 from viditq_diffusers.stress import stress  # noqa: E402
 
-CONFIGS = {
-    "naive W8A8": dict(preset="naive_w8a8"),
-    "ViDiT-Q W8A8": dict(preset="w8a8"),
-    "W4A8": dict(preset="w4a8"),
-    "W4A8 g64": dict(preset="w4a8", group_size=64),
+# "stats": the config takes the calibration statistics.
+SUITES = {
+    "presets": {
+        "naive W8A8": dict(preset="naive_w8a8", stats=True),
+        "ViDiT-Q W8A8": dict(preset="w8a8"),
+        "W4A8": dict(preset="w4a8"),
+        "W4A8 g64": dict(preset="w4a8", group_size=64),
+    },
+    "ablation": {
+        "W8A8 naive (static per-tensor)": dict(preset="naive_w8a8", stats=True),
+        "W8A8 SmoothQuant (static, alpha 0.5)": dict(preset="smoothquant_w8a8", stats=True),
+        "W8A8 per-token": dict(preset="w8a8"),
+        "W8A8 ViDiT-Q (smooth+rotate, auto alpha)": dict(preset="w8a8", stats=True),
+        "W4A8 per-channel plain": dict(preset="w4a8"),
+        "W4A8 + smoothing only (auto alpha)": dict(preset="smooth_w4a8", stats=True),
+        "W4A8 + rotation only": dict(preset="rotate_w4a8"),
+        **{f"W4A8 ViDiT-Q, alpha {a:g}": dict(preset="w4a8", stats=True, alpha=a) for a in (0.25, 0.5, 0.75, 0.9)},
+        "W4A8 ViDiT-Q, auto alpha": dict(preset="w4a8", stats=True),
+    },
 }
 MODELS = os.path.join(ROOT, "reference_models")
 
@@ -103,18 +121,23 @@ def with_transformer(pipe, transformer):
 @torch.no_grad()
 def evaluate(pipe, task, args, classifier, path):
     seeds = list(range(len(task.prompts)))
-    # Calibration for the static baseline: other prompts and seeds than the evaluation's.
-    absmax = input_absmax(pipe.transformer, lambda: generate(pipe, task.calibration_prompts,
-                                                             list(range(1000, 1010)), **task.call))
+    configs = SUITES[args.suite]
+    # Calibration: other prompts and seeds than the evaluation's.
+    call = {k: v for k, v in task.call.items() if k not in ("num_inference_steps", "guidance_scale")}
+    stats = calibrate(pipe, task.calibration_prompts, task.call["num_inference_steps"], task.call["guidance_scale"],
+                      seeds=list(range(1000, 1000 + len(task.calibration_prompts))), **call)
     reference = generate(pipe, task.prompts, seeds, **task.call)
     ref_feats = task.features(classifier, reference)
     rows = {"FP": {"psnr": float("inf"), "ssim": 1.0, "eps_rel_mse": 0.0,
                    "accuracy": task.accuracy(classifier, reference), "fd": 0.0, **task.extra(reference, reference)}}
     grid = {"FP": reference[: args.grid]}
-    for label, kwargs in CONFIGS.items():
+    for label, kwargs in configs.items():
         t0 = time.time()
-        config = ViDiTQConfig(**kwargs, calibration=absmax if kwargs["preset"] == "naive_w8a8" else None)
+        kwargs = dict(kwargs)
+        config = ViDiTQConfig(**kwargs, calibration=stats if kwargs.pop("stats", False) else None)
         quantized = with_transformer(pipe, quantize(copy.deepcopy(pipe.transformer), config))
+        alphas = [s["smooth_alpha"] for s in quantized.transformer.config.quantization_config.plan["layers"].values()
+                  if s.get("smooth_alpha") is not None]
         samples = generate(quantized, task.prompts, seeds, **task.call)
         rows[label] = {
             **compare_samples(samples, reference),
@@ -122,6 +145,8 @@ def evaluate(pipe, task, args, classifier, path):
             "accuracy": task.accuracy(classifier, samples),
             "fd": metrics.frechet_distance(task.features(classifier, samples), ref_feats),
             **task.extra(samples, reference),
+            **({"alpha_mean": sum(alphas) / len(alphas), "alpha_min": min(alphas), "alpha_max": max(alphas)}
+               if alphas else {}),
         }
         grid[label] = samples[: args.grid]
         print(f"  {label}: {time.time() - t0:.0f} s", file=sys.stderr)
@@ -138,11 +163,16 @@ def print_table(name, rows):
     for label, r in rows.items():
         line = f"| {label} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['eps_rel_mse']:.2e} | {r['accuracy']:.3f} | {r['fd']:.3f} |"
         print(line + (f" {r['warp_ratio']:.3f} |" if video else ""))
+    alphas = {label: r for label, r in rows.items() if "alpha_mean" in r}
+    if alphas:
+        print("\nsmoothing alpha (ViDiT-Q convention) per config: " + "; ".join(
+            f"{label}: {r['alpha_min']:.2f}..{r['alpha_max']:.2f} (mean {r['alpha_mean']:.2f})" for label, r in alphas.items()))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["image", "video"], default=None, help="run one pipeline only")
+    parser.add_argument("--suite", choices=list(SUITES), default="presets", help="which set of configs")
     parser.add_argument("--per-digit", type=int, default=5, help="image: prompts per digit (x10 samples)")
     parser.add_argument("--per-pair", type=int, default=1, help="video: clips per (digit, direction) (x40)")
     parser.add_argument("--steps", type=int, default=20)
@@ -167,9 +197,11 @@ def main():
             stressed.set_progress_bar_config(disable=True)
             variants[f"{kind}, stressed k={args.stress:g} (synthetic)"] = (stressed, f"{kind}-stressed")
         for name, (variant, slug) in variants.items():
+            slug += "" if args.suite == "presets" else f"-{args.suite}"
             results[name] = evaluate(variant, task, args, classifier, os.path.join(args.out, slug))
             print_table(name, results[name])
-    path = os.path.join(args.out, f"quality-{args.only}.json" if args.only else "quality.json")
+    name = "quality" if args.suite == "presets" else args.suite
+    path = os.path.join(args.out, f"{name}-{args.only}.json" if args.only else f"{name}.json")
     with open(path, "w") as f:
         json.dump({"args": vars(args), "results": results}, f, indent=2)
 

@@ -38,8 +38,9 @@ TEXT_LEN = 8  # enough for every prompt; padding is masked, so the pipeline's 12
 
 
 # ------------------------------------------------------------------------------------------------ components
-def build_tokenizer(words: tuple[str, ...] = PROMPT_WORDS):
-    """A T5 (Unigram) tokenizer built in code over the prompt words (char fallback for anything else)."""
+def build_tokenizer(words: tuple[str, ...] = PROMPT_WORDS, extra_words: tuple[str, ...] = ()):
+    """A T5 (Unigram) tokenizer built in code over the prompt words (char fallback for anything else);
+    ``extra_words`` are appended at the end, so every other token keeps its id."""
     from transformers import T5Tokenizer
 
     chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'-\""
@@ -47,6 +48,7 @@ def build_tokenizer(words: tuple[str, ...] = PROMPT_WORDS):
     vocab += [("\u2581" + w, -3.0) for w in words]
     vocab += [(c, -10.0) for c in chars]
     vocab += [("\u2581" + c, -9.0) for c in chars if c not in words]
+    vocab += [("\u2581" + w, -3.0) for w in extra_words]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=120)
 
 

@@ -1,12 +1,17 @@
 """Train the text-to-video reference pipeline (Latte architecture) on moving digits, from scratch.
 
 The clips come from ``reference.video_data`` (8 frames of 32x32, a digit moving 1.5 px/frame left, right, up
-or down, named in the prompt). The pipeline reuses the image pipeline's trained VAE (frame by frame, as
-``LattePipeline`` decodes) and its text-encoder recipe (a frozen seeded random-init T5, d_model 64), with a
-tokenizer over the video prompt words. Trained here: a ``LatteTransformer3DModel`` (4 spatial + 4 temporal
-blocks, 4 heads x 32 = 128 hidden, patch 2 -> 16 tokens per frame, cross-attention to the text) with the
-epsilon-prediction DDPM loss, 10% empty-prompt dropout (classifier-free guidance), AdamW, warmup + constant
-LR and an EMA of the weights (the EMA weights ship).
+or down, named in the prompt). As the real Latte starts from PixArt-alpha, this one starts from the image
+reference pipeline (``reference_models/pixart_digits``, trained by ``reference.train_image``):
+- VAE: the image VAE as is (``LattePipeline`` decodes frame by frame);
+- tokenizer / text encoder: the image ones, with the words "moving left right up down" appended to the
+  vocabulary (new seeded random embedding rows; every other token keeps its id and embedding; frozen);
+- transformer: a ``LatteTransformer3DModel`` (8 spatial + 8 temporal blocks, 4 heads x 32 = 128 hidden, patch
+  2 -> 16 tokens per frame, cross-attention to the text) whose embedders, spatial blocks and final layer are
+  the image transformer's; the temporal blocks are new, with zeroed output projections so that they start
+  as the identity (the model starts as the image model applied per frame).
+It is trained with the epsilon-prediction DDPM loss, 10% empty-prompt dropout (classifier-free guidance),
+AdamW, warmup + constant LR and an EMA of the weights (the EMA weights ship).
 
 Text conditioning matches what ``LattePipeline`` feeds the transformer for ONE prompt per call: the prompt's
 T5 features cut to its token count (7 for every prompt here), no attention mask; the unconditional features
@@ -34,11 +39,29 @@ from tqdm import tqdm
 import diffusers
 
 from reference.checkpoint import load_checkpoint, save_checkpoint
-from reference.train_image import CKPT, ROOT, adapt_threads, build_scheduler, build_text_encoder, build_tokenizer
-from reference.video_data import FRAMES, VIDEO_PROMPT_WORDS, all_video_prompts, sample_clips
+from reference.data import PROMPT_WORDS
+from reference.train_image import CKPT, ROOT, adapt_threads, build_scheduler, build_tokenizer
+from reference.video_data import FRAMES, all_video_prompts, sample_clips
 
 OUT = os.path.join(ROOT, "latte_digits")
-IMAGE_VAE = os.path.join(ROOT, "pixart_digits", "vae")
+IMAGE = os.path.join(ROOT, "pixart_digits")
+NEW_WORDS = ("moving", "left", "right", "up", "down")
+
+
+def build_video_tokenizer():
+    return build_tokenizer(PROMPT_WORDS, extra_words=NEW_WORDS)
+
+
+def build_video_text_encoder(seed: int):
+    """The image pipeline's frozen T5 with one new, seeded random embedding row per new word."""
+    from transformers import T5EncoderModel
+
+    enc = T5EncoderModel.from_pretrained(os.path.join(IMAGE, "text_encoder"))
+    old = enc.get_input_embeddings().weight.detach()
+    rows = torch.randn(len(NEW_WORDS), old.shape[1], generator=torch.Generator().manual_seed(seed + 4)) * old.std()
+    enc.set_input_embeddings(torch.nn.Embedding.from_pretrained(torch.cat([old, rows]), freeze=True))
+    enc.config.vocab_size = len(old) + len(NEW_WORDS)
+    return enc.eval().requires_grad_(False)
 
 
 def build_video_transformer(seed: int) -> diffusers.LatteTransformer3DModel:
@@ -46,10 +69,28 @@ def build_video_transformer(seed: int) -> diffusers.LatteTransformer3DModel:
     first half of the prediction unless the scheduler's variance is learned. Only that half is trained."""
     torch.manual_seed(seed + 3)
     return diffusers.LatteTransformer3DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=4, num_attention_heads=4,
+        sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=8, num_attention_heads=4,
         attention_head_dim=32, cross_attention_dim=128, caption_channels=64, attention_bias=True,
         activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
         norm_elementwise_affine=False, norm_eps=1e-6, video_length=FRAMES)
+
+
+@torch.no_grad()
+def init_from_image_model(model: diffusers.LatteTransformer3DModel) -> None:
+    """Copy the image transformer into ``model`` (see the module docstring); temporal blocks start as identity."""
+    image = diffusers.PixArtTransformer2DModel.from_pretrained(os.path.join(IMAGE, "transformer")).state_dict()
+    proj_w, proj_b = image.pop("proj_out.weight"), image.pop("proj_out.bias")
+    missing, unexpected = model.load_state_dict(image, strict=False)
+    assert not unexpected and all(k.startswith(("temporal_transformer_blocks.", "proj_out.")) for k in missing)
+    # proj_out rows are ordered (p, q, channel) with the channel fastest: image channel c -> video channel c
+    c_img, c_vid = 4, model.config.out_channels
+    rows = torch.arange(proj_w.shape[0])
+    target = rows // c_img * c_vid + rows % c_img
+    model.proj_out.weight.zero_(); model.proj_out.bias.zero_()
+    model.proj_out.weight[target], model.proj_out.bias[target] = proj_w, proj_b
+    for block in model.temporal_transformer_blocks:
+        for layer in (block.attn1.to_out[0], block.ff.net[2]):
+            layer.weight.zero_(); layer.bias.zero_()
 
 
 @torch.no_grad()
@@ -68,16 +109,17 @@ def uncond_features(tokenizer, text_encoder, length: int) -> torch.Tensor:
 
 
 def load_image_vae() -> diffusers.AutoencoderKL:
-    return diffusers.AutoencoderKL.from_pretrained(IMAGE_VAE).eval().requires_grad_(False)
+    return diffusers.AutoencoderKL.from_pretrained(os.path.join(IMAGE, "vae")).eval().requires_grad_(False)
 
 
 def train(args) -> None:
     torch.manual_seed(args.seed)
-    tokenizer = build_tokenizer(VIDEO_PROMPT_WORDS)
-    text_encoder = build_text_encoder(len(tokenizer), args.seed)
+    tokenizer = build_video_tokenizer()
+    text_encoder = build_video_text_encoder(args.seed)
     vae = load_image_vae()
     sf = vae.config.scaling_factor
     model = build_video_transformer(args.seed)
+    init_from_image_model(model)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     prompts = all_video_prompts()
@@ -132,13 +174,13 @@ def train(args) -> None:
 
 def save_pipeline(args) -> str:
     """Write reference_models/latte_digits/ from the checkpoint (EMA transformer weights by default)."""
-    tokenizer = build_tokenizer(VIDEO_PROMPT_WORDS)
+    tokenizer = build_video_tokenizer()
     model, ema = build_video_transformer(args.seed), build_video_transformer(args.seed)
     meta = load_checkpoint(CKPT, "latte", modules=dict(model=model, ema=ema))
     if meta is None:
         raise SystemExit("no checkpoint: train first (python -m reference.train_video)")
     pipe = diffusers.LattePipeline(
-        tokenizer=tokenizer, text_encoder=build_text_encoder(len(tokenizer), args.seed), vae=load_image_vae(),
+        tokenizer=tokenizer, text_encoder=build_video_text_encoder(args.seed), vae=load_image_vae(),
         transformer=(ema if args.weights == "ema" else model).eval(), scheduler=build_scheduler())
     pipe.save_pretrained(args.out)
     print(f"saved {args.out} ({args.weights} weights, step {meta['step']}, {meta['spent'] / 60:.1f} min)")
@@ -152,9 +194,9 @@ def main(argv=None) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--save-only", action="store_true", help="only write the pipeline from the checkpoint")
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=6e-4)
-    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--batch", type=int, default=24)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--p-uncond", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2)

@@ -22,7 +22,6 @@ FRAMES = 8
 SPEED = 1.5  # pixels per frame
 DIRECTIONS = ("left", "right", "up", "down")
 UNIT = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # (dx, dy), y down
-VIDEO_PROMPT_WORDS = ("a", "handwritten", "digit", "moving") + DIRECTIONS + tuple(str(d) for d in DIGITS)
 
 
 def video_prompt_for(digit: int, direction: str) -> str:

@@ -12,9 +12,13 @@ sys.path.insert(0, ROOT)
 
 from reference.classifier import load_classifier  # noqa: E402
 from reference.data import prompt_for, sample_batch  # noqa: E402
+from reference.evaluate_video import classify_clips, video_call  # noqa: E402
+from reference.video_data import sample_clips, video_prompt_for  # noqa: E402
 from viditq_diffusers.evaluation import generate  # noqa: E402
+from viditq_diffusers.stress import stress  # noqa: E402
 
 PIPELINE = os.path.join(ROOT, "reference_models", "pixart_digits")
+VIDEO_PIPELINE = os.path.join(ROOT, "reference_models", "latte_digits")
 
 
 def test_classifier_recognises_held_out_digits():
@@ -34,3 +38,34 @@ def test_image_pipeline_loads_offline_and_draws_the_requested_digit(monkeypatch)
     assert samples.shape == (4, 3, 32, 32)
     predicted = load_classifier()(samples).argmax(-1).tolist()
     assert sum(p == d for p, d in zip(predicted, digits)) >= 3, predicted
+
+
+def test_video_scoring_on_real_clips():
+    """The video metric itself: held-out moving digits get their digit and direction recognised."""
+    clips, digits, directions, _ = sample_clips(torch.Generator().manual_seed(5), 100, split="test")
+    predicted, moves = classify_clips(load_classifier(), clips)
+    assert (predicted == digits).float().mean() > 0.95
+    assert moves == directions
+
+
+def test_video_pipeline_loads_offline_and_draws_the_requested_digit(monkeypatch):
+    # The direction of motion does not follow the prompt reliably yet (see benchmarks/RESULTS.md), so only the
+    # digit is asserted here; reference/evaluate_video.py measures both.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = DiffusionPipeline.from_pretrained(VIDEO_PIPELINE)
+    assert type(pipe).__name__ == "LattePipeline" and len(pipe.transformer.temporal_transformer_blocks) > 0
+    pipe.set_progress_bar_config(disable=True)
+    requests = [(1, "left"), (4, "right"), (7, "up"), (8, "down")]
+    clips = generate(pipe, [video_prompt_for(d, m) for d, m in requests], [0, 1, 2, 3], **video_call())
+    assert clips.shape == (4, 8, 3, 32, 32)
+    digits, _ = classify_clips(load_classifier(), clips)
+    assert sum(int(d) == want for d, (want, _) in zip(digits, requests)) >= 3, digits
+
+
+def test_stressed_video_pipeline_generates_the_same_clip():
+    pipe = DiffusionPipeline.from_pretrained(VIDEO_PIPELINE)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(video_call(steps=3), prompt="a handwritten digit 2 moving up", output_type="pt")
+    ref = pipe(**call, generator=torch.Generator().manual_seed(0)).frames
+    out = stress(pipe, k=100.0)(**call, generator=torch.Generator().manual_seed(0)).frames
+    assert (out - ref).abs().max() < 1e-4  # float32; the transform is exact in float64 (tests/test_stress.py)
