@@ -51,3 +51,24 @@ def test_errors_are_clear(tmp_path):
     assert result.returncode == 2 and "holds no ViDiT-Q quantized model" in result.stderr
     result = viditq("quantize", tmp_path / "nope", "--out", tmp_path / "x", check=False)
     assert result.returncode == 2 and "is not a diffusers model or pipeline directory" in result.stderr
+
+
+def test_calibrate_writes_statistics(tmp_path):
+    from viditq_diffusers.calibration import CalibrationStats
+
+    src = build_tiny_pixart_pipeline(tmp_path / "pipe")
+    (tmp_path / "prompts.txt").write_text("a thick digit 7\n\na thin digit 3\n")
+    out = viditq("calibrate", src, "--prompts", tmp_path / "prompts.txt", "--out", tmp_path / "s.safetensors",
+                 "--steps", "2", "--buckets", "2", "--seed", "5", "--height", "32", "--width", "32").stdout
+    assert "calibrated PixArtTransformer2DModel: 20 layers, 2 prompts x 2 steps" in out
+    assert "max outlier ratio" in out
+    stats = CalibrationStats.load(tmp_path / "s.safetensors")
+    assert stats.settings["seeds"] == [5, 6] and stats.settings["timestep_buckets"] == 2
+    assert all(b.shape[0] == 2 for b in stats.bucket_absmax.values())
+    (tmp_path / "empty.txt").write_text("\n \n")
+    for prompts, message in [("empty.txt", "is empty; write one calibration prompt per line"),
+                             ("missing.txt", "no prompts file at")]:
+        result = viditq("calibrate", src, "--prompts", tmp_path / prompts, "--out", tmp_path / "x.safetensors",
+                        check=False)
+        assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "x.safetensors").exists()

@@ -24,10 +24,12 @@ def test_per_tensor_weight_scale_is_one_number():
 
 
 def test_preset_needs_calibration():
-    with pytest.raises(ValueError, match="uses static activation scales: pass calibration="):
+    with pytest.raises(ValueError, match="needs activation statistics: calibrate first"):
         ViDiTQConfig(preset="naive_w8a8")
-    with pytest.raises(ValueError, match="quantizes activations dynamically and uses no calibration"):
+    with pytest.raises(ValueError, match=r"only serves static per-tensor activation scales \(naive_w8a8\)"):
         ViDiTQConfig(preset="w8a8", calibration={"a": 1.0})
+    with pytest.raises(ValueError, match="uses no calibration statistics"):
+        ViDiTQConfig(preset="rotate_w4a8", calibration={"a": 1.0})
 
 
 def test_naive_w8a8_end_to_end(tmp_path):

@@ -3,6 +3,7 @@
 Importing this package registers `ViDiTQConfig` with diffusers (`quant_method="viditq"`).
 """
 
+from .calibration import CalibrationStats, calibrate
 from .config import PRESETS, ViDiTQConfig
 from .convert import quantize
 from .diffusers_quantizer import ViDiTQQuantizer, register
@@ -14,6 +15,6 @@ register()
 
 __version__ = "0.1.0"
 __all__ = [
-    "PRESETS", "ViDiTQConfig", "ViDiTQLinear", "ViDiTQQuantizer", "quantize", "save_pretrained",
+    "PRESETS", "ViDiTQConfig", "CalibrationStats", "calibrate", "ViDiTQLinear", "ViDiTQQuantizer", "quantize", "save_pretrained",
     "push_to_hub", "model_card", "weight_bytes", "fp16_weight_bytes",
 ]

@@ -1,15 +1,56 @@
-"""Calibration: activation statistics recorded through forward hooks while the model runs.
+"""Calibration: activation statistics recorded through forward hooks while the pipeline runs.
 
-This first slice records what the naive baseline needs: the absmax of every linear
-layer's input over the calibration run, reduced as it streams (no activation is stored).
+DiT activations vary along four axes at once (METHOD.md section 1): token-wise, CFG-wise
+(unconditional vs conditional half of the batch), timestep-wise, and channel-wise. Per-token
+dynamic quantization handles the first two at run time; the static channel balancing of
+section 3 needs, per quantized linear layer, the input statistics below. `calibrate` drives a
+real diffusers pipeline and records them, reduced as they stream (no activation is stored):
+
+- `channel_absmax[name]` `[in]`: `a_j = max |x_j|` over everything (the smoothing statistic);
+- `bucket_absmax[name]` `[buckets, in]`: the same per timestep bucket (equal-width bins over
+  `[0, num_train_timesteps)`), to see how the channel imbalance drifts over the trajectory;
+- `cfg_absmax[name]` `[2, in]`: per CFG half (row 0 unconditional, row 1 conditional); only when
+  `guidance_scale > 1`, else empty;
+- `token_absmax_range[name]` `[2]`: (min, max) over tokens of the per-token absmax (how much the
+  per-token scales spread);
+- `sample_tokens[name]` `[n, in]` with `sample_bucket[name]` `[n]`: a uniform random sample of
+  input rows, at most `sample_rows` (64) per bucket, for a later per-layer alpha search.
+
+Memory: the model plus `layers x buckets x sample_rows x in_features x 4` bytes of samples (CPU)
+and `layers x (buckets + 2) x in_features x 4` bytes of maxima (model device); e.g. PixArt-alpha,
+4 buckets: 28 blocks x (9 x 1152 + 4608) input features x 4 x 64 x 4 B ~ 0.43 GB of samples. Each
+hook call adds a few activation-sized temporaries, freed when it returns.
+
+Distributed: under `accelerate launch --num_processes N` the prompts are split between the
+processes and the statistics max-reduced (min for the token-range min) with `accelerate.utils.gather`;
+the row samples merge exactly (see `_LayerStats`), so N processes give bit-identical statistics to
+one process on the same prompts, seeds and thread count. For gloo CPU processes, launch with
+`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...` (accelerate's `--cpu` starts several
+processes only through mpirun).
+
+`input_absmax(model, run)` is the older, simpler per-tensor statistic used by the naive baseline.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
+import math
+import os
+import uuid
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
+
+SAMPLE_ROWS = 64
+FORMAT_VERSION = 1
+METADATA_KEY = "viditq_calibration"
+KINDS = ("channel_absmax", "bucket_absmax", "cfg_absmax", "token_absmax_range", "sample_tokens", "sample_bucket")
+# Seed offset of the row-sampling priorities, so they are not the pipeline's noise stream.
+SAMPLE_SEED = 0x5EED_0000
 
 
 @torch.no_grad()
@@ -36,3 +77,349 @@ def input_absmax(model: nn.Module, run: Callable[[], object]) -> dict[str, float
     if not absmax:
         raise ValueError("the calibration run never called a linear layer of this model; check that `run` uses it.")
     return absmax
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class CalibrationStats:
+    """Per-layer activation statistics from `calibrate` (see the module docstring for each field).
+
+    `settings` holds the JSON-safe run description: prompts_sha256, num_prompts, seeds,
+    num_inference_steps, guidance_scale, timestep_buckets, num_train_timesteps, sample_rows, call_kwargs.
+    """
+
+    model_class: str
+    in_features: dict[str, int]
+    channel_absmax: dict[str, torch.Tensor]
+    bucket_absmax: dict[str, torch.Tensor]
+    cfg_absmax: dict[str, torch.Tensor]
+    token_absmax_range: dict[str, torch.Tensor]
+    sample_tokens: dict[str, torch.Tensor]
+    sample_bucket: dict[str, torch.Tensor]
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.in_features)
+
+    def layer_absmax(self) -> dict[str, float]:
+        """`{layer: max |input|}`, the per-tensor statistic of `input_absmax` (e.g. for `naive_w8a8`)."""
+        return {name: float(a.max()) for name, a in self.channel_absmax.items()}
+
+    def outlier_ratio(self) -> dict[str, float]:
+        """`{layer: max_j a_j / median_j a_j}`: how far the largest input channel sticks out."""
+        return {name: float(a.max() / a.median().clamp_min(1e-12)) for name, a in self.channel_absmax.items()}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write one safetensors file (tensors under `<kind>/<layer>`, settings as JSON metadata), atomically."""
+        from safetensors.torch import save_file
+
+        tensors = {f"{kind}/{name}": t.contiguous() for kind in KINDS for name, t in getattr(self, kind).items()}
+        meta = {"version": FORMAT_VERSION, "model_class": self.model_class, "in_features": self.in_features,
+                "settings": self.settings}
+        path = os.fspath(path)
+        # temp file in the same folder + os.replace: a crash never leaves a half-written file under `path`
+        tmp = os.path.join(os.path.dirname(path), f".viditq-tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        try:
+            save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CalibrationStats":
+        """Read a file written by `save` (safetensors + JSON only; nothing is unpickled)."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no calibration statistics at {path!r}; create them with `viditq calibrate`.")
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+            if raw is None:
+                raise ValueError(f"{path!r} is a safetensors file but not ViDiT-Q calibration statistics "
+                                 f"(no {METADATA_KEY!r} metadata); create them with `viditq calibrate`.")
+            meta = json.loads(raw)
+            if meta.get("version") != FORMAT_VERSION:
+                raise ValueError(f"calibration file version {meta.get('version')!r} is not supported (this "
+                                 f"viditq_diffusers reads version {FORMAT_VERSION}); recalibrate with "
+                                 f"`viditq calibrate`.")
+            tensors = {kind: {} for kind in KINDS}
+            for key in f.keys():
+                kind, name = key.split("/", 1)
+                tensors[kind][name] = f.get_tensor(key)
+        return cls(model_class=meta["model_class"], in_features=meta["in_features"], settings=meta["settings"],
+                   **tensors)
+
+    def check_matches(self, model, layers: list[str] | None = None) -> None:
+        """Raise a ValueError unless these statistics fit `model` (a denoiser, or a pipeline's `.transformer`).
+
+        `layers`: the layers the caller needs (default: all recorded ones); each must be recorded and
+        present in `model` with the same in_features.
+        """
+        model = getattr(model, "transformer", model)
+        fix = "recalibrate with `viditq calibrate PIPE --prompts FILE --out STATS.safetensors` on this model"
+        if type(model).__name__ != self.model_class:
+            raise ValueError(f"calibration statistics were recorded on {self.model_class}, this model is "
+                             f"{type(model).__name__}; {fix}.")
+        modules = dict(model.named_modules())
+        problems = []
+        for name in self.layers if layers is None else layers:
+            module = modules.get(name)
+            if name not in self.in_features:
+                problems.append(f"{name}: not in the calibration statistics")
+            elif module is None or not hasattr(module, "in_features"):
+                problems.append(f"{name}: no such linear layer in this {type(model).__name__}")
+            elif module.in_features != self.in_features[name]:
+                problems.append(f"{name}: recorded with {self.in_features[name]} input features, "
+                                f"this model has {module.in_features}")
+        if problems:
+            shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
+            raise ValueError(f"calibration statistics were recorded on another {self.model_class} "
+                             f"({len(problems)} mismatch(es)):\n  {shown}\n{fix}.")
+
+
+class _LayerStats:
+    """Running reductions of one layer's inputs (device tensors, except the CPU row sample)."""
+
+    def __init__(self, in_features: int, buckets: int, cfg: bool, sample_rows: int, device):
+        self.bucket = torch.zeros(buckets, in_features, device=device)
+        self.cfg = torch.zeros(2, in_features, device=device) if cfg else None
+        self.token = torch.tensor([math.inf, 0.0], device=device)  # (min, max) of per-token absmax
+        # Row sample = the `sample_rows` rows with the smallest random priority ("bottom-k" reservoir):
+        # uniform, and the union of two such samples reduces to the sample of the union, so the
+        # distributed merge gives exactly the single-process sample. inf = empty slot.
+        self.priority = torch.full((buckets, sample_rows), math.inf, dtype=torch.float64)
+        self.samples = torch.zeros(buckets, sample_rows, in_features)
+        self.calls = 0
+
+    def update(self, x: torch.Tensor, bucket: int, priority: torch.Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        absx = rows.abs()
+        self.bucket[bucket] = torch.maximum(self.bucket[bucket], absx.amax(0))
+        if self.cfg is not None:
+            # diffusers batches [uncond, cond] along dim 0 (Latte folds frames / patches in batch-major),
+            # so the first half of the flattened rows is the unconditional half
+            half = rows.shape[0] // 2
+            self.cfg[0] = torch.maximum(self.cfg[0], absx[:half].amax(0))
+            self.cfg[1] = torch.maximum(self.cfg[1], absx[half:].amax(0))
+        per_token = absx.amax(1)
+        self.token[0] = torch.minimum(self.token[0], per_token.min())
+        self.token[1] = torch.maximum(self.token[1], per_token.max())
+        keep = self.priority.shape[1]
+        pick = priority.topk(min(keep, len(priority)), largest=False).indices
+        pri = torch.cat([self.priority[bucket], priority[pick]])
+        cand = torch.cat([self.samples[bucket], rows[pick.to(rows.device)].cpu()])
+        order = pri.sort(stable=True).indices[:keep]
+        self.priority[bucket], self.samples[bucket] = pri[order], cand[order]
+        self.calls += 1
+
+
+def _timestep_of(denoiser: nn.Module, args: tuple, kwargs: dict) -> float:
+    t = kwargs.get("timestep")
+    if t is None:
+        t = inspect.signature(denoiser.forward).bind_partial(*args, **kwargs).arguments.get("timestep")
+    if t is None:
+        raise ValueError(f"{type(denoiser).__name__} was called without a `timestep`; calibrate needs it to bucket "
+                         f"the statistics by timestep.")
+    return float(torch.as_tensor(t).flatten()[0])
+
+
+def _denoiser(pipe_or_model, run):
+    """(denoiser, scheduler or None, is_pipeline)."""
+    transformer = getattr(pipe_or_model, "transformer", None)
+    if isinstance(transformer, nn.Module) and callable(pipe_or_model):
+        return transformer, getattr(pipe_or_model, "scheduler", None), True
+    if isinstance(pipe_or_model, nn.Module) and run is not None:
+        return pipe_or_model, None, False
+    raise ValueError(
+        f"calibrate drives a diffusers pipeline with a `.transformer` (e.g. PixArtAlphaPipeline, LattePipeline), "
+        f"got {type(pipe_or_model).__name__}. Pass the pipeline, or for a bare model pass "
+        f"run=lambda prompt, generator: ... that calls the model (with `timestep`) for one prompt."
+    )
+
+
+def _reduce(state, stats: dict[str, _LayerStats]) -> None:
+    """Max-reduce (min for the token-range min) every statistic across processes; merge row samples."""
+    from accelerate.utils import gather
+
+    def everyone(tensor):  # [processes, *tensor.shape]; accelerate's gather concatenates along dim 0
+        return gather(tensor[None].contiguous().to(state.device)).cpu()
+
+    for s in stats.values():
+        s.bucket = everyone(s.bucket).amax(0)
+        if s.cfg is not None:
+            s.cfg = everyone(s.cfg).amax(0)
+        token = everyone(s.token)
+        s.token = torch.stack([token[:, 0].amin(), token[:, 1].amax()])
+        s.calls = int(everyone(torch.tensor(s.calls)).sum())
+        # per bucket: the smallest priorities among all processes' samples (see _LayerStats)
+        pri, rows = everyone(s.priority), everyone(s.samples)  # [P, B, R], [P, B, R, in]
+        procs, buckets, keep = pri.shape
+        pri = pri.transpose(0, 1).reshape(buckets, procs * keep)
+        rows = rows.transpose(0, 1).reshape(buckets, procs * keep, -1)
+        order = pri.sort(dim=1, stable=True).indices[:, :keep]
+        s.priority = pri.gather(1, order)
+        s.samples = rows.gather(1, order[..., None].expand(-1, -1, rows.shape[-1]))
+
+
+@torch.no_grad()
+def calibrate(
+    pipe_or_model,
+    prompts: list[str],
+    num_inference_steps: int = 20,
+    guidance_scale: float = 4.5,
+    seeds: list[int] | None = None,
+    timestep_buckets: int = 4,
+    layers: list[str] | None = None,
+    run: Callable[[str, torch.Generator], object] | None = None,
+    sample_rows: int = SAMPLE_ROWS,
+    **call_kwargs,
+) -> CalibrationStats:
+    """Run the pipeline on `prompts` and record per-layer activation statistics (module docstring).
+
+    Each prompt is generated on its own (batch 1) with `torch.Generator().manual_seed(seed)`
+    (`seeds` default `0..n-1`) and `output_type="latent"`: `pipe(prompt=[p], num_inference_steps=...,
+    guidance_scale=..., generator=[g], output_type="latent", **call_kwargs)`. One prompt per call
+    keeps each prompt's activations independent of its batch mates (LattePipeline needs it anyway).
+    `layers` defaults to the layers ViDiT-Q quantizes (`build_plan(model, ViDiTQConfig("w8a8"))`).
+    `guidance_scale > 1` means the batch holds [uncond, cond] halves, as in diffusers' pipelines.
+
+    A bare denoiser needs `run(prompt, generator)` that calls it for one prompt (with `timestep`);
+    timestep buckets then span [0, 1000).
+
+    Under `accelerate launch --num_processes N` the (prompt, seed) pairs are split between the
+    processes and the statistics are reduced across them, so every process gets the same result
+    as a single process would (row samples included: see `_LayerStats`).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+    from tqdm.auto import tqdm
+
+    from .config import ViDiTQConfig
+    from .plan import build_plan
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("calibrate got no prompts; pass a non-empty list (e.g. 64-256 prompts like your real ones).")
+    if num_inference_steps <= 0:
+        raise ValueError(f"num_inference_steps must be a positive number of denoising steps, "
+                         f"got {num_inference_steps}.")
+    if timestep_buckets < 1 or sample_rows < 1:
+        raise ValueError(f"timestep_buckets and sample_rows must be >= 1, got {timestep_buckets} and {sample_rows}.")
+    seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; pass one seed per prompt (or none).")
+    reserved = {"prompt", "generator", "num_inference_steps", "guidance_scale", "output_type"} & set(call_kwargs)
+    if reserved:
+        raise ValueError(f"calibrate sets {sorted(reserved)} itself; pass them as calibrate's own arguments.")
+
+    denoiser, scheduler, is_pipeline = _denoiser(pipe_or_model, run)
+    num_train = int(scheduler.config.num_train_timesteps) if scheduler is not None else 1000
+    names = list(build_plan(denoiser, ViDiTQConfig(preset="w8a8"))["layers"]) if layers is None else list(layers)
+    modules = dict(denoiser.named_modules())
+    missing = [n for n in names if not isinstance(getattr(modules.get(n), "in_features", None), int)]
+    if missing or not names:
+        raise ValueError(f"layers {missing or names} are not linear layers of {type(denoiser).__name__}; "
+                         f"pass names from model.named_modules() (or layers=None for the default).")
+
+    # CPU processes (gloo) need cpu=True; `accelerate launch` says so only through this variable
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    cfg = guidance_scale > 1
+    device = next(denoiser.parameters()).device
+    stats = {n: _LayerStats(modules[n].in_features, timestep_buckets, cfg, sample_rows, device) for n in names}
+    now = {"t": None, "bucket": 0, "priority_gen": None}
+
+    def on_denoiser(module, args, kwargs):
+        now["t"] = _timestep_of(module, args, kwargs)
+        now["bucket"] = min(max(int(now["t"] * timestep_buckets // num_train), 0), timestep_buckets - 1)
+
+    def on_layer(name):
+        def hook(module, args):
+            x = args[0].detach()
+            if now["t"] is None:
+                raise ValueError(f"layer '{name}' ran before {type(denoiser).__name__} was called; calibrate buckets "
+                                 f"by the denoiser's timestep, so the layer must belong to it.")
+            if cfg and x.shape[0] % 2:
+                raise ValueError(f"layer '{name}' got a batch of {x.shape[0]} with guidance_scale={guidance_scale}; "
+                                 f"expected [uncond, cond] halves. Pass guidance_scale=1 if the run does no CFG.")
+            if not torch.isfinite(x).all():
+                raise ValueError(f"layer '{name}' got a NaN/Inf input at timestep {now['t']:g}; the model overflows "
+                                 f"at these settings (e.g. float16): calibrate in float32 / bfloat16.")
+            rows = x.numel() // x.shape[-1]
+            priority = torch.rand(rows, generator=now["priority_gen"], dtype=torch.float64)
+            stats[name].update(x, now["bucket"], priority)
+        return hook
+
+    # shard (index, prompt, seed) triples so each prompt keeps its seed and its priority stream
+    items = list(enumerate(zip(prompts, seeds)))
+    with state.split_between_processes(items) as mine:
+        mine = list(mine)
+    handles = [denoiser.register_forward_pre_hook(on_denoiser, with_kwargs=True)]
+    handles += [modules[n].register_forward_pre_hook(on_layer(n)) for n in names]
+    progress = getattr(pipe_or_model, "_progress_bar_config", None) if is_pipeline else None
+    if is_pipeline:
+        pipe_or_model.set_progress_bar_config(disable=True)  # ours counts prompts instead
+    error = None
+    try:
+        for index, (prompt, seed) in tqdm(mine, desc="viditq calibrate", unit="prompt",
+                                           disable=not state.is_main_process):
+            now["t"], now["priority_gen"] = None, torch.Generator().manual_seed(SAMPLE_SEED + index)
+            generator = torch.Generator().manual_seed(seed)
+            if is_pipeline:
+                pipe_or_model(prompt=[prompt], num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                              generator=[generator], output_type="latent", **call_kwargs)
+            else:
+                run(prompt, generator)
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after the other processes learn of it
+        error = exc
+    finally:
+        for handle in handles:
+            handle.remove()
+        if is_pipeline:
+            if progress is None:
+                pipe_or_model.__dict__.pop("_progress_bar_config", None)
+            else:
+                pipe_or_model._progress_bar_config = progress
+
+    if state.num_processes > 1:
+        from accelerate.utils import gather
+
+        # a failing process must not leave the others waiting in the reduction
+        failed = gather(torch.tensor([int(error is not None)], device=state.device)).cpu()
+        if error is None and failed.any():
+            raise RuntimeError(f"calibration failed on process(es) {failed.nonzero().flatten().tolist()}; "
+                               f"see their error above.")
+    if error is not None:
+        raise error
+    if state.num_processes > 1:
+        _reduce(state, stats)
+
+    silent = [n for n, s in stats.items() if s.calls == 0]
+    if silent:
+        shown = ", ".join(silent[:8]) + (", ..." if len(silent) > 8 else "")
+        raise ValueError(f"{len(silent)} layer(s) never ran during calibration: {shown}. Is it unused at these "
+                         f"settings (e.g. Latte's temporal blocks with enable_temporal_attentions=False)? Change "
+                         f"the settings or leave it out with layers=[...].")
+
+    result = {kind: {} for kind in KINDS}
+    for name, s in stats.items():
+        result["bucket_absmax"][name] = s.bucket.cpu()
+        result["channel_absmax"][name] = s.bucket.amax(0).cpu()
+        if s.cfg is not None:
+            result["cfg_absmax"][name] = s.cfg.cpu()
+        result["token_absmax_range"][name] = s.token.cpu()
+        filled = torch.isfinite(s.priority)
+        result["sample_tokens"][name] = s.samples.cpu()[filled]  # bucket-major, by priority within a bucket
+        result["sample_bucket"][name] = filled.nonzero()[:, 0]
+    settings = {
+        "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+        "num_prompts": len(prompts), "seeds": seeds, "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale, "timestep_buckets": timestep_buckets, "num_train_timesteps": num_train,
+        "sample_rows": sample_rows, "call_kwargs": json.loads(json.dumps(call_kwargs, default=repr)),
+    }
+    return CalibrationStats(model_class=type(denoiser).__name__, in_features={n: modules[n].in_features for n in names},
+                            settings=settings, **result)

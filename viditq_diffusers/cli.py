@@ -1,4 +1,4 @@
-"""`viditq` command: quantize, info, demo."""
+"""`viditq` command: quantize, info, demo, calibrate."""
 
 from __future__ import annotations
 
@@ -99,6 +99,52 @@ def cmd_demo(args) -> None:
     print(f"grid (rows: {', '.join(rows)}; columns: {' / '.join(DEMO_PROMPTS)}) saved to {args.out}")
 
 
+def read_prompts(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no prompts file at {path!r}; pass --prompts FILE with one prompt per line.")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"the prompts file {path!r} is empty; write one calibration prompt per line.")
+    return prompts
+
+
+def cmd_calibrate(args) -> None:
+    """Record activation statistics on a pipeline; works alone or under `accelerate launch` (prompts sharded)."""
+    import inspect
+
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+    from diffusers import DiffusionPipeline
+
+    from .calibration import calibrate
+
+    prompts = read_prompts(args.prompts)
+    if not os.path.isfile(os.path.join(args.pipeline, "model_index.json")):
+        raise FileNotFoundError(f"no diffusers pipeline at {args.pipeline!r} (no model_index.json); pass a "
+                                f"pipeline directory, e.g. reference_models/pixart_digits.")
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    pipe = DiffusionPipeline.from_pretrained(args.pipeline).to(state.device)
+    accepted = inspect.signature(pipe.__call__).parameters
+    call = {key: value for key, value in (("height", args.height), ("width", args.width)) if value is not None}
+    if call and "use_resolution_binning" in accepted:
+        call["use_resolution_binning"] = False  # an explicit size is used as given
+    if "clean_caption" in accepted:
+        call["clean_caption"] = False  # as the project's evaluation harness generates
+    seeds = [args.seed + i for i in range(len(prompts))]
+    stats = calibrate(pipe, prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, seeds=seeds,
+                      timestep_buckets=args.buckets, **call)
+    if not state.is_main_process:
+        return
+    stats.save(args.out)
+    ratios = stats.outlier_ratio()
+    worst = max(ratios, key=ratios.get)
+    print(f"calibrated {stats.model_class}: {len(stats.layers)} layers, {len(prompts)} prompts x {args.steps} steps, "
+          f"{args.buckets} timestep buckets")
+    print(f"max outlier ratio (max / median input channel absmax): {ratios[worst]:.1f}x in {worst}")
+    print(f"saved to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="viditq", description="ViDiT-Q quantization for diffusers DiTs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=20)
     d.add_argument("--out", default="viditq-demo.png", help="where to save the grid PNG")
     d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("calibrate", help="record per-layer activation statistics (runs under accelerate launch too)")
+    c.add_argument("pipeline", help="a diffusers pipeline directory (model_index.json) with a transformer")
+    c.add_argument("--prompts", required=True, help="text file, one calibration prompt per line")
+    c.add_argument("--out", required=True, help="where to write the statistics (.safetensors)")
+    c.add_argument("--steps", type=int, default=20)
+    c.add_argument("--guidance", type=float, default=4.5)
+    c.add_argument("--buckets", type=int, default=4, help="timestep buckets")
+    c.add_argument("--seed", type=int, default=0, help="prompt i uses seed SEED + i")
+    c.add_argument("--height", type=int)
+    c.add_argument("--width", type=int)
+    c.set_defaults(func=cmd_calibrate)
     return parser
 
 

@@ -22,15 +22,25 @@ class ViDiTQQuantMethod(str, Enum):
     VIDITQ = "viditq"
 
 
-# A preset fills defaults; explicit constructor arguments override them.
+# A preset fills defaults; explicit constructor arguments override them. "balance" absent = ViDiT-Q's
+# static-dynamic balancing ("smooth_rotate") when calibration statistics are given, none otherwise.
 PRESETS: dict[str, dict] = {
     "w8a8": {"weight_bits": 8, "act_bits": 8, "group_size": None},
     "w4a8": {"weight_bits": 4, "act_bits": 8, "group_size": None},
-    "w8a16": {"weight_bits": 8, "act_bits": 16, "group_size": None},
-    "w4a16": {"weight_bits": 4, "act_bits": 16, "group_size": None},
-    # Baseline, not ViDiT-Q: per-tensor weights, static per-tensor activations from calibration.
-    "naive_w8a8": {"weight_bits": 8, "act_bits": 8, "group_size": None, "per_tensor": True, "static_acts": True},
+    "w8a16": {"weight_bits": 8, "act_bits": 16, "group_size": None, "balance": None},
+    "w4a16": {"weight_bits": 4, "act_bits": 16, "group_size": None, "balance": None},
+    # Baselines and ablations, not ViDiT-Q:
+    # per-tensor weights, static per-tensor activations from calibration;
+    "naive_w8a8": {"weight_bits": 8, "act_bits": 8, "group_size": None, "per_tensor": True, "static_acts": True,
+                   "balance": None},
+    # SmoothQuant: smoothing with its alpha 0.5 (= ViDiT-Q alpha 0.5), then static per-tensor activations;
+    "smoothquant_w8a8": {"weight_bits": 8, "act_bits": 8, "group_size": None, "static_acts": True,
+                         "balance": "smooth", "alpha": 0.5},
+    # one half of the balancing each (QuaRot-like rotation needs no statistics).
+    "rotate_w4a8": {"weight_bits": 4, "act_bits": 8, "group_size": None, "balance": "rotate"},
+    "smooth_w4a8": {"weight_bits": 4, "act_bits": 8, "group_size": None, "balance": "smooth"},
 }
+BALANCES = (None, "smooth", "rotate", "smooth_rotate")
 
 
 class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
@@ -44,8 +54,15 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
         modules_to_not_convert: extra layer names (or prefixes, or fnmatch patterns) to keep in
             floating point, on top of the per-architecture defaults.
         components: pipeline components to quantize when used with `DiffusionPipeline.from_pretrained`.
-        calibration: `{layer name: input absmax}` for presets with static activation scales
-            (`naive_w8a8`); see `viditq_diffusers.calibration.input_absmax`. None otherwise.
+        calibration: activation statistics: a `CalibrationStats` from `viditq_diffusers.calibrate` (or the
+            path of one saved with `.save`), needed by smoothing and static activation scales; the naive
+            baseline also takes `{layer name: input absmax}` (`calibration.input_absmax`).
+        balance: static-dynamic channel balancing of the A8 layers: "smooth_rotate" (ViDiT-Q), "smooth",
+            "rotate" or None. Default: the preset's, else "smooth_rotate" when `calibration` is given.
+        alpha: smoothing exponent in ViDiT-Q's convention (`m_j = w_j^alpha / a_j^(1-alpha)`, i.e. 1 minus
+            SmoothQuant's alpha), or "auto": searched per layer to minimise its output error on the
+            calibration tokens.
+        rotation_seed: seeds the random Hadamard rotations (layer i uses `rotation_seed + i`).
         plan: a full per-layer plan (`QuantPlan` dict). When given it decides every layer and the
             bit/group arguments are only defaults for the summary.
         weight_symmetric: symmetric weights (no zero point). Default False: asymmetric min-max,
@@ -63,6 +80,9 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
         calibration=None,
         plan: dict | None = None,
         weight_symmetric: bool | None = None,
+        balance: str | None = "preset",
+        alpha: float | str | None = None,
+        rotation_seed: int = 0,
         quant_method: str = ViDiTQQuantMethod.VIDITQ,
     ):
         if preset not in PRESETS:
@@ -80,25 +100,54 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
         self.components = [components] if isinstance(components, str) else list(components)
         self.calibration = calibration
         self.plan = copy.deepcopy(plan)
+        if balance == "preset":
+            balance = defaults.get("balance", "smooth_rotate" if calibration is not None else None)
+        if balance not in BALANCES:
+            raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}.")
+        self.balance = balance if self.act_bits < 16 else None
+        self.alpha = defaults.get("alpha", "auto") if alpha is None else alpha
+        if self.alpha != "auto" and not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
+            raise ValueError(f"alpha must be in [0, 1] (ViDiT-Q convention) or 'auto', got {self.alpha!r}.")
+        self.rotation_seed = int(rotation_seed)
         check_bits(self.weight_bits, "weight_bits")
         if self.act_bits != 16:
             check_bits(self.act_bits, "act_bits")
         if self.group_size is not None and self.group_size <= 0:
             raise ValueError(f"group_size must be a positive divisor of in_features or None, got {self.group_size}.")
-        if self.static_acts and not isinstance(calibration, dict):
+        if self.plan is None and self.needs_calibration and calibration is None:
             raise ValueError(
-                f"preset {preset!r} uses static activation scales: pass calibration={{layer name: input absmax}}, "
-                f"e.g. from viditq_diffusers.calibration.input_absmax(model, run)."
+                f"preset {preset!r} (balance={self.balance!r}) needs activation statistics: calibrate first, "
+                f"stats = viditq_diffusers.calibrate(pipe, prompts) or `viditq calibrate PIPE --prompts FILE "
+                f"--out stats.safetensors`, then pass calibration=stats (or its path)."
             )
-        if calibration is not None and not self.static_acts:
+        if calibration is not None and not self.needs_calibration:
             raise ValueError(
-                f"preset {preset!r} quantizes activations dynamically and uses no calibration; pass calibration=None."
+                f"preset {preset!r} with balance={self.balance!r} uses no calibration statistics; pass "
+                f"calibration=None (or balance='smooth_rotate' to use them)."
+            )
+        if isinstance(calibration, dict) and not self.static_acts:
+            raise ValueError(
+                f"calibration={{layer: absmax}} only serves static per-tensor activation scales (naive_w8a8); "
+                f"preset {preset!r} with balance={self.balance!r} needs per-channel CalibrationStats from "
+                f"viditq_diffusers.calibrate, or calibration=None."
             )
         json.dumps(self.to_dict())  # fail early on anything that would not survive config.json
 
     # -- diffusers' QuantizationConfigMixin conventions ------------------------------------
+    def to_dict(self) -> dict:
+        # In-memory statistics are not config data: once quantized, the plan holds what they decided.
+        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k != "calibration"}
+        out["calibration"] = self.calibration if isinstance(self.calibration, (str, dict, type(None))) else None
+        return out
+
     def to_diff_dict(self) -> dict:
         return self.to_dict()
+
+    def __deepcopy__(self, memo):
+        # Calibration statistics are read-only and may be large: copies share them.
+        new = copy.copy(self)
+        new.__dict__ = {k: v if k == "calibration" else copy.deepcopy(v, memo) for k, v in self.__dict__.items()}
+        return new
 
     def __eq__(self, other) -> bool:
         return isinstance(other, ViDiTQConfig) and self.to_dict() == other.to_dict()
@@ -115,6 +164,11 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
     def static_acts(self) -> bool:
         """Static per-tensor activation scales from calibration (the naive baseline), from the preset."""
         return PRESETS[self.preset].get("static_acts", False)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Static activation scales or smoothing need activation statistics; rotation alone does not."""
+        return self.static_acts or self.balance in ("smooth", "smooth_rotate")
 
     @property
     def label(self) -> str:

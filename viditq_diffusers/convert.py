@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .balancing import finalize_layer
 from .nn import ViDiTQLinear
 from .plan import build_plan, validate_plan
 
@@ -21,14 +22,25 @@ def layout(spec: dict) -> dict:
     return dict(
         weight_bits=spec["weight_bits"], act_bits=spec["act_bits"], group_size=spec["group_size"],
         symmetric=spec["symmetric"], weight_per_tensor=spec.get("weight_per_tensor", False),
-        act_scale=spec.get("act_scale"),
+        act_scale=spec.get("act_scale"), rotation_seed=spec.get("rotation_seed"),
     )
 
 
 def layer_from_spec(spec: dict, device=None, dtype=None) -> ViDiTQLinear:
     """An empty `ViDiTQLinear` with the layout `spec` describes (e.g. on the meta device)."""
     return ViDiTQLinear(spec["in_features"], spec["out_features"], spec["bias"], device=device, dtype=dtype,
-                        **layout(spec))
+                        smooth=spec.get("smooth_alpha") is not None, **layout(spec))
+
+
+@torch.no_grad()
+def quantized_layer(name: str, weight: torch.Tensor, bias: torch.Tensor | None, spec: dict, config) -> ViDiTQLinear:
+    """The `ViDiTQLinear` for one FP weight: balancing decided (the plan entry is completed in place), the
+    weight quantized once. `bias` may still be on the meta device (the loader fills it later)."""
+    smooth = finalize_layer(name, weight, spec, config)
+    layer = layer_from_spec(spec, device=weight.device, dtype=weight.dtype)
+    layer.set_weight(weight, name, smooth)
+    layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    return layer
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -45,7 +57,14 @@ def check_not_quantized(model: nn.Module) -> None:
 
 
 def resolve_plan(model: nn.Module, config) -> dict:
-    """The config's explicit plan (validated against the model), or the default plan."""
+    """The config's explicit plan (validated against the model), or the default plan. A statistics path in
+    `config.calibration` is loaded here (in place) and checked against the model."""
+    from .calibration import CalibrationStats
+
+    if isinstance(config.calibration, str):
+        config.calibration = CalibrationStats.load(config.calibration)
+    if isinstance(config.calibration, CalibrationStats):
+        config.calibration.check_matches(model)
     if config.plan is not None:
         validate_plan(model, config.plan)
         return config.plan
@@ -82,8 +101,11 @@ def quantize(model: nn.Module, config) -> nn.Module:
     config = copy.deepcopy(config)
     plan = resolve_plan(model, config)
     for name, spec in tqdm(plan["layers"].items(), desc="Quantizing", unit="layer", disable=None):
-        set_submodule(model, name, ViDiTQLinear.from_linear(model.get_submodule(name), name=name, **layout(spec)))
+        linear = model.get_submodule(name)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        set_submodule(model, name, quantized_layer(name, linear.weight.detach(), bias, spec, config))
     config.plan = plan
+    config.calibration = None  # the plan (and the act_smooth tensors) now hold what the statistics decided
     quantizer = ViDiTQQuantizer(config, pre_quantized=False)
     model.is_quantized = True
     model.quantization_method = config.quant_method

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import tensor_headers
 from .config import ViDiTQConfig, ViDiTQQuantMethod
-from .convert import layer_from_spec, own_aligned_memory, resolve_plan, set_submodule
+from .convert import layer_from_spec, own_aligned_memory, quantized_layer, resolve_plan, set_submodule
 from .hub import attach, detach
 from .nn import ViDiTQLinear
 from .plan import validate_plan
@@ -75,9 +75,7 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         name = param_name.rpartition(".")[0]
         old = model.get_submodule(name)
         weight = param_value.to(target_device)
-        layer = layer_from_spec(self.plan_layers[name], device="meta", dtype=weight.dtype)
-        with torch.no_grad():
-            layer.set_weight(weight, name)
+        layer = quantized_layer(name, weight, None, self.plan_layers[name], self.quantization_config)
         layer.bias = old.bias  # loaded already, or still on meta and filled by the loader later
         set_submodule(model, name, layer)
         self.progress.update()
@@ -119,6 +117,7 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         own_aligned_memory(model)
         first = model.get_submodule(next(iter(self.plan_layers)))
         self.quantization_config.plan["dtype"] = str(first.weight.dtype).removeprefix("torch.")
+        self.quantization_config.calibration = None  # the plan now holds what the statistics decided
         model.register_to_config(quantization_config=self.quantization_config)
         attach(model)
         return model

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .kernels import linear_reference, quantized_linear
+from .quant.balance import balance_activation, balance_weight, unbalance_weight
 from .quant.formats import check_bits, dequantize_weight, pack_int4, quantize_weight, unpack_int4
 
 
@@ -21,6 +22,9 @@ class ViDiTQLinear(nn.Module):
       checkpoint was saved with are exactly the scales it reloads with;
     - `weight_zero`: int8 zero points `[out, G]`, only for asymmetric weights;
     - `bias`: a floating-point parameter, as in `nn.Linear`;
+    - `act_smooth`: fp32 smoothing factors `[in]` as int32 bit patterns, only for smoothed layers;
+      with `rotation_seed` (plan data, not a tensor) this is the static-dynamic channel balancing:
+      the layer computes `Q(x diag(m) R) Q(W diag(1/m) R)^T` (see `quant/balance.py`);
     - `weight`: an empty tensor in the layer's compute dtype. It keeps `layer.weight.dtype`
       meaningful for diffusers code that reads it, and a loader that does not know ViDiT-Q
       (a plain `nn.Linear`, diffusers without the quantization_config) fails on its shape
@@ -38,6 +42,8 @@ class ViDiTQLinear(nn.Module):
         symmetric: bool = False,
         weight_per_tensor: bool = False,
         act_scale: float | None = None,
+        smooth: bool = False,
+        rotation_seed: int | None = None,
         device=None,
         dtype=None,
     ):
@@ -55,6 +61,7 @@ class ViDiTQLinear(nn.Module):
         self.group_size, self.symmetric = group_size, symmetric
         # The naive baseline: one weight scale per tensor, one calibrated static activation scale.
         self.weight_per_tensor, self.act_scale = weight_per_tensor, act_scale
+        self.rotation_seed = rotation_seed
         groups = in_features // group_size if group_size else 1
         scale_rows = 1 if weight_per_tensor else out_features
         if weight_bits == 4:
@@ -68,35 +75,50 @@ class ViDiTQLinear(nn.Module):
             self.weight_zero = None
         else:
             self.register_buffer("weight_zero", torch.empty(scale_rows, groups, dtype=torch.int8, device=device))
+        if smooth:
+            self.register_buffer("act_smooth", torch.empty(in_features, dtype=torch.int32, device=device))
+        else:
+            self.act_smooth = None
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
 
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, weight_bits: int = 8, act_bits: int = 8, group_size=None, symmetric=False,
-        name: str = "", **layout,
+        name: str = "", smooth_vector: torch.Tensor | None = None, **layout,
     ) -> "ViDiTQLinear":
-        """Quantize a float `nn.Linear` (weights quantized exactly once). `layout`: further constructor fields."""
+        """Quantize a float `nn.Linear` (weights quantized exactly once). `layout`: further constructor fields;
+        `smooth_vector`: the smoothing factors of a smoothed layout."""
         weight = linear.weight.detach()
         layer = cls(
             linear.in_features, linear.out_features, linear.bias is not None, weight_bits, act_bits,
-            group_size, symmetric, device=weight.device, dtype=weight.dtype, **layout,
+            group_size, symmetric, smooth=smooth_vector is not None, device=weight.device, dtype=weight.dtype,
+            **layout,
         )
-        layer.set_weight(weight, name)
+        layer.set_weight(weight, name, smooth_vector)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
 
-    def set_weight(self, weight: torch.Tensor, name: str = "") -> None:
-        """Quantize `weight` into this layer's buffers; `name` is for the error message."""
+    def set_weight(self, weight: torch.Tensor, name: str = "", smooth: torch.Tensor | None = None) -> None:
+        """Quantize `weight` (the original float weight) into this layer's buffers, balancing it first if the
+        layout says so (`smooth`: its smoothing factors). `name` is for the error message."""
         if not torch.isfinite(weight).all():
             raise ValueError(
                 f"layer '{name}' has NaN or Inf in its weight; fix the checkpoint or keep the layer "
                 f"in floating point with modules_to_not_convert=['{name}']."
             )
+        if (smooth is None) != (self.act_smooth is None):
+            raise ValueError(f"layer '{name}': smoothing factors must be given exactly when the layout is smoothed")
+        dtype = weight.dtype
+        if smooth is not None:
+            self.act_smooth = smooth.to(device=weight.device, dtype=torch.float32).contiguous().view(torch.int32)
+        if self.is_balanced:
+            # transform in float64 and quantize the result directly: one rounding, no detour through fp16
+            weight = balance_weight(weight.double(), self.smooth_factors(), self.rotation_seed)
         codes, scale, zero = quantize_weight(
             weight, self.weight_bits, self.group_size, self.symmetric, self.weight_per_tensor
         )
-        self.weight = torch.empty(0, dtype=weight.dtype, device=weight.device)
+        self.weight = torch.empty(0, dtype=dtype, device=weight.device)
         self.qweight = pack_int4(codes) if self.weight_bits == 4 else codes
         self.weight_scale = scale.view(torch.int32)
         if zero is not None:
@@ -110,8 +132,22 @@ class ViDiTQLinear(nn.Module):
         """fp32 weight scales `[out, G]` (a view, no copy)."""
         return self.weight_scale.view(torch.float32)
 
+    @property
+    def is_balanced(self) -> bool:
+        return self.act_smooth is not None or self.rotation_seed is not None
+
+    def smooth_factors(self) -> torch.Tensor | None:
+        """fp32 smoothing factors `[in]` (a view), or None."""
+        return None if self.act_smooth is None else self.act_smooth.view(torch.float32)
+
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize_weight(self.codes(), self.scales(), self.weight_zero)
+        """The float weight `[out, in]` this layer stands for, in the ORIGINAL input basis (balancing undone)."""
+        weight = dequantize_weight(self.codes(), self.scales(), self.weight_zero)
+        return unbalance_weight(weight, self.smooth_factors(), self.rotation_seed) if self.is_balanced else weight
+
+    def balance(self, x: torch.Tensor) -> torch.Tensor:
+        """The online half of channel balancing: `x diag(m) R` (identity for unbalanced layers)."""
+        return balance_activation(x, self.smooth_factors(), self.rotation_seed) if self.is_balanced else x
 
     def _act_scale(self, x: torch.Tensor) -> torch.Tensor | None:
         return None if self.act_scale is None else torch.tensor(self.act_scale, dtype=torch.float32, device=x.device)
@@ -125,7 +161,8 @@ class ViDiTQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._apply_2d(
             x, lambda x2: quantized_linear(
-                x2, self.codes(), self.scales(), self.weight_zero, self.bias, self.act_bits, self._act_scale(x2)
+                self.balance(x2), self.codes(), self.scales(), self.weight_zero, self.bias, self.act_bits,
+                self._act_scale(x2),
             )
         )
 
@@ -133,13 +170,15 @@ class ViDiTQLinear(nn.Module):
         """Float64 fake-quant reference of `forward` (tests and debugging)."""
         return self._apply_2d(
             x, lambda x2: linear_reference(
-                x2, self.codes(), self.scales(), self.weight_zero, self.bias, self.act_bits, self._act_scale(x2)
+                self.balance(x2), self.codes(), self.scales(), self.weight_zero, self.bias, self.act_bits,
+                self._act_scale(x2),
             )
         )
 
     def weight_bytes(self) -> int:
         """Bytes of the quantized weight state (codes, scales, zero points; bias excluded)."""
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.weight_scale, self.weight_zero) if t is not None)
+        tensors = (self.qweight, self.weight_scale, self.weight_zero, self.act_smooth)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def extra_repr(self) -> str:
         group = f"group_size={self.group_size}" if self.group_size else "per-channel"
@@ -147,6 +186,10 @@ class ViDiTQLinear(nn.Module):
         if self.act_scale is not None:
             group += f", static act_scale={self.act_scale:.3g}"
         kind = "sym" if self.symmetric else "asym"
+        if self.act_smooth is not None:
+            kind += ", smoothed"
+        if self.rotation_seed is not None:
+            kind += f", rotated (seed {self.rotation_seed})"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"W{self.weight_bits}A{self.act_bits}, {group}, {kind}"

@@ -20,15 +20,19 @@ from __future__ import annotations
 
 import fnmatch
 
+import torch
 from torch import nn
 
 from .architectures import is_quantized_by_default
 from .quant.formats import qrange
+from .quant.hadamard import check_order
 
 PLAN_VERSION = 1
 LAYER_KEYS = {"weight_bits", "act_bits", "group_size", "symmetric", "method", "in_features", "out_features", "bias"}
-# Optional per-layer fields (absent = default): the naive baseline's per-tensor weights and static activation scale.
-OPTIONAL_LAYER_KEYS = {"weight_per_tensor": False, "act_scale": None}
+# Optional per-layer fields (absent = default): the naive baseline's per-tensor weights and static activation
+# scale; channel balancing's smoothing exponent (the factors themselves are the `act_smooth` tensor) and
+# rotation seed.
+OPTIONAL_LAYER_KEYS = {"weight_per_tensor": False, "act_scale": None, "smooth_alpha": None, "rotation_seed": None}
 METHODS = {"minmax"}
 
 
@@ -37,7 +41,22 @@ def matches_any(name: str, patterns: list[str]) -> bool:
     return any(name == p or name.startswith(p + ".") or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def layer_spec(name: str, linear: nn.Module, config) -> dict:
+def calibration_absmax(calibration, name: str, preset: str):
+    """Per-channel input absmax `[in]` (CalibrationStats) or a float (`{layer: absmax}`) for one layer."""
+    from .calibration import CalibrationStats
+
+    if isinstance(calibration, str):
+        raise TypeError("load the statistics first (CalibrationStats.load); the config resolves paths itself")
+    table = calibration.channel_absmax if isinstance(calibration, CalibrationStats) else calibration
+    if name not in table:
+        raise ValueError(
+            f"calibration has no activation statistics for layer '{name}'; calibrate this model "
+            f"(viditq_diffusers.calibrate) before using preset {preset!r}."
+        )
+    return table[name]
+
+
+def layer_spec(name: str, linear: nn.Module, config, index: int = 0) -> dict:
     if config.group_size and linear.in_features % config.group_size:
         raise ValueError(
             f"group_size={config.group_size} does not divide in_features={linear.in_features} of layer '{name}'; "
@@ -56,26 +75,30 @@ def layer_spec(name: str, linear: nn.Module, config) -> dict:
     }
     if config.per_tensor:
         spec["weight_per_tensor"] = True
-    if config.static_acts:
-        if name not in config.calibration:
-            raise ValueError(
-                f"calibration has no activation statistics for layer '{name}'; calibrate this model "
-                f"(viditq_diffusers.calibration.input_absmax) before using preset {config.preset!r}."
-            )
+    if config.balance in ("smooth", "smooth_rotate"):
+        calibration_absmax(config.calibration, name, config.preset)  # fail before any weight is read
+        spec["smooth_alpha"] = config.alpha  # "auto" until the layer's weight is seen (balancing.py)
+    if config.balance in ("rotate", "smooth_rotate"):
+        try:
+            check_order(linear.in_features)
+        except ValueError as e:
+            raise ValueError(f"layer '{name}': {e} (modules_to_not_convert=['{name}'])") from None
+        spec["rotation_seed"] = config.rotation_seed + index
+    if config.static_acts and "smooth_alpha" not in spec:  # smoothed static scales come with the weight
         _, qmax = qrange(config.act_bits)
-        spec["act_scale"] = float(config.calibration[name]) / qmax
+        spec["act_scale"] = float(torch.as_tensor(calibration_absmax(config.calibration, name, config.preset)).max()) / qmax
     return spec
 
 
 def build_plan(model: nn.Module, config) -> dict:
     """The default plan: every attention / FFN linear of the blocks, minus `modules_to_not_convert`."""
-    layers = {
-        name: layer_spec(name, module, config)
-        for name, module in model.named_modules()
+    names = [
+        name for name, module in model.named_modules()
         if isinstance(module, nn.Linear)
         and is_quantized_by_default(model, name)
         and not matches_any(name, config.modules_to_not_convert)
-    }
+    ]
+    layers = {name: layer_spec(name, model.get_submodule(name), config, i) for i, name in enumerate(names)}
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no quantizable layers: ViDiT-Q quantizes the nn.Linear layers inside "

@@ -1,0 +1,71 @@
+"""Weight-time decisions of static-dynamic channel balancing: smoothing factors and the automatic alpha.
+
+The plan fixes per layer whether it is smoothed (`smooth_alpha`: a number, or "auto") and rotated
+(`rotation_seed`). The factors `m_j = w_j^alpha / a_j^(1-alpha)` need the layer's weight, which the
+diffusers loader hands over one layer at a time, so they are computed here, when the weight is read:
+:func:`finalize_layer` turns "auto" into the chosen alpha, computes `m`, and for static activation
+scales (SmoothQuant) the scale of the smoothed input. The plan entry is updated in place, so a saved
+checkpoint records what was chosen.
+
+Automatic alpha: per layer, the alpha that minimises the layer's output error
+`|| Q(x m R) Q(W/m R)^T - x W^T ||^2` over the calibration's sampled input tokens (drawn across timestep
+buckets and both CFG halves), first on a grid, then refined around the best grid point.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .plan import calibration_absmax
+from .quant.balance import balance_activation, balance_weight, smoothing_factors
+from .quant.formats import dequantize_weight, qrange, quantize_activation_per_token, quantize_weight
+
+ALPHA_GRID = tuple(i / 10 for i in range(11))
+REFINE_STEP = 0.025
+
+
+def layer_error(weight: torch.Tensor, tokens: torch.Tensor, spec: dict, smooth: torch.Tensor | None) -> float:
+    """Squared output error of the quantized layer (fake quantization, float32) on `tokens [S, in]`."""
+    seed = spec.get("rotation_seed")
+    w = balance_weight(weight.double(), smooth, seed)
+    codes, scale, zero = quantize_weight(w, spec["weight_bits"], spec["group_size"], spec["symmetric"],
+                                         spec.get("weight_per_tensor", False))
+    wq = dequantize_weight(codes, scale, zero).float()
+    x = balance_activation(tokens.float(), smooth, seed)
+    xq, x_scale = quantize_activation_per_token(x, spec["act_bits"])
+    y = (xq.float() * x_scale) @ wq.T
+    return float((y - tokens.float() @ weight.float().T).square().sum())
+
+
+def search_alpha(weight: torch.Tensor, act_absmax: torch.Tensor, tokens: torch.Tensor, spec: dict) -> float:
+    """The alpha in [0, 1] with the smallest :func:`layer_error`: grid, then +-2 refinement steps."""
+    def error(alpha):
+        return layer_error(weight, tokens, spec, smoothing_factors(act_absmax.float(), weight, alpha))
+
+    errors = {a: error(a) for a in ALPHA_GRID}
+    best = min(errors, key=errors.get)
+    for k in (-2, -1, 1, 2):
+        a = round(best + k * REFINE_STEP, 6)
+        if 0 <= a <= 1 and a not in errors:
+            errors[a] = error(a)
+    return min(errors, key=errors.get)
+
+
+def finalize_layer(name: str, weight: torch.Tensor, spec: dict, config) -> torch.Tensor | None:
+    """Decide the weight-dependent parts of `spec` (in place); returns the smoothing factors or None."""
+    if spec.get("smooth_alpha") is None:
+        return None
+    stats = config.calibration
+    absmax = calibration_absmax(stats, name, config.preset).to(weight.device)
+    alpha = spec["smooth_alpha"]
+    if alpha == "auto":
+        tokens = stats.sample_tokens.get(name) if hasattr(stats, "sample_tokens") else None
+        if tokens is None or len(tokens) == 0:
+            raise ValueError(f"alpha='auto' needs sampled calibration tokens for layer '{name}'; recalibrate with "
+                             f"viditq_diffusers.calibrate, or pass a fixed alpha.")
+        alpha = search_alpha(weight, absmax, tokens.to(weight.device), spec)
+    spec["smooth_alpha"] = float(alpha)
+    smooth = smoothing_factors(absmax.float(), weight, float(alpha))
+    if config.static_acts:  # SmoothQuant: one static scale for the smoothed input, whose absmax is max_j a_j m_j
+        spec["act_scale"] = float((absmax.float() * smooth).max()) / qrange(spec["act_bits"])[1]
+    return smooth
