@@ -134,7 +134,8 @@ def evaluate(pipe, task, args, classifier, path):
     for label, kwargs in configs.items():
         t0 = time.time()
         kwargs = dict(kwargs)
-        config = ViDiTQConfig(**kwargs, calibration=stats if kwargs.pop("stats", False) else None)
+        use_stats = kwargs.pop("stats", False)
+        config = ViDiTQConfig(**kwargs, calibration=stats if use_stats else None)
         quantized = with_transformer(pipe, quantize(copy.deepcopy(pipe.transformer), config))
         alphas = [s["smooth_alpha"] for s in quantized.transformer.config.quantization_config.plan["layers"].values()
                   if s.get("smooth_alpha") is not None]
@@ -178,6 +179,7 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=4.5)
     parser.add_argument("--stress", type=float, default=100.0, help="k of the stressed variants; 0 = skip them")
+    parser.add_argument("--stressed-only", action="store_true", help="skip the unstressed pipelines")
     parser.add_argument("--grid", type=int, default=10, help="samples per row in the grids")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "quality"))
     args = parser.parse_args()
@@ -191,7 +193,7 @@ def main():
             continue
         pipe = DiffusionPipeline.from_pretrained(task.pipeline)
         pipe.set_progress_bar_config(disable=True)
-        variants = {kind: (pipe, kind)}
+        variants = {} if args.stressed_only else {kind: (pipe, kind)}
         if args.stress:
             stressed = stress(pipe, k=args.stress)
             stressed.set_progress_bar_config(disable=True)
