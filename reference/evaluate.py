@@ -29,6 +29,17 @@ def eval_prompts(per_digit: int = 20) -> tuple[list[int], list[str], list[str]]:
     return digits, styles, [prompt_for(d, s) for d, s in zip(digits, styles)]
 
 
+def accuracy_by(ok: torch.Tensor, keys: list, groups) -> dict:
+    """Mean of the boolean ``ok`` over the samples whose key is each group."""
+    return {g: ok[[i for i, k in enumerate(keys) if k == g]].float().mean().item() for g in groups}
+
+
+def print_accuracy_table(title: str, accuracy: dict) -> None:
+    """A two-row Markdown table: the groups, then their accuracy in percent."""
+    print(f"| {title} | " + " | ".join(map(str, accuracy)) + " |\n|---" + "|---" * len(accuracy) + "|")
+    print("| acc | " + " | ".join(f"{100 * a:.0f}%" for a in accuracy.values()) + " |")
+
+
 def generate(pipe, prompts: list[str], seed: int = 0, steps: int = 20, guidance: float = 4.5,
              batch: int = 50) -> torch.Tensor:
     """Images (N, 3, 32, 32) in [0, 1]; sample i is seeded with ``seed + i`` (independent of batching)."""
@@ -66,14 +77,11 @@ def main(argv=None) -> dict:
         pred = clf(images * 2 - 1).argmax(-1)
     ok = pred == torch.tensor(digits)
 
-    per_digit = {d: ok[[i for i, x in enumerate(digits) if x == d]].float().mean().item() for d in DIGITS}
-    per_style = {s: ok[[i for i, x in enumerate(styles) if x == s]].float().mean().item() for s in STYLES}
+    per_digit, per_style = accuracy_by(ok, digits, DIGITS), accuracy_by(ok, styles, STYLES)
     print(f"{len(prompts)} samples, {args.steps} steps, guidance {args.guidance}: {seconds:.1f} s "
           f"({1000 * seconds / len(prompts):.0f} ms/sample)")
-    print("| digit | " + " | ".join(map(str, DIGITS)) + " |\n|---" * 1 + "|---" * len(DIGITS) + "|")
-    print("| acc | " + " | ".join(f"{100 * per_digit[d]:.0f}%" for d in DIGITS) + " |")
-    print("| style | " + " | ".join(STYLES) + " |\n|---" + "|---" * len(STYLES) + "|")
-    print("| acc | " + " | ".join(f"{100 * per_style[s]:.0f}%" for s in STYLES) + " |")
+    print_accuracy_table("digit", per_digit)
+    print_accuracy_table("style", per_style)
     acc = ok.float().mean().item()
     print(f"digit accuracy: {100 * acc:.1f}% ({int(ok.sum())}/{len(ok)})  [issue requires >= 95%]")
 

@@ -20,6 +20,7 @@ import torch
 
 from reference.classifier import DEFAULT_PATH as CLASSIFIER_PATH, load_classifier
 from reference.data import DIGITS
+from reference.evaluate import accuracy_by, print_accuracy_table
 from reference.video_data import DIRECTIONS, FRAMES, recentre, video_prompt_for
 from viditq_diffusers.evaluation import generate, save_video_grid
 from viditq_diffusers.metrics import direction_of, estimate_motion
@@ -75,14 +76,11 @@ def main(argv=None) -> dict:
     dir_ok = torch.tensor([a == b for a, b in zip(pred_dirs, dirs)])
     ok = digit_ok & dir_ok
 
-    per_digit = {d: ok[[i for i, x in enumerate(digits) if x == d]].float().mean().item() for d in DIGITS}
-    per_dir = {m: ok[[i for i, x in enumerate(dirs) if x == m]].float().mean().item() for m in DIRECTIONS}
+    per_digit, per_dir = accuracy_by(ok, digits, DIGITS), accuracy_by(ok, dirs, DIRECTIONS)
     print(f"{len(prompts)} clips x {FRAMES} frames, {args.steps} steps, guidance {args.guidance}: {seconds:.1f} s "
           f"({1000 * seconds / len(prompts):.0f} ms/clip)")
-    print("| digit | " + " | ".join(map(str, DIGITS)) + " |\n|---" + "|---" * len(DIGITS) + "|")
-    print("| acc | " + " | ".join(f"{100 * per_digit[d]:.0f}%" for d in DIGITS) + " |")
-    print("| direction | " + " | ".join(DIRECTIONS) + " |\n|---" + "|---" * len(DIRECTIONS) + "|")
-    print("| acc | " + " | ".join(f"{100 * per_dir[m]:.0f}%" for m in DIRECTIONS) + " |")
+    print_accuracy_table("digit", per_digit)
+    print_accuracy_table("direction", per_dir)
     acc = ok.float().mean().item()
     print(f"digit accuracy {100 * digit_ok.float().mean():.1f}%, direction accuracy {100 * dir_ok.float().mean():.1f}%")
     print(f"digit AND direction: {100 * acc:.1f}% ({int(ok.sum())}/{len(ok)})  [issue requires >= 90%]")

@@ -164,6 +164,18 @@ def adapt_threads(step: int, seconds: float, max_threads: int) -> int:
     return torch.get_num_threads()
 
 
+def optimizer_step(model, ema, opt, loss: torch.Tensor, step: int, args) -> None:
+    """One AdamW step (linear warmup, then constant LR; grad-clip 1.0) and the EMA update of ``ema``."""
+    for grp in opt.param_groups:
+        grp["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+    opt.zero_grad(set_to_none=True); loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
+    d = min(args.ema, (1 + step) / (10 + step))  # short EMA memory early in training
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - d)
+
+
 def train_transformer(args) -> None:
     torch.manual_seed(args.seed)
     tokenizer = build_tokenizer()
@@ -202,14 +214,7 @@ def train_transformer(args) -> None:
         pred = model(zt, encoder_hidden_states=emb[ids], encoder_attention_mask=mask[ids], timestep=t,
                      added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
         loss = F.mse_loss(pred, eps)
-        for grp in opt.param_groups:
-            grp["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
-        opt.zero_grad(set_to_none=True); loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
-        d = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - d)
+        optimizer_step(model, ema, opt, loss, step, args)
         step += 1
         threads = adapt_threads(step, time.time() - t_step, args.threads)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()

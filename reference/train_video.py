@@ -40,7 +40,7 @@ import diffusers
 
 from reference.checkpoint import load_checkpoint, save_checkpoint
 from reference.data import PROMPT_WORDS
-from reference.train_image import CKPT, ROOT, adapt_threads, build_scheduler, build_tokenizer
+from reference.train_image import CKPT, ROOT, adapt_threads, build_scheduler, build_tokenizer, optimizer_step
 from reference.video_data import FRAMES, all_video_prompts, sample_clips
 
 OUT = os.path.join(ROOT, "latte_digits")
@@ -152,14 +152,7 @@ def train(args) -> None:
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         pred = model(zt, timestep=t, encoder_hidden_states=emb[ids]).sample[:, :4]  # see build_video_transformer
         loss = F.mse_loss(pred, eps)
-        for grp in opt.param_groups:
-            grp["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
-        opt.zero_grad(set_to_none=True); loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
-        d = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - d)
+        optimizer_step(model, ema, opt, loss, step, args)
         step += 1
         threads = adapt_threads(step, time.time() - t_step, args.threads)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()

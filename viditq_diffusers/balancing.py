@@ -24,8 +24,10 @@ ALPHA_GRID = tuple(i / 10 for i in range(11))
 REFINE_STEP = 0.025
 
 
-def layer_error(weight: torch.Tensor, tokens: torch.Tensor, spec: dict, smooth: torch.Tensor | None) -> float:
-    """Squared output error of the quantized layer (fake quantization, float32) on `tokens [S, in]`."""
+def layer_error(weight: torch.Tensor, tokens: torch.Tensor, spec: dict, smooth: torch.Tensor | None,
+                reference: torch.Tensor | None = None) -> float:
+    """Squared output error of the quantized layer (fake quantization, float32) on `tokens [S, in]`;
+    `reference`: the FP output `tokens @ weight^T`, when the caller already has it."""
     seed = spec.get("rotation_seed")
     w = balance_weight(weight.double(), smooth, seed)
     codes, scale, zero = quantize_weight(w, spec["weight_bits"], spec["group_size"], spec["symmetric"],
@@ -34,13 +36,17 @@ def layer_error(weight: torch.Tensor, tokens: torch.Tensor, spec: dict, smooth: 
     x = balance_activation(tokens.float(), smooth, seed)
     xq, x_scale = quantize_activation_per_token(x, spec["act_bits"])
     y = (xq.float() * x_scale) @ wq.T
-    return float((y - tokens.float() @ weight.float().T).square().sum())
+    if reference is None:
+        reference = tokens.float() @ weight.float().T
+    return float((y - reference).square().sum())
 
 
 def search_alpha(weight: torch.Tensor, act_absmax: torch.Tensor, tokens: torch.Tensor, spec: dict) -> float:
     """The alpha in [0, 1] with the smallest :func:`layer_error`: grid, then +-2 refinement steps."""
+    reference = tokens.float() @ weight.float().T  # the FP output: the same for every candidate
+
     def error(alpha):
-        return layer_error(weight, tokens, spec, smoothing_factors(act_absmax.float(), weight, alpha))
+        return layer_error(weight, tokens, spec, smoothing_factors(act_absmax.float(), weight, alpha), reference)
 
     errors = {a: error(a) for a in ALPHA_GRID}
     best = min(errors, key=errors.get)
