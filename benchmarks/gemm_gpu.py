@@ -1,27 +1,69 @@
-"""GPU GEMM ceiling at PixArt-alpha shapes: bf16 matmul vs `torch._int_mm` (int8 x int8 -> int32).
+"""GPU GEMM microbenchmark at DiT shapes: cuBLAS bf16 and `torch._int_mm` vs our Triton W8A8 / W4A8.
 
-Shows what an int8 path can gain once the quantize/dequantize glue is fused (kernels issue).
+For each M x K x N (PixArt, Flux, Wan layer shapes) it times, in one run on one device
+(`triton.testing.do_bench`, median ms, L2 flushed between runs):
+- bf16: `a @ w.t()` (cuBLAS), the baseline of every ratio;
+- int8 `_int_mm`: cuBLASLt int8 x int8 -> int32, no scales (a ceiling for the torch path);
+- W8A8 / W4A8 / W4A8 g128 GEMM: our Triton GEMM from int8 activation codes, epilogue included;
+- W8A8 / W4A8 +quant: the same plus the fused per-token activation quantization kernel, i.e. what a
+  layer costs from a bf16 input to a bf16 output.
 
-    python benchmarks/gemm_gpu.py
+    python benchmarks/gemm_gpu.py [--shapes pixart flux wan]
 """
 
+from __future__ import annotations
+
+import argparse
+
 import torch
-from torch.utils.benchmark import Timer
+from triton.testing import do_bench
+
+from viditq_diffusers.kernels.triton_gemm import int_gemm
+from viditq_diffusers.kernels.triton_quant import quantize_per_token
+from viditq_diffusers.quant.formats import pack_int4, quantize_weight
+
+SHAPES = {  # name -> [(M, K, N)]
+    "pixart": [(4096, 1152, 1152), (4096, 1152, 4608), (4096, 4608, 1152)],
+    "flux": [(4608, 3072, 12288)],
+    "wan": [(32760, 5120, 13824)],
+}
+
+
+def weights(n, k, bits, group=None):
+    w = torch.randn(n, k, device="cuda") / k**0.5
+    codes, scale, zero = quantize_weight(w, bits, group)
+    return (pack_int4(codes) if bits == 4 else codes), scale, zero
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print("| M x K x N | bf16 ms | int8 _int_mm ms | int8 speedup | per-token quant glue ms |\n|---|---|---|---|---|")
-    for m in (512, 2048, 8192):
-        for k, n in ((1152, 1152), (1152, 4608), (4608, 1152)):
-            a, b = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-            a8 = torch.randint(-127, 127, (m, k), device="cuda", dtype=torch.int8)
-            b8 = torch.randint(-127, 127, (n, k), device="cuda", dtype=torch.int8)
-            t_bf16 = Timer("a @ b.t()", globals=dict(a=a, b=b)).blocked_autorange(min_run_time=0.3).median
-            t_int8 = Timer("torch._int_mm(a8, b8.t())", globals=dict(a8=a8, b8=b8, torch=torch)).blocked_autorange(min_run_time=0.3).median
-            glue = "s = a.float().abs().amax(1, keepdim=True) / 127; torch.round(a.float() / s).clamp(-128, 127).to(torch.int8)"
-            t_glue = Timer(glue, globals=dict(a=a, torch=torch)).blocked_autorange(min_run_time=0.3).median
-            print(f"| {m} x {k} x {n} | {t_bf16 * 1e3:.4f} | {t_int8 * 1e3:.4f} | {t_bf16 / t_int8:.2f}x | {t_glue * 1e3:.4f} |")
+    cols = ["bf16", "_int_mm", "W8A8", "W8A8+quant", "W4A8", "W4A8+quant", "W4A8 g128"]
+    print("| M x K x N | " + " | ".join(f"{c} ms" for c in cols) + " | W8A8+quant vs bf16 | W4A8+quant vs bf16 |")
+    print("|---" * (len(cols) + 3) + "|")
+    for name in args.shapes:
+        for m, k, n in SHAPES[name]:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+            xq, xs, rs = quantize_per_token(x)
+            w8, w4, w4g = weights(n, k, 8), weights(n, k, 4), weights(n, k, 4, 128)
+            a8, b8 = torch.randint(-127, 127, (m, k), device="cuda", dtype=torch.int8), w8[0]
+            gemm = lambda wt, bits: int_gemm(xq, xs, rs, wt[0], bits, wt[1], wt[2], bias, torch.bfloat16)  # noqa: E731
+
+            def layer(wt, bits):
+                q, s, r = quantize_per_token(x)
+                return int_gemm(q, s, r, wt[0], bits, wt[1], wt[2], bias, torch.bfloat16)
+
+            fns = [lambda: x @ w.t(), lambda: torch._int_mm(a8, b8.t()), lambda: gemm(w8, 8), lambda: layer(w8, 8),
+                   lambda: gemm(w4, 4), lambda: layer(w4, 4), lambda: gemm(w4g, 4)]
+            ms = [do_bench(f, warmup=25, rep=100) for f in fns]
+            print(f"| {m} x {k} x {n} ({name}) | " + " | ".join(f"{t:.4f}" for t in ms)
+                  + f" | {ms[0] / ms[3]:.2f}x | {ms[0] / ms[5]:.2f}x |", flush=True)
+            del x, w, xq, w8, w4, w4g, a8
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

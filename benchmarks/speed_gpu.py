@@ -1,15 +1,16 @@
-"""GPU forward time and memory of the PixArt-alpha 512 transformer: bf16 / fp16 eager vs W8A8 / W4A8.
+"""GPU forward time and memory of the PixArt-alpha transformer: bf16 / fp16 (eager, optionally compiled) vs
+W8A8 / W4A8, on the fused Triton path and on the torch path (`VIDITQ_KERNELS=torch`).
 
-The quantized variants run this version's torch path (per-token quantization in torch ops +
-`torch._int_mm`), not fused kernels; the kernels issue replaces it. All variants are timed in
-one run on one device (CUDA events, median of `--repeats` after warm-up).
+Our quantized models are never compiled here. All variants are timed in one run on one device (CUDA events,
+median of `--repeats` after warm-up). Latent 128 is the PixArt-Sigma 1024px token count (4096).
 
-    python benchmarks/speed_gpu.py [--latents 32 64] [--repeats 10]
+    python benchmarks/speed_gpu.py [--latents 32 64 128] [--repeats 10] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import torch
@@ -36,26 +37,36 @@ def timed(model, kwargs, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--latents", type=int, nargs="+", default=[32, 64], help="latent sizes (tokens = (n/2)^2)")
+    parser.add_argument("--latents", type=int, nargs="+", default=[32, 64, 128], help="latent sizes (tokens = (n/2)^2)")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile'd bf16 baseline")
+    parser.add_argument("--torch-path", action="store_true", help="add W8A8 / W4A8 on the torch path")
     args = parser.parse_args()
-    variants = [
-        ("bf16 eager", torch.bfloat16, None),
-        ("fp16 eager", torch.float16, None),
-        ("W8A8 (bf16 acts)", torch.bfloat16, ViDiTQConfig(preset="w8a8")),
-        ("W4A8 (bf16 acts)", torch.bfloat16, ViDiTQConfig(preset="w4a8")),
-        ("W4A8 g64 (bf16 acts)", torch.bfloat16, ViDiTQConfig(preset="w4a8", group_size=64)),
+    variants = [  # (name, dtype, config, kernels, compiled)
+        ("bf16 eager", torch.bfloat16, None, "auto", False),
+        ("fp16 eager", torch.float16, None, "auto", False),
+        ("W8A8 Triton (bf16 acts)", torch.bfloat16, ViDiTQConfig(preset="w8a8"), "auto", False),
+        ("W4A8 Triton (bf16 acts)", torch.bfloat16, ViDiTQConfig(preset="w4a8"), "auto", False),
+        ("W4A8 g64 Triton (bf16 acts)", torch.bfloat16, ViDiTQConfig(preset="w4a8", group_size=64), "auto", False),
     ]
+    if args.compile:
+        variants.insert(2, ("bf16 compiled", torch.bfloat16, None, "auto", True))
+    if args.torch_path:
+        variants += [("W8A8 torch path", torch.bfloat16, ViDiTQConfig(preset="w8a8"), "torch", False),
+                     ("W4A8 torch path", torch.bfloat16, ViDiTQConfig(preset="w4a8"), "torch", False)]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     for latent in args.latents:
         tokens = (latent // 2) ** 2
         print(f"\nbatch 2, {tokens} image tokens, 120 text tokens")
         print(f"| variant | median s | vs bf16 | weight MiB | peak MiB | rel. L2 vs bf16 |\n|---|---|---|---|---|---|")
         base_time = base_out = None
-        for name, dtype, config in variants:
+        for name, dtype, config, kernels, compiled in variants:
+            os.environ["VIDITQ_KERNELS"] = kernels
             model = build(dtype).cuda()
             if config is not None:
                 quantize(model, config)
+            if compiled:
+                model = torch.compile(model)
             kwargs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in inputs(dtype, latent=latent).items()}
             seconds, peak, out = timed(model, kwargs, args.repeats)
             base_time = base_time or seconds

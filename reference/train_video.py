@@ -147,6 +147,9 @@ def train(args) -> None:
         ids = torch.tensor([index[p] for p in ps])
         ids[torch.rand(b, generator=g) < args.p_uncond] = len(prompts)  # CFG dropout -> empty prompt
         t = torch.randint(0, 1000, (b,), generator=g)
+        if args.high_t > 0:  # bias towards the noisy steps, where the clip's layout and motion are decided
+            high = torch.rand(b, generator=g) < args.high_t
+            t[high] = torch.randint(500, 1000, (int(high.sum()),), generator=g)
         eps = torch.randn(z0.shape, generator=g)
         a = alphas_bar[t].view(b, 1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
@@ -192,6 +195,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--p-uncond", type=float, default=0.1)
+    p.add_argument("--high-t", type=float, default=0.0,
+                   help="fraction of each batch with timesteps drawn from [500, 1000) instead of [0, 1000)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=OUT, help="pipeline folder to write")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="transformer weights to ship")

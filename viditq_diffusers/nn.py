@@ -159,10 +159,13 @@ class ViDiTQLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Smoothing alone is fused into the activation quantization; a rotation runs first (FWHT in torch).
+        fused_smooth = self.rotation_seed is None
         return self._apply_2d(
             x, lambda x2: quantized_linear(
-                self.balance(x2), self.codes(), self.scales(), self.weight_zero, self.bias, self.act_bits,
-                self._act_scale(x2),
+                x2 if fused_smooth else self.balance(x2), self.qweight, self.weight_bits, self.scales(),
+                self.weight_zero, self.bias, self.act_bits, self._act_scale(x2),
+                smooth=self.smooth_factors() if fused_smooth else None,
             )
         )
 

@@ -1,17 +1,71 @@
 """Kernel dispatch: the one place that decides which implementation runs.
 
-For now every device runs the torch path (`torch._int_mm` on CPU and CUDA); fused
-Triton kernels will plug in here.
+- CUDA tensors, A8 with dynamic per-token scales, more than 16 tokens, group sizes that are multiples of
+  64: the fused Triton path (`triton_quant` + `triton_gemm`);
+- everything else (CPU, the adaLN / timestep layers with a handful of rows, static activation scales,
+  A16, small groups): the torch path (`torch_ops`: torch ops around `torch._int_mm`).
+
+`VIDITQ_KERNELS=torch` forces the torch path everywhere (debugging, A/B benchmarks).
 """
 
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ..quant.formats import unpack_int4
 from .torch_ops import int_mm, linear_int, linear_reference, linear_weight_only
 
+MIN_TRITON_ROWS = 17  # below this the GEMM is launch-bound and the torch path is as fast
 
-def quantized_linear(x, codes, scale, zero, bias, act_bits, act_scale=None):
-    """Dispatch a quantized linear on a 2-D input `x`."""
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(x: torch.Tensor, act_bits: int, act_scale, scale: torch.Tensor) -> bool:
+    """Whether `quantized_linear` takes the Triton path for this call."""
+    groups = scale.shape[1]
+    return (
+        x.is_cuda and act_bits == 8 and act_scale is None and x.shape[0] >= MIN_TRITON_ROWS
+        and (groups == 1 or (x.shape[1] // groups) % 64 == 0)
+        and os.environ.get("VIDITQ_KERNELS", "auto") != "torch" and triton_available()
+    )
+
+
+def linear_triton(x, qweight, weight_bits, scale, zero, bias, smooth=None):
+    """The fused path: per-token quantization (smoothing folded in) then the integer GEMM with its epilogue."""
+    from .triton_gemm import int_gemm
+    from .triton_quant import quantize_per_token
+
+    xq, x_scale, rowsum = quantize_per_token(x, 8, smooth)
+    return int_gemm(xq, x_scale, rowsum, qweight, weight_bits, scale, zero, bias, x.dtype)
+
+
+def quantized_linear(x, qweight, weight_bits, scale, zero, bias, act_bits, act_scale=None, smooth=None):
+    """Dispatch a quantized linear on a 2-D input `x [M, K]`.
+
+    `qweight`: int8 codes `[N, K]` (W8) or packed int4 `[N, ceil(K / 2)]` (W4); `smooth` `[K]`: channel
+    smoothing factors applied to `x` first (`x * smooth` in x's dtype), or None.
+    """
+    if use_triton(x, act_bits, act_scale, scale):
+        return linear_triton(x, qweight, weight_bits, scale, zero, bias, smooth)
+    if smooth is not None:
+        x = x * smooth.to(x.dtype)
+    codes = unpack_int4(qweight, x.shape[1]) if weight_bits == 4 else qweight
     if act_bits >= 16:
         return linear_weight_only(x, codes, scale, zero, bias)
     return linear_int(x, codes, scale, zero, bias, act_bits, act_scale)
 
 
-__all__ = ["int_mm", "linear_int", "linear_reference", "linear_weight_only", "quantized_linear"]
+__all__ = [
+    "int_mm", "linear_int", "linear_reference", "linear_triton", "linear_weight_only", "quantized_linear",
+    "triton_available", "use_triton",
+]

@@ -21,6 +21,13 @@ def qrange(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
+def ieee_div(t: torch.Tensor, divisor: int) -> torch.Tensor:
+    """`t / divisor`, correctly rounded on every device. CUDA torch turns division by a Python number into a
+    multiplication by its rounded reciprocal, which can differ in the last bit; dividing by a tensor keeps
+    CPU, CUDA and the Triton kernels (`div_rn`) bit-identical."""
+    return t / torch.full_like(t, divisor)
+
+
 def check_bits(bits: int, what: str) -> None:
     if bits not in SUPPORTED_BITS:
         raise ValueError(
@@ -51,12 +58,12 @@ def quantize_weight(
     stats = w.reshape(1, 1, -1) if per_tensor else w
     qmin, qmax = qrange(bits)
     if symmetric:
-        scale = stats.abs().amax(dim=-1) / qmax
+        scale = ieee_div(stats.abs().amax(dim=-1), qmax)
         zero = None
     else:
         # The range always includes 0 (as in the reference), so 0 is exactly representable.
         wmax, wmin = stats.amax(dim=-1).clamp(min=0), stats.amin(dim=-1).clamp(max=0)
-        scale = (wmax - wmin) / (qmax - qmin)
+        scale = ieee_div(wmax - wmin, qmax - qmin)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero rows: any scale works
     if not symmetric:
         zero = (qmin - torch.round(wmin / scale)).clamp(qmin, qmax)
@@ -84,7 +91,7 @@ def quantize_activation_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch
     """
     _, qmax = qrange(bits)
     xf = x.to(torch.float32)
-    return round_to_codes(xf, xf.abs().amax(dim=-1, keepdim=True) / qmax, bits)
+    return round_to_codes(xf, ieee_div(xf.abs().amax(dim=-1, keepdim=True), qmax), bits)
 
 
 def round_to_codes(xf: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
