@@ -36,27 +36,38 @@ from reference.video_data import DIRECTIONS, recentre, video_prompt_for  # noqa:
 from viditq_diffusers import ViDiTQConfig, quantize  # noqa: E402
 from viditq_diffusers import metrics  # noqa: E402
 from viditq_diffusers.calibration import calibrate  # noqa: E402
+from viditq_diffusers.plan import summarize_recipes  # noqa: E402
 from viditq_diffusers.evaluation import compare_samples, epsilon_error, generate, save_grid, save_video_grid  # noqa: E402
 from viditq_diffusers.stress import stress  # noqa: E402
 
 # "stats": the config takes the calibration statistics.
+ALPHAS = (0.5, 0.75, 0.9)  # global smoothing alphas (ViDiT-Q convention) of the ablation
 SUITES = {
     "presets": {
         "naive W8A8": dict(preset="naive_w8a8", stats=True),
-        "ViDiT-Q W8A8": dict(preset="w8a8"),
+        "ViDiT-Q W8A8 (per-token, no calibration)": dict(preset="w8a8"),
+        "ViDiT-Q W8A8 (calibrated: smooth+rotate)": dict(preset="w8a8", stats=True),
         "W4A8": dict(preset="w4a8"),
         "W4A8 g64": dict(preset="w4a8", group_size=64),
+        "ViDiT-Q W4A8 (calibrated: smooth+rotate)": dict(preset="w4a8", stats=True),
     },
+    # Channel balancing (issues 5 and 11): each recipe on every layer, at global alphas and with the per-layer
+    # automatic alpha, against the per-layer recipe search (the default with calibration).
     "ablation": {
         "W8A8 naive (static per-tensor)": dict(preset="naive_w8a8", stats=True),
         "W8A8 SmoothQuant (static, alpha 0.5)": dict(preset="smoothquant_w8a8", stats=True),
-        "W8A8 per-token": dict(preset="w8a8"),
-        "W8A8 ViDiT-Q (smooth+rotate, auto alpha)": dict(preset="w8a8", stats=True),
-        "W4A8 per-channel plain": dict(preset="w4a8"),
-        "W4A8 + smoothing only (auto alpha)": dict(preset="smooth_w4a8", stats=True),
-        "W4A8 + rotation only": dict(preset="rotate_w4a8"),
-        **{f"W4A8 ViDiT-Q, alpha {a:g}": dict(preset="w4a8", stats=True, alpha=a) for a in (0.25, 0.5, 0.75, 0.9)},
-        "W4A8 ViDiT-Q, auto alpha": dict(preset="w4a8", stats=True),
+        "W8A8 plain (per-token)": dict(preset="w8a8"),
+        "W8A8 rotation only": dict(preset="rotate_w8a8"),
+        **{f"W8A8 smoothing only, alpha {a:g}": dict(preset="smooth_w8a8", stats=True, alpha=a) for a in ALPHAS},
+        **{f"W8A8 paper (smooth+rotate), alpha {a:g}": dict(preset="paper_w8a8", stats=True, alpha=a) for a in ALPHAS},
+        "W8A8 paper (smooth+rotate), auto alpha": dict(preset="paper_w8a8", stats=True),
+        "W8A8 per-layer recipe search": dict(preset="w8a8", stats=True),
+        "W4A8 plain (per-channel)": dict(preset="w4a8"),
+        "W4A8 rotation only": dict(preset="rotate_w4a8"),
+        **{f"W4A8 smoothing only, alpha {a:g}": dict(preset="smooth_w4a8", stats=True, alpha=a) for a in ALPHAS},
+        **{f"W4A8 paper (smooth+rotate), alpha {a:g}": dict(preset="paper_w4a8", stats=True, alpha=a) for a in ALPHAS},
+        "W4A8 paper (smooth+rotate), auto alpha": dict(preset="paper_w4a8", stats=True),
+        "W4A8 per-layer recipe search": dict(preset="w4a8", stats=True),
     },
 }
 MODELS = os.path.join(ROOT, "reference_models")
@@ -137,8 +148,8 @@ def evaluate(pipe, task, args, classifier, path):
         use_stats = kwargs.pop("stats", False)
         config = ViDiTQConfig(**kwargs, calibration=stats if use_stats else None)
         quantized = with_transformer(pipe, quantize(copy.deepcopy(pipe.transformer), config))
-        alphas = [s["smooth_alpha"] for s in quantized.transformer.config.quantization_config.plan["layers"].values()
-                  if s.get("smooth_alpha") is not None]
+        plan = quantized.transformer.config.quantization_config.plan
+        alphas = [s["smooth_alpha"] for s in plan["layers"].values() if s.get("smooth_alpha") is not None]
         samples = generate(quantized, task.prompts, seeds, **task.call)
         rows[label] = {
             **compare_samples(samples, reference),
@@ -148,6 +159,7 @@ def evaluate(pipe, task, args, classifier, path):
             **task.extra(samples, reference),
             **({"alpha_mean": sum(alphas) / len(alphas), "alpha_min": min(alphas), "alpha_max": max(alphas)}
                if alphas else {}),
+            "recipes": summarize_recipes(plan),
         }
         grid[label] = samples[: args.grid]
         print(f"  {label}: {time.time() - t0:.0f} s", file=sys.stderr)
@@ -164,6 +176,16 @@ def print_table(name, rows):
     for label, r in rows.items():
         line = f"| {label} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['eps_rel_mse']:.2e} | {r['accuracy']:.3f} | {r['fd']:.3f} |"
         print(line + (f" {r['warp_ratio']:.3f} |" if video else ""))
+    for bits in ("W8A8", "W4A8"):  # the per-layer search against the best fixed recipe (issue 11)
+        fixed = {label: r["psnr"] for label, r in rows.items() if label.startswith(bits) and "search" not in label
+                 and not any(k in label for k in ("naive", "SmoothQuant"))}
+        search = [(label, r) for label, r in rows.items() if label.startswith(bits) and "search" in label]
+        if fixed and search:
+            best = max(fixed, key=fixed.get)
+            label, r = search[0]
+            mix = ", ".join(f"{k} {v}" for k, v in sorted(r["recipes"].items()))
+            print(f"\n{bits}: per-layer search {r['psnr']:.2f} dB vs best fixed recipe ({best}) {fixed[best]:.2f} dB "
+                  f"= {r['psnr'] - fixed[best]:+.2f} dB; layers chose: {mix}")
     alphas = {label: r for label, r in rows.items() if "alpha_mean" in r}
     if alphas:
         print("\nsmoothing alpha (ViDiT-Q convention) per config: " + "; ".join(

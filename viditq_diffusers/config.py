@@ -22,8 +22,8 @@ class ViDiTQQuantMethod(str, Enum):
     VIDITQ = "viditq"
 
 
-# A preset fills defaults; explicit constructor arguments override them. "balance" absent = ViDiT-Q's
-# static-dynamic balancing ("smooth_rotate") when calibration statistics are given, none otherwise.
+# A preset fills defaults; explicit constructor arguments override them. "balance" absent = the per-layer
+# recipe search ("search") when calibration statistics are given, none otherwise.
 PRESETS: dict[str, dict] = {
     "w8a8": {"weight_bits": 8, "act_bits": 8, "group_size": None},
     "w4a8": {"weight_bits": 4, "act_bits": 8, "group_size": None},
@@ -39,8 +39,13 @@ PRESETS: dict[str, dict] = {
     # one half of the balancing each (QuaRot-like rotation needs no statistics).
     "rotate_w4a8": {"weight_bits": 4, "act_bits": 8, "group_size": None, "balance": "rotate"},
     "smooth_w4a8": {"weight_bits": 4, "act_bits": 8, "group_size": None, "balance": "smooth"},
+    "rotate_w8a8": {"weight_bits": 8, "act_bits": 8, "group_size": None, "balance": "rotate"},
+    "smooth_w8a8": {"weight_bits": 8, "act_bits": 8, "group_size": None, "balance": "smooth"},
+    # the paper's fixed recipe: smoothing then rotation on every layer
+    "paper_w8a8": {"weight_bits": 8, "act_bits": 8, "group_size": None, "balance": "smooth_rotate"},
+    "paper_w4a8": {"weight_bits": 4, "act_bits": 8, "group_size": None, "balance": "smooth_rotate"},
 }
-BALANCES = (None, "smooth", "rotate", "smooth_rotate")
+BALANCES = (None, "smooth", "rotate", "smooth_rotate", "search")
 
 
 class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
@@ -57,8 +62,10 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
         calibration: activation statistics: a `CalibrationStats` from `viditq_diffusers.calibrate` (or the
             path of one saved with `.save`), needed by smoothing and static activation scales; the naive
             baseline also takes `{layer name: input absmax}` (`calibration.input_absmax`).
-        balance: static-dynamic channel balancing of the A8 layers: "smooth_rotate" (ViDiT-Q), "smooth",
-            "rotate" or None. Default: the preset's, else "smooth_rotate" when `calibration` is given.
+        balance: static-dynamic channel balancing of the A8 layers: "search" (per layer, the recipe among
+            smoothing on/off x rotation on/off with the smallest output error on the calibration tokens),
+            "smooth_rotate" (the paper's fixed recipe), "smooth", "rotate" or None. Default: the preset's,
+            else "search" when `calibration` is given.
         alpha: smoothing exponent in ViDiT-Q's convention (`m_j = w_j^alpha / a_j^(1-alpha)`, i.e. 1 minus
             SmoothQuant's alpha), or "auto": searched per layer to minimise its output error on the
             calibration tokens.
@@ -101,10 +108,13 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
         self.calibration = calibration
         self.plan = copy.deepcopy(plan)
         if balance == "preset":
-            balance = defaults.get("balance", "smooth_rotate" if calibration is not None else None)
+            balance = defaults.get("balance", "search" if calibration is not None else None)
         if balance not in BALANCES:
             raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}.")
         self.balance = balance if self.act_bits < 16 else None
+        if self.balance == "search" and self.static_acts:
+            raise ValueError(f"balance='search' chooses recipes for dynamic per-token activations; preset {preset!r} "
+                             f"uses static activation scales: pass balance=None or 'smooth'.")
         self.alpha = defaults.get("alpha", "auto") if alpha is None else alpha
         if self.alpha != "auto" and not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
             raise ValueError(f"alpha must be in [0, 1] (ViDiT-Q convention) or 'auto', got {self.alpha!r}.")
@@ -123,7 +133,7 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
         if calibration is not None and not self.needs_calibration:
             raise ValueError(
                 f"preset {preset!r} with balance={self.balance!r} uses no calibration statistics; pass "
-                f"calibration=None (or balance='smooth_rotate' to use them)."
+                f"calibration=None (or balance='search' to use them)."
             )
         if isinstance(calibration, dict) and not self.static_acts:
             raise ValueError(
@@ -168,7 +178,7 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
     @property
     def needs_calibration(self) -> bool:
         """Static activation scales or smoothing need activation statistics; rotation alone does not."""
-        return self.static_acts or self.balance in ("smooth", "smooth_rotate")
+        return self.static_acts or self.balance in ("smooth", "smooth_rotate", "search")
 
     @property
     def label(self) -> str:

@@ -25,7 +25,7 @@ from torch import nn
 
 from .architectures import is_quantized_by_default
 from .quant.formats import qrange
-from .quant.hadamard import check_order
+from .quant.hadamard import check_order, rotatable
 
 PLAN_VERSION = 1
 LAYER_KEYS = {"weight_bits", "act_bits", "group_size", "symmetric", "method", "in_features", "out_features", "bias"}
@@ -75,14 +75,17 @@ def layer_spec(name: str, linear: nn.Module, config, index: int = 0) -> dict:
     }
     if config.per_tensor:
         spec["weight_per_tensor"] = True
-    if config.balance in ("smooth", "smooth_rotate"):
+    if config.balance in ("smooth", "smooth_rotate", "search"):
         calibration_absmax(config.calibration, name, config.preset)  # fail before any weight is read
-        spec["smooth_alpha"] = config.alpha  # "auto" until the layer's weight is seen (balancing.py)
+        # "auto" / "search" until the layer's weight is seen (balancing.py decides and writes the result here)
+        spec["smooth_alpha"] = "search" if config.balance == "search" else config.alpha
     if config.balance in ("rotate", "smooth_rotate"):
         try:
             check_order(linear.in_features)
         except ValueError as e:
             raise ValueError(f"layer '{name}': {e} (modules_to_not_convert=['{name}'])") from None
+        spec["rotation_seed"] = config.rotation_seed + index
+    if config.balance == "search" and rotatable(linear.in_features):  # a candidate; the search may drop it
         spec["rotation_seed"] = config.rotation_seed + index
     if config.static_acts and "smooth_alpha" not in spec:  # smoothed static scales come with the weight
         _, qmax = qrange(config.act_bits)
@@ -154,5 +157,20 @@ def summarize(plan: dict) -> dict[str, int]:
         group += "-tensor" if spec.get("weight_per_tensor") else ""
         group += "-static" if spec.get("act_scale") is not None else ""
         label = f"W{spec['weight_bits']}A{spec['act_bits']}{group}"
+        counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
+def recipe_label(alpha, rotation_seed) -> str:
+    """"plain", "smooth", "rotate" or "smooth+rotate": what a layer's channel balancing amounts to."""
+    parts = (["smooth"] if alpha is not None else []) + (["rotate"] if rotation_seed is not None else [])
+    return "+".join(parts) or "plain"
+
+
+def summarize_recipes(plan: dict) -> dict[str, int]:
+    """Count of layers per channel-balancing recipe (see `recipe_label`)."""
+    counts: dict[str, int] = {}
+    for spec in plan["layers"].values():
+        label = recipe_label(spec.get("smooth_alpha"), spec.get("rotation_seed"))
         counts[label] = counts.get(label, 0) + 1
     return counts

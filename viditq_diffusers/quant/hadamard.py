@@ -200,3 +200,12 @@ def rotate(x: torch.Tensor, seed: int) -> torch.Tensor:
 def check_order(n: int) -> None:
     """Raise the ValueError of :func:`hadamard_matrix` if no Hadamard matrix of order `n` can be built."""
     _split_order(n)
+
+
+def rotatable(n: int) -> bool:
+    """Whether a Hadamard rotation of order `n` can be built (see :func:`check_order`)."""
+    try:
+        _split_order(n)
+    except ValueError:
+        return False
+    return True
