@@ -14,11 +14,37 @@ import torch.nn.functional as F
 from ..quant.formats import dequantize_weight, quantize_activation_per_token, quantize_activation_static
 
 
+EXACT_FP32 = 2**24  # every integer of magnitude <= 2^24 is an fp32 number
+
+
+def int_mm_exact_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 `a [M, K]` x int8 `b [N, K]`^T -> int32 `[M, N]`, exactly, on the fp32 GEMM.
+
+    With integer operands, every product and partial sum of a K-chunk is an integer of magnitude at most
+    `chunk * max|a| * max|b|`; while that stays <= 2^24 each one is an fp32 number, so the fp32 GEMM makes
+    no rounding at all, in any summation order. Chunks are summed in int32. On CPUs without int8 dot
+    instructions (AVX2 without VNNI) this is ~30x faster than `torch._int_mm`, which falls back to a
+    scalar loop there, and gives the same int32 result bit for bit.
+    """
+    af, bf = a.float(), b.float()  # abs in fp32: int8 abs(-128) would wrap
+    bound = int(af.abs().amax()) * int(bf.abs().amax()) if a.numel() and b.numel() else 0
+    k = a.shape[1]
+    chunk = k if bound == 0 else max(1, min(k, EXACT_FP32 // bound))
+    acc = None
+    for start in range(0, k, chunk):
+        part = (af[:, start:start + chunk] @ bf[:, start:start + chunk].t()).to(torch.int32)
+        acc = part if acc is None else acc + part
+    return acc if acc is not None else torch.zeros(a.shape[0], b.shape[0], dtype=torch.int32)
+
+
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """int8 `a [M, K]` x int8 `b [N, K]`^T -> int32 `[M, N]`.
 
-    CUDA's `_int_mm` needs M > 16 and K, N multiples of 8: pad with zeros (exact) and slice.
+    CPU: the exact fp32 route (`int_mm_exact_fp32`). CUDA's `_int_mm` needs M > 16 and K, N multiples of
+    8: pad with zeros (exact) and slice.
     """
+    if a.device.type == "cpu":
+        return int_mm_exact_fp32(a, b)
     if a.device.type == "cuda":
         m, k = a.shape
         n = b.shape[0]
