@@ -46,10 +46,10 @@ SUITES = {
     "presets": {
         "naive W8A8": dict(preset="naive_w8a8", stats=True),
         "ViDiT-Q W8A8 (per-token, no calibration)": dict(preset="w8a8"),
-        "ViDiT-Q W8A8 (calibrated: smooth+rotate)": dict(preset="w8a8", stats=True),
+        "ViDiT-Q W8A8 (calibrated: per-layer balancing)": dict(preset="w8a8", stats=True),
         "W4A8": dict(preset="w4a8"),
         "W4A8 g64": dict(preset="w4a8", group_size=64),
-        "ViDiT-Q W4A8 (calibrated: smooth+rotate)": dict(preset="w4a8", stats=True),
+        "ViDiT-Q W4A8 (calibrated: per-layer balancing)": dict(preset="w4a8", stats=True),
     },
     # Channel balancing (issues 5 and 11): each recipe on every layer, at global alphas and with the per-layer
     # automatic alpha, against the per-layer recipe search (the default with calibration).
