@@ -3,7 +3,7 @@
 - CUDA tensors, A8 with dynamic per-token scales, more than 16 tokens, group sizes that are multiples of
   64: the fused Triton path (`triton_quant` + `triton_gemm`);
 - everything else (CPU, the adaLN / timestep layers with a handful of rows, static activation scales,
-  A16, small groups): the torch path (`torch_ops`: torch ops around `torch._int_mm`).
+  A16, small groups): the torch path (`torch_ops`: torch ops around an exact integer GEMM).
 
 `VIDITQ_KERNELS=torch` forces the torch path everywhere (debugging, A/B benchmarks).
 """
@@ -15,10 +15,12 @@ import os
 
 import torch
 
+from ..quant.balance import balance_activation
 from ..quant.formats import unpack_int4
 from .torch_ops import int_mm, linear_int, linear_reference, linear_weight_only
 
 MIN_TRITON_ROWS = 17  # below this the GEMM is launch-bound and the torch path is as fast
+TRITON_GROUP_MULTIPLE = 64  # the smallest BLOCK_K of triton_gemm's GPU configs: group sizes must be multiples
 
 
 @functools.cache
@@ -35,7 +37,7 @@ def use_triton(x: torch.Tensor, act_bits: int, act_scale, scale: torch.Tensor) -
     groups = scale.shape[1]
     return (
         x.is_cuda and act_bits == 8 and act_scale is None and x.shape[0] >= MIN_TRITON_ROWS
-        and (groups == 1 or (x.shape[1] // groups) % 64 == 0)
+        and (groups == 1 or (x.shape[1] // groups) % TRITON_GROUP_MULTIPLE == 0)
         and os.environ.get("VIDITQ_KERNELS", "auto") != "torch" and triton_available()
     )
 
@@ -57,8 +59,7 @@ def quantized_linear(x, qweight, weight_bits, scale, zero, bias, act_bits, act_s
     """
     if use_triton(x, act_bits, act_scale, scale):
         return linear_triton(x, qweight, weight_bits, scale, zero, bias, smooth)
-    if smooth is not None:
-        x = x * smooth.to(x.dtype)
+    x = balance_activation(x, smooth, None)  # the smoothing half of balancing (identity for None)
     codes = unpack_int4(qweight, x.shape[1]) if weight_bits == 4 else qweight
     if act_bits >= 16:
         return linear_weight_only(x, codes, scale, zero, bias)

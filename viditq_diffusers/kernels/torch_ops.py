@@ -1,8 +1,8 @@
 """The torch implementation of the quantized linear, and its float reference.
 
 `linear_int` is what runs: activations are quantized per token and multiplied with the
-int codes by a real integer GEMM (`torch._int_mm`, int32 accumulation); scales, zero
-points and bias are applied to the int32 result. `linear_reference` is the same math in
+int codes by a real integer GEMM (`int_mm`: exact on fp32 BLAS on CPU, `torch._int_mm` on
+CUDA; int32 accumulation); scales, zero points and bias are applied to the int32 result. `linear_reference` is the same math in
 float64 with dequantized operands; tests hold the two against each other.
 """
 
