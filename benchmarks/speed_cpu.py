@@ -3,8 +3,8 @@
 One forward = batch 2, latent 32x32 (256 image tokens), 120 T5 tokens (4096 channels), timestep [2].
 Each variant: 1 warm-up forward, then the median of N timed forwards under `torch.inference_mode()`,
 with torch threads = the cores this process may use. W8A8/W4A8 quantize an fp32 model, so activations
-are fp32, quantized per token to int8 for `torch._int_mm`. Also times one 512x1152x1152 matmul in fp32,
-bf16 and `torch._int_mm` int8, to show the kernel-level ratio. Prints the CPU's int8-relevant flags.
+are fp32, quantized per token to int8 for the exact integer GEMM (`kernels.int_mm`). Also times one 512x1152x1152 matmul in fp32,
+bf16, `torch._int_mm` int8 and our `int_mm`, to show the kernel-level ratio. Prints the CPU's int8-relevant flags.
 
     python benchmarks/speed_cpu.py [--layers 28] [--repeats 3] [--quant-repeats 3]
 """
@@ -76,7 +76,8 @@ def time_matmuls(repeats: int) -> dict[str, float]:
     return {
         "fp32": median_time(lambda: F.linear(x, w), repeats),
         "bf16": median_time(lambda: F.linear(xb, wb), repeats),
-        "int8 (_int_mm)": median_time(lambda: int_mm(x8, w8), repeats),
+        "int8 (torch._int_mm)": median_time(lambda: torch._int_mm(x8, w8.t()), repeats),
+        "int8 (our int_mm: exact on fp32 BLAS)": median_time(lambda: int_mm(x8, w8), repeats),
     }
 
 
@@ -95,8 +96,8 @@ def main() -> None:
     variants = {  # name -> (model/activation dtype, config, repeats)
         "fp32 eager": (torch.float32, None, args.repeats),
         "bf16 eager": (torch.bfloat16, None, args.repeats),
-        "W8A8 (fp32 acts -> int8, _int_mm)": (torch.float32, ViDiTQConfig(preset="w8a8"), args.quant_repeats),
-        "W4A8 (fp32 acts -> int8, _int_mm)": (torch.float32, ViDiTQConfig(preset="w4a8"), args.quant_repeats),
+        "W8A8 (fp32 acts -> int8, int_mm)": (torch.float32, ViDiTQConfig(preset="w8a8"), args.quant_repeats),
+        "W4A8 (fp32 acts -> int8, int_mm)": (torch.float32, ViDiTQConfig(preset="w4a8"), args.quant_repeats),
     }
     results = {}
     with torch.inference_mode():
