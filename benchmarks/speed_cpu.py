@@ -1,12 +1,20 @@
-"""CPU forward latency of the PixArt-alpha 512 transformer: fp32, bf16, W8A8 and W4A8 (torch path).
+"""CPU forward latency of the PixArt-alpha 512 transformer: fp32, bf16, our W8A8 / W4A8, and the peers.
 
-One forward = batch 2, latent 32x32 (256 image tokens), 120 T5 tokens (4096 channels), timestep [2].
-Each variant: 1 warm-up forward, then the median of N timed forwards under `torch.inference_mode()`,
-with torch threads = the cores this process may use. W8A8/W4A8 quantize an fp32 model, so activations
-are fp32, quantized per token to int8 for the exact integer GEMM (`kernels.int_mm`). Also times one 512x1152x1152 matmul in fp32,
-bf16, `torch._int_mm` int8 and our `int_mm`, to show the kernel-level ratio. Prints the CPU's int8-relevant flags.
+One forward = batch 2 (CFG), latent 32x32 (256 image tokens), 120 T5 tokens (4096 channels), timestep [2].
+Each variant is built fresh (random init, seed 0), quantized from fp32 where it is quantized, then timed:
+1 warm-up forward (it compiles, for compiled variants), then the median of N timed forwards under
+`torch.inference_mode()`, with torch threads = the cores this process may use. Every row also shows the
+weight bytes as stored and the PSNR of its output against the fp32 output (data range = the fp32 output's).
 
-    python benchmarks/speed_cpu.py [--layers 28] [--repeats 3] [--quant-repeats 3]
+Peers (`pip install -e ".[bench]"`, never imported by the package): see `peers.py`. A peer that is not
+installed or fails is listed with the reason instead of a time.
+
+A GEMM table follows at the DiT shapes (M = 512 tokens; K, N in 1152 / 4608): the float matmuls, the integer
+kernels with their operands already quantized, and the whole quantized linear (activation quantization,
+GEMM, epilogue) as the dispatch runs it. The CPU's int8-relevant flags are printed first: they decide which
+integer kernels are fast, and exact, here (`viditq_diffusers/kernels/onednn.py`).
+
+    python benchmarks/speed_cpu.py [--layers 28] [--repeats 3] [--no-peers]
 """
 
 from __future__ import annotations
@@ -22,10 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from pixart_alpha import build, inputs
-from viditq_diffusers import ViDiTQConfig, quantize
-from viditq_diffusers.kernels import int_mm
+from viditq_diffusers import ViDiTQConfig, ViDiTQLinear, quantize
+from viditq_diffusers.footprint import weight_bytes
+from viditq_diffusers.kernels import int_mm, onednn, quantized_linear
+from viditq_diffusers.metrics import psnr
 
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+GEMM_SHAPES = ((512, 1152, 1152), (512, 1152, 4608), (512, 4608, 1152))
 
 
 def cpu_info() -> str:
@@ -42,7 +53,8 @@ def cpu_info() -> str:
         pass
     marks = " ".join(f"{f}{'+' if f in flags else '-'}" for f in FLAGS)
     return (f"CPU: {model}, {torch.get_num_threads()} threads; flags: {marks}\n"
-            f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+            f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+            f"oneDNN int8 exact for W4: {onednn.exact_for(4)}, for W8: {onednn.exact_for(8)}")
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
@@ -56,65 +68,127 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def time_model(dtype, config, layers: int, repeats: int) -> float:
-    model = build(dtype, layers)
-    if config is not None:
-        quantize(model, config)
-    kwargs = inputs(dtype)
-    seconds = median_time(lambda: model(**kwargs), repeats)
+def ours(config: ViDiTQConfig, compiled: bool = False):
+    def make(model, _kwargs):
+        model = quantize(model, config)
+        return (torch.compile(model, fullgraph=True) if compiled else model), torch.inference_mode, weight_bytes
+    return make
+
+
+def peer(make_peer, count_bytes):
+    return lambda model, kwargs: (make_peer(model, kwargs), torch.inference_mode, count_bytes)
+
+
+def float_variant(model, _kwargs):
+    return model, torch.inference_mode, weight_bytes
+
+
+def variants(with_peers: bool) -> dict:
+    """label -> (model dtype, make(model, forward kwargs) -> (model, grad context, weight-bytes function))."""
+    table = {
+        "fp32 eager": (torch.float32, float_variant),
+        "bf16 eager": (torch.bfloat16, float_variant),
+        "ViDiT-Q W8A8": (torch.float32, ours(ViDiTQConfig(preset="w8a8"))),
+        "ViDiT-Q W4A8": (torch.float32, ours(ViDiTQConfig(preset="w4a8"))),
+        "ViDiT-Q W4A8 g64": (torch.float32, ours(ViDiTQConfig(preset="w4a8", group_size=64))),
+        "ViDiT-Q W8A8 (torch.compile)": (torch.float32, ours(ViDiTQConfig(preset="w8a8"), compiled=True)),
+        "ViDiT-Q W4A8 (torch.compile)": (torch.float32, ours(ViDiTQConfig(preset="w4a8"), compiled=True)),
+    }
+    if with_peers:
+        try:
+            import peers
+        except ImportError as err:
+            print(f"peers not installed ({err}); pip install -e '.[bench]'")
+        else:
+            table.update({label: (torch.float32, peer(make, peers.weight_bytes)) for label, make in peers.PEERS.items()})
+    return table
+
+
+def run_variant(dtype, make, layers: int, repeats: int, reference: torch.Tensor | None):
+    model, kwargs = build(dtype, layers), inputs(dtype)
+    model, grad_context, count_bytes = make(model, kwargs)
+    with grad_context():
+        seconds = median_time(lambda: model(**kwargs), repeats)
+        out = model(**kwargs)[0].float()
+    nbytes = count_bytes(model)
     del model
     gc.collect()
-    return seconds
+    quality = float("inf") if reference is None else psnr(out, reference, float(reference.max() - reference.min()))
+    return seconds, nbytes, quality, out
 
 
-def time_matmuls(repeats: int) -> dict[str, float]:
-    """`x [512, 1152] @ W[1152, 1152]^T` as the layers run it: F.linear (fp32, bf16) and the W8A8 `int_mm`."""
+def time_gemms(repeats: int) -> dict[tuple, dict[str, float]]:
+    """Per shape: the kernels alone (operands ready) and the quantized linear as the dispatch runs it."""
+    results = {}
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(512, 1152, generator=g), torch.randn(1152, 1152, generator=g) / 34
-    xb, wb = x.bfloat16(), w.bfloat16()
-    x8, w8 = (t.mul(127 / t.abs().max()).round().to(torch.int8) for t in (x, w))
-    return {
-        "fp32": median_time(lambda: F.linear(x, w), repeats),
-        "bf16": median_time(lambda: F.linear(xb, wb), repeats),
-        "int8 (torch._int_mm)": median_time(lambda: torch._int_mm(x8, w8.t()), repeats),
-        "int8 (our int_mm: exact on fp32 BLAS)": median_time(lambda: int_mm(x8, w8), repeats),
-    }
+    for m, k, n in GEMM_SHAPES:
+        x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / k**0.5
+        x8, w8 = (t.mul(127 / t.abs().max()).round().to(torch.int8) for t in (x, w))
+        xb, wb = x.bfloat16(), w.bfloat16()
+        row = {"fp32 F.linear": median_time(lambda: F.linear(x, w), repeats),
+               "bf16 F.linear": median_time(lambda: F.linear(xb, wb), repeats),
+               "int8 torch._int_mm": median_time(lambda: torch._int_mm(x8, w8.t()), repeats)}
+        for bits in (8, 4):
+            layer = ViDiTQLinear.from_linear(torch.nn.Linear(k, n, bias=False), bits, 8, None, symmetric=True)
+            codes = layer.codes()
+            row[f"int8 x int{bits} our int_mm (exact fp32 BLAS)"] = median_time(lambda: int_mm(x8, codes), repeats)
+            if onednn.available():
+                packed, zero = onednn.packed_weight(layer.qweight, bits, k)
+                ones = torch.ones(n)
+                tag = "" if onednn.exact_for(bits) else " [saturates here: not used]"
+                row[f"int8 x int{bits} oneDNN{tag}"] = median_time(lambda: onednn.gemm(x8, packed, ones, zero), repeats)
+            row[f"ViDiT-Q W{bits}A8 linear, as dispatched"] = median_time(
+                lambda: quantized_linear(x, layer.qweight, bits, layer.scales(), None, None, 8), repeats)
+        results[(m, k, n)] = row
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=28, help="transformer blocks (28 = PixArt-alpha)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed forwards for fp32 / bf16")
-    parser.add_argument("--quant-repeats", type=int, default=3, help="timed forwards for W8A8 / W4A8")
+    parser.add_argument("--repeats", type=int, default=3, help="timed forwards per variant")
+    parser.add_argument("--gemm-repeats", type=int, default=10)
+    parser.add_argument("--no-peers", action="store_true", help="skip the peer libraries")
     args = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     print(cpu_info())
-    print(f"load average at start: {os.getloadavg()[0]:.1f} (other processes share these cores)")
+    print(f"load average at start: {os.getloadavg()[0]:.1f}")
     print(f"PixArt-alpha 512 transformer, {args.layers} blocks; batch 2, 256 image tokens, 120 text tokens; "
-          f"1 warm-up, median of {args.repeats} (fp32/bf16) and {args.quant_repeats} (W8A8/W4A8) forwards", flush=True)
+          f"1 warm-up, median of {args.repeats} forwards", flush=True)
 
-    variants = {  # name -> (model/activation dtype, config, repeats)
-        "fp32 eager": (torch.float32, None, args.repeats),
-        "bf16 eager": (torch.bfloat16, None, args.repeats),
-        "W8A8 (fp32 acts -> int8, int_mm)": (torch.float32, ViDiTQConfig(preset="w8a8"), args.quant_repeats),
-        "W4A8 (fp32 acts -> int8, int_mm)": (torch.float32, ViDiTQConfig(preset="w4a8"), args.quant_repeats),
-    }
-    results = {}
+    rows, reference = {}, None
+    for label, (dtype, make) in variants(not args.no_peers).items():
+        try:
+            seconds, nbytes, quality, out = run_variant(dtype, make, args.layers, args.repeats, reference)
+        except Exception as err:  # a peer that does not run here is reported, not fatal
+            rows[label] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+            print(f"  {label}: failed: {rows[label]}", flush=True)
+            continue
+        reference = out if reference is None else reference
+        rows[label] = (seconds, nbytes, quality)
+        print(f"  {label}: {seconds:.2f} s (load average {os.getloadavg()[0]:.1f})", flush=True)
+
+    fp32, bf16 = rows["fp32 eager"][0], rows["bf16 eager"][0]
+    print("\n| variant | median s | speed-up vs fp32 | speed-up vs bf16 | weight MiB | PSNR vs fp32 dB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, row in rows.items():
+        if isinstance(row, str):
+            print(f"| {label} | failed: {row} | | | | |")
+            continue
+        seconds, nbytes, quality = row
+        print(f"| {label} | {seconds:.2f} | {fp32 / seconds:.2f}x | {bf16 / seconds:.2f}x | "
+              f"{nbytes / 2**20:,.0f} | {quality:.2f} |")
+
+    print("\nGEMM at DiT shapes, median ms (speed-up vs fp32 F.linear); 'as dispatched' includes the per-token "
+          "activation quantization and the epilogue")
     with torch.inference_mode():
-        kernels = time_matmuls(max(args.repeats, 10))
-        for name, (dtype, config, repeats) in variants.items():
-            results[name] = time_model(dtype, config, args.layers, repeats)
-            print(f"  {name}: {results[name]:.2f} s (load average {os.getloadavg()[0]:.1f})", flush=True)
-
-    print("\n| variant | median s | vs fp32 | vs bf16 |\n|---|---:|---:|---:|")
-    fp32, bf16 = results["fp32 eager"], results["bf16 eager"]
-    for name, s in results.items():
-        print(f"| {name} | {s:.2f} | {s / fp32:.2f}x | {s / bf16:.2f}x |")
-    ops = 2 * 512 * 1152 * 1152
-    for name, s in kernels.items():
-        print(f"| matmul 512x1152x1152 {name}, {ops / s / 1e9:.1f} GOP/s | {s:.4f} | "
-              f"{s / kernels['fp32']:.2f}x | {s / kernels['bf16']:.2f}x |")
-    print("\n'vs' columns are time ratios (> 1 = slower); matmul rows compare with the fp32 / bf16 matmul.")
+        gemms = time_gemms(args.gemm_repeats)
+    shapes = list(gemms)
+    print("| kernel | " + " | ".join(f"{m}x{k}x{n}" for m, k, n in shapes) + " |")
+    print("|---|" + "---:|" * len(shapes))
+    for name in gemms[shapes[0]]:
+        cells = [f"{gemms[s][name] * 1e3:.1f} ({gemms[s]['fp32 F.linear'] / gemms[s][name]:.2f}x)" for s in shapes]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kernels import linear_reference, quantized_linear
+from .kernels import linear_reference
+from .kernels.ops import linear as quantized_linear_op
 from .quant.balance import balance_activation, balance_weight, unbalance_weight
 from .quant.formats import check_bits, dequantize_weight, pack_int4, quantize_weight, unpack_int4
 
@@ -159,13 +160,10 @@ class ViDiTQLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Smoothing alone is fused into the activation quantization; a rotation runs first (FWHT in torch).
-        fused_smooth = self.rotation_seed is None
         return self._apply_2d(
-            x, lambda x2: quantized_linear(
-                x2 if fused_smooth else self.balance(x2), self.qweight, self.weight_bits, self.scales(),
-                self.weight_zero, self.bias, self.act_bits, self._act_scale(x2),
-                smooth=self.smooth_factors() if fused_smooth else None,
+            x, lambda x2: quantized_linear_op(
+                x2, self.qweight, self.weight_bits, self.scales(), self.weight_zero, self.bias, self.act_bits,
+                self._act_scale(x2), self.smooth_factors(), self.rotation_seed,
             )
         )
 

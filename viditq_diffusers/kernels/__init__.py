@@ -2,8 +2,12 @@
 
 - CUDA tensors, A8 with dynamic per-token scales, more than 16 tokens, group sizes that are multiples of
   64: the fused Triton path (`triton_quant` + `triton_gemm`);
-- everything else (CPU, the adaLN / timestep layers with a handful of rows, static activation scales,
-  A16, small groups): the torch path (`torch_ops`: torch ops around an exact integer GEMM).
+- CPU tensors, A8, per-channel weights whose width oneDNN multiplies exactly on this CPU
+  (`onednn.exact_for`: W4 everywhere, W8 where the CPU has VNNI or AMX; W8 symmetric only): oneDNN's int8
+  GEMM (`onednn`);
+- everything else (the adaLN / timestep layers on CUDA, static activation scales on CUDA, A16, groups,
+  asymmetric W8 on CPU, W8 on AVX2 CPUs without VNNI): the torch path (`torch_ops`: torch ops around an
+  exact integer GEMM).
 
 `VIDITQ_KERNELS=torch` forces the torch path everywhere (debugging, A/B benchmarks).
 """
@@ -17,7 +21,8 @@ import torch
 
 from ..quant.balance import balance_activation
 from ..quant.formats import unpack_int4
-from .torch_ops import int_mm, linear_int, linear_reference, linear_weight_only
+from . import onednn
+from .torch_ops import int_mm, linear_int, linear_reference, linear_weight_only, quantize_activations
 
 MIN_TRITON_ROWS = 17  # below this the GEMM is launch-bound and the torch path is as fast
 TRITON_GROUP_MULTIPLE = 64  # the smallest BLOCK_K of triton_gemm's GPU configs: group sizes must be multiples
@@ -42,6 +47,14 @@ def use_triton(x: torch.Tensor, act_bits: int, act_scale, scale: torch.Tensor) -
     )
 
 
+def use_onednn(x: torch.Tensor, weight_bits: int, act_bits: int, scale: torch.Tensor, zero) -> bool:
+    """Whether `quantized_linear` takes the oneDNN path for this call."""
+    return (
+        x.device.type == "cpu" and act_bits == 8 and scale.shape[1] == 1 and (zero is None or weight_bits == 4)
+        and os.environ.get("VIDITQ_KERNELS", "auto") != "torch" and onednn.exact_for(weight_bits)
+    )
+
+
 def linear_triton(x, qweight, weight_bits, scale, zero, bias, smooth=None):
     """The fused path: per-token quantization (smoothing folded in) then the integer GEMM with its epilogue."""
     from .triton_gemm import int_gemm
@@ -60,6 +73,9 @@ def quantized_linear(x, qweight, weight_bits, scale, zero, bias, act_bits, act_s
     if use_triton(x, act_bits, act_scale, scale):
         return linear_triton(x, qweight, weight_bits, scale, zero, bias, smooth)
     x = balance_activation(x, smooth, None)  # the smoothing half of balancing (identity for None)
+    if use_onednn(x, weight_bits, act_bits, scale, zero):
+        xq, x_scale = quantize_activations(x, act_bits, act_scale)
+        return onednn.linear_onednn(xq, x_scale, qweight, weight_bits, scale, zero, bias, x.dtype)
     codes = unpack_int4(qweight, x.shape[1]) if weight_bits == 4 else qweight
     if act_bits >= 16:
         return linear_weight_only(x, codes, scale, zero, bias)
@@ -68,5 +84,5 @@ def quantized_linear(x, qweight, weight_bits, scale, zero, bias, act_bits, act_s
 
 __all__ = [
     "int_mm", "linear_int", "linear_reference", "linear_triton", "linear_weight_only", "quantized_linear",
-    "triton_available", "use_triton",
+    "triton_available", "use_onednn", "use_triton",
 ]
