@@ -132,7 +132,8 @@ def with_transformer(pipe, transformer):
 @torch.no_grad()
 def evaluate(pipe, task, args, classifier, path):
     seeds = list(range(len(task.prompts)))
-    configs = SUITES[args.suite]
+    configs = {label: kwargs for label, kwargs in SUITES[args.suite].items()
+               if "alpha" not in kwargs or kwargs["alpha"] in args.alphas}
     # Calibration: other prompts and seeds than the evaluation's.
     call = {k: v for k, v in task.call.items() if k not in ("num_inference_steps", "guidance_scale")}
     stats = calibrate(pipe, task.calibration_prompts, task.call["num_inference_steps"], task.call["guidance_scale"],
@@ -221,6 +222,8 @@ def main():
     parser.add_argument("--stressed-only", action="store_true", help="skip the unstressed pipelines")
     parser.add_argument("--grid", type=int, default=10, help="samples per row in the grids")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "quality"))
+    parser.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS),
+                        help=f"ablation: the global-alpha rows to run (a subset of {ALPHAS})")
     parser.add_argument("--rotation-seeds", type=int, nargs="+", default=[0],
                         help="rotated configs: average over these rotation seeds (PSNR shown as mean (min..max))")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job shares the CPU)")
