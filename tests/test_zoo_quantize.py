@@ -5,13 +5,14 @@ float64 fake-quant simulation of W?A8 much better than the weight-only simulatio
 fails if activations were not quantized or weights were quantized wrong.
 """
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from viditq_diffusers import ViDiTQConfig, ViDiTQLinear
+from viditq_diffusers import ViDiTQConfig, ViDiTQLinear, quantize
 from viditq_diffusers.zoo import ZOO, run
 
 FORMATS = {  # preset kwargs -> max relative L2 error vs FP
@@ -159,3 +160,15 @@ def test_save_is_atomic(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         atomic_save(crash_half_way, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == [], "nothing half-written under a final name"
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """diffusers writes safetensors through a 0600 temp file: the saved checkpoint must be readable like
+    any file the user creates (mode 0666 & ~umask), not private to its owner."""
+    entry = ZOO["PixArtTransformer2DModel"]
+    model = quantize(entry.build(), ViDiTQConfig(preset="w8a8"))
+    model.save_pretrained(tmp_path / "q")
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "q").iterdir()}
+    assert modes and set(modes.values()) == {0o666 & ~mask}, modes

@@ -20,6 +20,12 @@ from .footprint import fp16_weight_bytes, weight_bytes
 from .plan import summarize
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_save(save, directory: str | os.PathLike, **kwargs) -> None:
     """Run `save(tmp_dir, **kwargs)` in a temp folder inside `directory`, then move files into place."""
     directory = os.fspath(directory)
@@ -31,7 +37,9 @@ def atomic_save(save, directory: str | os.PathLike, **kwargs) -> None:
             target_root = os.path.join(directory, os.path.relpath(root, tmp))
             os.makedirs(target_root, exist_ok=True)
             for file in files:
-                os.replace(os.path.join(root, file), os.path.join(target_root, file))
+                source = os.path.join(root, file)
+                os.chmod(source, 0o666 & ~_umask())  # savers that write via mkstemp leave 0600 files
+                os.replace(source, os.path.join(target_root, file))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
