@@ -91,14 +91,16 @@ def quantize_activation_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch
     """
     _, qmax = qrange(bits)
     xf = x.to(torch.float32)
-    return round_to_codes(xf, ieee_div(xf.abs().amax(dim=-1, keepdim=True), qmax), bits)
+    absmax = torch.maximum(xf.amax(dim=-1, keepdim=True), xf.amin(dim=-1, keepdim=True).neg())  # no |x| copy
+    return round_to_codes(xf, ieee_div(absmax, qmax), bits)
 
 
 def round_to_codes(xf: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric codes of fp32 `xf` for a broadcastable fp32 `scale` (a zero scale gives zero codes)."""
     _, qmax = qrange(bits)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(xf / safe).clamp(-qmax - 1, qmax).to(torch.int8), scale
+    codes = xf / safe
+    return codes.round_().clamp_(-qmax - 1, qmax).to(torch.int8), scale  # in place: one temporary, not three
 
 
 def quantize_activation_static(x: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
