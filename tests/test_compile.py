@@ -1,6 +1,8 @@
 """A quantized model compiles with `torch.compile(fullgraph=True)`: each ViDiTQLinear is one registered
 op (`torch.ops.viditq.linear`) with a fake implementation, so dynamo never breaks the graph."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -28,6 +30,7 @@ def test_fullgraph_trace_gives_the_eager_output(cls_name, preset):
     assert torch.equal(compiled, eager)
 
 
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor on CPU needs a C++ compiler")
 def test_inductor_compiles_a_quantized_model():
     model, inputs = quantized("PixArtTransformer2DModel", "w8a8")
     torch._dynamo.reset()
