@@ -1,0 +1,10 @@
+"""Metric-decoupled mixed precision (METHOD.md section 4). So far: layer roles and role x block-range groups."""
+
+from .roles import (
+    FALLBACK_PATTERNS, FP_ROLES, ROLE_MAPS, Role, block_index, classify, group_layers, quantized_by_default,
+)
+
+__all__ = [
+    "Role", "ROLE_MAPS", "FALLBACK_PATTERNS", "FP_ROLES", "classify", "block_index", "group_layers",
+    "quantized_by_default",
+]
