@@ -29,6 +29,8 @@ PRESETS: dict[str, dict] = {
     "w4a8": {"weight_bits": 4, "act_bits": 8, "group_size": None},
     "w8a16": {"weight_bits": 8, "act_bits": 16, "group_size": None, "balance": None},
     "w4a16": {"weight_bits": 4, "act_bits": 16, "group_size": None, "balance": None},
+    # the paper's reference mixed precision: W8 FFNs and first / last blocks, W4 attention (mixed_precision.heuristic)
+    "w4a8_mp": {"weight_bits": 4, "act_bits": 8, "group_size": None, "mixed": "reference"},
     # Baselines and ablations, not ViDiT-Q:
     # per-tensor weights, static per-tensor activations from calibration;
     "naive_w8a8": {"weight_bits": 8, "act_bits": 8, "group_size": None, "per_tensor": True, "static_acts": True,
@@ -52,7 +54,8 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
     """ViDiT-Q quantization settings.
 
     Args:
-        preset: one of `PRESETS` ("w8a8", "w4a8", "w8a16", "w4a16").
+        preset: one of `PRESETS` ("w8a8", "w4a8", "w8a16", "w4a16", "w4a8_mp": the paper's reference
+            mixed precision, W8 for FFN linears and the first and last blocks, W4 attention).
         weight_bits: 4 or 8; overrides the preset.
         act_bits: 8 (dynamic per-token integer activations) or 16 (weight-only); overrides the preset.
         group_size: input channels per weight scale; None = one scale per output channel.
@@ -181,9 +184,14 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
         return self.static_acts or self.balance in ("smooth", "smooth_rotate", "search")
 
     @property
+    def mixed(self) -> str | None:
+        """The preset's mixed-precision rule ("reference": the paper's W4A8-MP heuristic), or None."""
+        return PRESETS[self.preset].get("mixed")
+
+    @property
     def label(self) -> str:
         group = f"-g{self.group_size}" if self.group_size else ""
-        return f"W{self.weight_bits}A{self.act_bits}{group}"
+        return f"W{self.weight_bits}A{self.act_bits}{group}" + ("-MP" if self.mixed else "")
 
     # -- diffusers' PipelineQuantizationConfig conventions ---------------------------------
     # (properties, so they stay out of `to_dict()` and config.json)

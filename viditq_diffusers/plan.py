@@ -102,6 +102,11 @@ def build_plan(model: nn.Module, config) -> dict:
         and not matches_any(name, config.modules_to_not_convert)
     ]
     layers = {name: layer_spec(name, model.get_submodule(name), config, i) for i, name in enumerate(names)}
+    if config.mixed == "reference":
+        from .mixed_precision.heuristic import reference_w8_layers
+
+        for name in reference_w8_layers(model) & set(layers):
+            layers[name]["weight_bits"] = 8
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no quantizable layers: ViDiT-Q quantizes the nn.Linear layers inside "
@@ -159,6 +164,12 @@ def summarize(plan: dict) -> dict[str, int]:
         label = f"W{spec['weight_bits']}A{spec['act_bits']}{group}"
         counts[label] = counts.get(label, 0) + 1
     return counts
+
+
+def average_weight_bits(plan: dict) -> float:
+    """Weight bits per quantized weight, averaged over the plan's layers by weight count (scales excluded)."""
+    sizes = [(spec["weight_bits"], spec["in_features"] * spec["out_features"]) for spec in plan["layers"].values()]
+    return sum(bits * n for bits, n in sizes) / sum(n for _, n in sizes)
 
 
 def recipe_label(alpha, rotation_seed) -> str:

@@ -218,7 +218,7 @@ def classify(model: nn.Module) -> dict[str, Role]:
     return roles
 
 
-def _block(name: str) -> tuple[str, int] | None:
+def block_of(name: str) -> tuple[str, int] | None:
     """(block list, index) for a name inside a top-level ModuleList such as `transformer_blocks.3.`."""
     match = re.match(r"([A-Za-z_]\w*)\.(\d+)\.", name)
     return None if match is None else (match.group(1), int(match.group(2)))
@@ -226,7 +226,7 @@ def _block(name: str) -> tuple[str, int] | None:
 
 def block_index(name: str) -> int | None:
     """Index of the block that holds layer `name` (per block list), None outside the blocks."""
-    block = _block(name)
+    block = block_of(name)
     return None if block is None else block[1]
 
 
@@ -253,13 +253,13 @@ def group_layers(model: nn.Module, block_ranges: int | Sequence[tuple[int, int]]
     lists_of_role: dict[Role, list[str]] = {}
     order = list(BLOCK_LISTS.get(type(model).__name__, ()))
     for name, role in roles.items():
-        if (block := _block(name)) is not None:
+        if (block := block_of(name)) is not None:
             lists_of_role.setdefault(role, []).append(block[0])
             order += [block[0]] if block[0] not in order else []
     ranges: dict[str, list[tuple[int, int]]] = {}
     groups: dict[str, list[str]] = {}
     for name, role in roles.items():
-        block = _block(name)
+        block = block_of(name)
         if block is None:
             groups.setdefault(role.value, []).append(name)
             continue
