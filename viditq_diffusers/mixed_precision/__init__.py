@@ -1,10 +1,13 @@
-"""Metric-decoupled mixed precision (METHOD.md section 4). So far: layer roles and role x block-range groups."""
+"""Metric-decoupled mixed precision (METHOD.md section 4). So far: layer roles and role x block-range groups,
+the paper's reference heuristic (`w4a8_mp`), and the budgeted allocation."""
 
+from .allocation import Allocation, allocate
+from .heuristic import reference_w8_layers
 from .roles import (
     FALLBACK_PATTERNS, FP_ROLES, ROLE_MAPS, Role, block_index, classify, group_layers, quantized_by_default,
 )
 
 __all__ = [
-    "Role", "ROLE_MAPS", "FALLBACK_PATTERNS", "FP_ROLES", "classify", "block_index", "group_layers",
+    "Allocation", "allocate", "reference_w8_layers", "Role", "ROLE_MAPS", "FALLBACK_PATTERNS", "FP_ROLES", "classify", "block_index", "group_layers",
     "quantized_by_default",
 ]
