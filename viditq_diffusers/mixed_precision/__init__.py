@@ -8,6 +8,7 @@ from .roles import (
 )
 
 __all__ = [
-    "Allocation", "allocate", "reference_w8_layers", "Role", "ROLE_MAPS", "FALLBACK_PATTERNS", "FP_ROLES", "classify", "block_index", "group_layers",
+    "Allocation", "allocate", "reference_w8_layers",
+    "Role", "ROLE_MAPS", "FALLBACK_PATTERNS", "FP_ROLES", "classify", "block_index", "group_layers",
     "quantized_by_default",
 ]
