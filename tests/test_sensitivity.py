@@ -1,0 +1,81 @@
+"""Sensitivity measurement on a real (tiny, random) PixArt pipeline: one run per group x option, costs in bits,
+degradations per metric, the eps proxy per family, and a resumable, settings-checked cache."""
+
+import json
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from viditq_diffusers import metrics
+from viditq_diffusers.mixed_precision import allocate, group_layers, quantized_by_default
+from viditq_diffusers.mixed_precision.sensitivity import (
+    FIDELITY, TEXT, dominant_metric, group_role, measure, rank_agreement,
+)
+from viditq_diffusers.zoo import build_tiny_pixart_pipeline
+
+CALL = dict(num_inference_steps=2, guidance_scale=4.5, height=32, width=32, use_resolution_binning=False,
+            clean_caption=False)
+OPTIONS = {"W4A8": {"preset": "w4a8"}, "W8A8": {"preset": "w8a8"}}
+PROMPTS, SEEDS = ["a thick digit 7", "a thin digit 1"], [0, 1]
+
+
+class Scorer:
+    """PSNR as fidelity; the guidance-sensitive mean difference between the two prompts as 'text alignment'."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, samples, reference):
+        self.calls += 1
+        gap = lambda s: (s[0] - s[1]).abs().mean()  # noqa: E731
+        return {FIDELITY: metrics.psnr(samples, reference), TEXT: -float((gap(samples) - gap(reference)).abs())}
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    pipe = DiffusionPipeline.from_pretrained(build_tiny_pixart_pipeline(tmp_path_factory.mktemp("p") / "pipe"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def quantized_groups(model):
+    return {g: names for g, names in group_layers(model, 1).items() if quantized_by_default(group_role(g))}
+
+
+def test_table_costs_degradations_and_proxy(pipe, tmp_path):
+    groups = quantized_groups(pipe.transformer)
+    assert dominant_metric("cross_attn_kv[0-1]") == TEXT and dominant_metric("ffn_up[0-1]") == FIDELITY
+    table = measure(pipe, groups, OPTIONS, PROMPTS, SEEDS, Scorer(), cache=tmp_path / "s.json", **CALL)
+    assert set(table) == set(groups) and all(set(t) == set(OPTIONS) for t in table.values())
+    for group, names in groups.items():
+        weights = sum(pipe.transformer.get_submodule(n).weight.numel() for n in names)
+        assert table[group]["W4A8"]["cost"] == 4 * weights and table[group]["W8A8"]["cost"] == 8 * weights
+        for entry in table[group].values():
+            assert set(entry["proxy"]) == {FIDELITY, TEXT} and entry["proxy"][FIDELITY] > 0
+    # 4-bit weights hurt fidelity more than 8-bit ones, group by group
+    assert all(t["W4A8"]["metrics"][FIDELITY] > t["W8A8"]["metrics"][FIDELITY] for t in table.values())
+    assert set(rank_agreement(table, "W4A8")) <= {FIDELITY, TEXT}
+    # the table is the allocation's input: a budget between all-W4 and all-W8 gets a mix
+    low = sum(t["W4A8"]["cost"] for t in table.values())
+    choice = allocate(table, 1.5 * low).choice
+    assert set(choice.values()) == {"W4A8", "W8A8"}
+
+
+def test_cache_resumes_and_refuses_other_settings(pipe, tmp_path):
+    groups = dict(list(quantized_groups(pipe.transformer).items())[:2])
+    cache = tmp_path / "s.json"
+    first = Scorer()
+    table = measure(pipe, groups, OPTIONS, PROMPTS, SEEDS, first, cache=cache, proxy=False, **CALL)
+    assert first.calls == 1 + 2 * len(OPTIONS)  # the FP reference, then one run per group x option
+    again = Scorer()
+    assert measure(pipe, groups, OPTIONS, PROMPTS, SEEDS, again, cache=cache, proxy=False, **CALL) == table
+    assert again.calls == 1  # everything came from the cache
+    saved = json.loads(cache.read_text())
+    del saved["table"][next(iter(groups))]["W8A8"]  # an interrupted run: one entry missing
+    cache.write_text(json.dumps(saved))
+    resumed = Scorer()
+    assert measure(pipe, groups, OPTIONS, PROMPTS, SEEDS, resumed, cache=cache, proxy=False, **CALL) == table
+    assert resumed.calls == 2
+    with pytest.raises(ValueError, match="other settings"):
+        measure(pipe, groups, OPTIONS, PROMPTS, [5, 6], Scorer(), cache=cache, proxy=False, **CALL)

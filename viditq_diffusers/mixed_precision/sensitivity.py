@@ -1,0 +1,163 @@
+"""Metric-decoupled sensitivity: how much each layer group, quantized alone, costs on each metric.
+
+For every group (role x block range, `roles.group_layers`) and every candidate precision, the group alone is
+quantized (every other layer stays FP), the pipeline generates from the FP run's noise, and a scorer rates
+the samples. The degradation on a metric is the FP score minus the quantized score (scorers return "higher
+is better" values: PSNR, classifier accuracy, minus FD, minus warp error...). ViDiT-Q's point is that each
+group has a metric it dominates: cross-attention the text alignment, temporal attention the temporal
+consistency, FFN and self-attention the visual fidelity (`DOMINANT_METRIC`); every metric is recorded for
+every group anyway, so the allocation can hold all of them within tolerance.
+
+A cheap proxy runs alongside: the quantized denoiser's relative epsilon error, teacher-forced on the FP
+trajectory, split per metric family (`proxy_errors`). `rank_agreement` reports how well it ranks groups.
+
+The table is written to a JSON cache after every entry (atomically), so an interrupted search resumes where
+it stopped; a cache made with other prompts, seeds or settings is refused rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import metrics
+from ..config import ViDiTQConfig
+from ..convert import quantize
+from ..evaluation import generate
+from .roles import Role
+
+FIDELITY, TEXT, TEMPORAL = "fidelity", "text_alignment", "temporal_consistency"
+DOMINANT_METRIC = {
+    **{role: TEXT for role in (Role.CROSS_ATTN_Q, Role.CROSS_ATTN_KV, Role.CROSS_ATTN_OUT, Role.JOINT_ATTN_CONTEXT,
+                               Role.FFN_CONTEXT)},
+    **{role: TEMPORAL for role in (Role.TEMPORAL_ATTN, Role.TEMPORAL_FFN)},
+}
+
+
+def group_role(group: str) -> Role:
+    """The role in a group name such as `"cross_attn_kv[0-3]"` or `"single_transformer_blocks/modulation[0-1]"`."""
+    return Role(group.rpartition("/")[2].partition("[")[0])
+
+
+def dominant_metric(group: str) -> str:
+    return DOMINANT_METRIC.get(group_role(group), FIDELITY)
+
+
+def group_weights(model: torch.nn.Module, layers: list[str]) -> int:
+    """Number of weights in the group's linears."""
+    return sum(model.get_submodule(name).in_features * model.get_submodule(name).out_features for name in layers)
+
+
+def with_transformer(pipe, transformer):
+    new = type(pipe)(**{**pipe.components, "transformer": transformer})
+    new.set_progress_bar_config(disable=True)
+    return new
+
+
+def quantize_only(transformer, layers: list[str], all_layers: list[str], options: dict, calibration=None):
+    """A copy of `transformer` with only `layers` quantized (ViDiTQConfig kwargs `options`)."""
+    others = sorted(set(all_layers) - set(layers))
+    config = ViDiTQConfig(**options, calibration=calibration, modules_to_not_convert=others)
+    return quantize(copy.deepcopy(transformer), config)
+
+
+def _split_cfg(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    uncond, cond = output.float().chunk(2)
+    return uncond, cond
+
+
+@torch.no_grad()
+def proxy_errors(pipe, quantized, prompts: list[str], seeds: list[int], **call) -> dict[str, float]:
+    """Relative epsilon errors of `quantized` vs the FP denoiser on the FP trajectory, per metric family:
+    fidelity = the conditional prediction; text alignment = the guidance direction (cond - uncond);
+    temporal consistency = the frame-to-frame differences (video outputs `[B, C, F, H, W]` only).
+    Needs classifier-free guidance (the batch holds [uncond, cond])."""
+    sums: dict[str, list[float]] = {FIDELITY: [], TEXT: []}
+
+    def compare(module, args, kwargs, output):
+        fp = output[0] if isinstance(output, tuple) else output.sample
+        q = quantized(*args, **kwargs)
+        q = q[0] if isinstance(q, tuple) else q.sample
+        (fp_u, fp_c), (q_u, q_c) = _split_cfg(fp), _split_cfg(q)
+        sums[FIDELITY].append(metrics.relative_mse(q_c, fp_c))
+        sums[TEXT].append(metrics.relative_mse(q_c - q_u, fp_c - fp_u))
+        if fp.ndim == 5 and fp.shape[2] > 1:
+            sums.setdefault(TEMPORAL, []).append(metrics.relative_mse(q_c.diff(dim=2), fp_c.diff(dim=2)))
+
+    if call.get("guidance_scale", 1.0) <= 1.0:
+        raise ValueError("proxy_errors splits the CFG batch: call it with guidance_scale > 1")
+    handle = pipe.transformer.register_forward_hook(compare, with_kwargs=True)
+    try:
+        generate(pipe, prompts, seeds, **call)
+    finally:
+        handle.remove()
+    return {k: float(sum(v) / len(v)) for k, v in sums.items()}
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _load_cache(path: str | None, fingerprint: dict) -> dict:
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        cached = json.load(f)
+    if cached.get("fingerprint") != fingerprint:
+        raise ValueError(f"sensitivity cache {path} was made with other settings (prompts, seeds, options or "
+                         f"groups); pass another cache path or delete it to start over")
+    return cached["table"]
+
+
+def measure(pipe, groups: dict[str, list[str]], options: dict[str, dict], prompts: list[str], seeds: list[int],
+            score, calibration=None, cache: str | os.PathLike | None = None, proxy: bool = True,
+            **call) -> dict[str, dict[str, dict]]:
+    """The sensitivity table `table[group][option] = {"cost": bits, "metrics": {metric: degradation},
+    "proxy": {family: relative eps error}}`, the input of `allocation.allocate`.
+
+    `groups`: `{group name: layer names}` (quantized-by-default roles only); `options`: `{label:
+    ViDiTQConfig kwargs}`, e.g. `{"W4A8": {"preset": "w4a8"}, "W8A8": {"preset": "w8a8"}}`; `score(samples,
+    reference) -> {metric: value}`, higher is better; `call`: the pipeline call (steps, guidance, size...).
+    """
+    cache = os.fspath(cache) if cache is not None else None
+    fingerprint = {"prompts": prompts, "seeds": seeds, "options": options, "groups": groups,
+                   "call": {k: repr(v) for k, v in sorted(call.items())}, "model": type(pipe.transformer).__name__}
+    table = _load_cache(cache, fingerprint)
+    all_layers = [name for layers in groups.values() for name in layers]
+    reference = generate(pipe, prompts, seeds, **call)
+    fp_scores = score(reference, reference)
+    todo = [(g, o) for g in groups for o in options if o not in table.get(g, {})]
+    for group, label in tqdm(todo, desc="viditq sensitivity", unit="run", disable=None):
+        model = quantize_only(pipe.transformer, groups[group], all_layers, options[label], calibration)
+        bits = {spec["weight_bits"] for spec in model.config.quantization_config.plan["layers"].values()}
+        samples = generate(with_transformer(pipe, model), prompts, seeds, **call)
+        scores = score(samples, reference)
+        entry = {"cost": max(bits) * group_weights(pipe.transformer, groups[group]),
+                 "metrics": {m: fp_scores[m] - scores[m] for m in scores}}
+        if proxy:
+            entry["proxy"] = proxy_errors(pipe, model, prompts, seeds, **call)
+        table.setdefault(group, {})[label] = entry
+        if cache:
+            _write_json(cache, {"fingerprint": fingerprint, "table": table})
+    return {g: table[g] for g in groups}
+
+
+def rank_agreement(table: dict[str, dict[str, dict]], option: str) -> dict[str, float]:
+    """Spearman rank correlation, across groups, between each metric family's proxy and the measured
+    degradation of the family's metric, at `option`. Families the table lacks are left out."""
+    from scipy.stats import spearmanr
+
+    out = {}
+    for family in (FIDELITY, TEXT, TEMPORAL):
+        pairs = [(e["proxy"][family], e["metrics"][family]) for e in (t[option] for t in table.values())
+                 if family in e.get("proxy", {}) and family in e["metrics"]]
+        if len(pairs) >= 3:
+            out[family] = float(spearmanr(*zip(*pairs)).statistic)
+    return out
