@@ -79,3 +79,22 @@ def test_cache_resumes_and_refuses_other_settings(pipe, tmp_path):
     assert resumed.calls == 2
     with pytest.raises(ValueError, match="other settings"):
         measure(pipe, groups, OPTIONS, PROMPTS, [5, 6], Scorer(), cache=cache, proxy=False, **CALL)
+
+
+def test_cli_search_writes_a_plan_that_quantizes_mixed(pipe, tmp_path):
+    from viditq_diffusers import ViDiTQConfig, ViDiTQLinear, quantize
+    from viditq_diffusers.cli import main
+    from viditq_diffusers.plan import average_weight_bits
+
+    path = tmp_path / "pipe"
+    pipe.save_pretrained(path)
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
+    out = tmp_path / "plan.json"
+    assert main(["search", str(path), "--budget-bits", "6", "--prompts", str(tmp_path / "prompts.txt"),
+                 "--out", str(out), "--steps", "2", "--height", "32", "--width", "32", "--block-ranges", "2"]) == 0
+    plan = json.loads(out.read_text())
+    assert average_weight_bits(plan) <= 6
+    model = quantize(DiffusionPipeline.from_pretrained(path).transformer, ViDiTQConfig(plan=str(out)))
+    bits = {m.weight_bits for m in model.modules() if isinstance(m, ViDiTQLinear)}
+    assert bits == {4, 8}
+    assert (tmp_path / "plan.json.sensitivity.json").exists()

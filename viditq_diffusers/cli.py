@@ -114,10 +114,27 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def cmd_calibrate(args) -> None:
-    """Record activation statistics on a pipeline; works alone or under `accelerate launch` (prompts sharded)."""
+def check_pipeline_dir(path: str) -> None:
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise FileNotFoundError(f"no diffusers pipeline at {path!r} (no model_index.json); pass a "
+                                f"pipeline directory, e.g. reference_models/pixart_digits.")
+
+
+def pipeline_call(pipe, args) -> dict:
+    """The extra pipeline-call arguments the command line implies (size; no caption cleaning)."""
     import inspect
 
+    accepted = inspect.signature(pipe.__call__).parameters
+    call = {key: value for key, value in (("height", args.height), ("width", args.width)) if value is not None}
+    if call and "use_resolution_binning" in accepted:
+        call["use_resolution_binning"] = False  # an explicit size is used as given
+    if "clean_caption" in accepted:
+        call["clean_caption"] = False  # as the project's evaluation harness generates
+    return call
+
+
+def cmd_calibrate(args) -> None:
+    """Record activation statistics on a pipeline; works alone or under `accelerate launch` (prompts sharded)."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
     from diffusers import DiffusionPipeline
@@ -125,17 +142,10 @@ def cmd_calibrate(args) -> None:
     from .calibration import calibrate
 
     prompts = read_prompts(args.prompts)
-    if not os.path.isfile(os.path.join(args.pipeline, "model_index.json")):
-        raise FileNotFoundError(f"no diffusers pipeline at {args.pipeline!r} (no model_index.json); pass a "
-                                f"pipeline directory, e.g. reference_models/pixart_digits.")
+    check_pipeline_dir(args.pipeline)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     pipe = DiffusionPipeline.from_pretrained(args.pipeline).to(state.device)
-    accepted = inspect.signature(pipe.__call__).parameters
-    call = {key: value for key, value in (("height", args.height), ("width", args.width)) if value is not None}
-    if call and "use_resolution_binning" in accepted:
-        call["use_resolution_binning"] = False  # an explicit size is used as given
-    if "clean_caption" in accepted:
-        call["clean_caption"] = False  # as the project's evaluation harness generates
+    call = pipeline_call(pipe, args)
     seeds = [args.seed + i for i in range(len(prompts))]
     stats = calibrate(pipe, prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, seeds=seeds,
                       timestep_buckets=args.buckets, **call)
@@ -148,6 +158,33 @@ def cmd_calibrate(args) -> None:
           f"{args.buckets} timestep buckets")
     print(f"max outlier ratio (max / median input channel absmax): {ratios[worst]:.1f}x in {worst}")
     print(f"saved to {args.out}")
+
+
+def cmd_search(args) -> None:
+    """Mixed-precision search: per-group sensitivity, then the best plan under an average weight-bit budget."""
+    from diffusers import DiffusionPipeline
+
+    from .calibration import CalibrationStats
+    from .jsonio import write_json
+    from .mixed_precision.search import search
+
+    prompts = read_prompts(args.prompts)
+    check_pipeline_dir(args.pipeline)
+    pipe = DiffusionPipeline.from_pretrained(args.pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    stats = CalibrationStats.load(args.calibration) if args.calibration else None
+    result = search(pipe, args.budget_bits, prompts, [args.seed + i for i in range(len(prompts))],
+                    block_ranges=args.block_ranges, calibration=stats, cache=args.cache or f"{args.out}.sensitivity.json",
+                    num_inference_steps=args.steps, guidance_scale=args.guidance, **pipeline_call(pipe, args))
+    write_json(args.out, result.plan)
+    print("| group | layers | chosen | " + " | ".join(f"PSNR drop {o} (dB)" for o in next(iter(result.table.values())))
+          + " |")
+    print("|---|---:|---|" + "---:|" * len(next(iter(result.table.values()))))
+    for group, options in result.table.items():
+        drops = " | ".join(f"{entry['metrics']['fidelity']:.2f}" for entry in options.values())
+        print(f"| {group} | {len(result.groups[group])} | {result.allocation.choice[group]} | {drops} |")
+    print(f"average weight bits {result.average_bits:.2f} (budget {args.budget_bits}); plan saved to {args.out}")
+    print(f"quantize with ViDiTQConfig(plan={args.out!r}" + (", calibration=stats)" if stats else ")"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=20)
     d.add_argument("--out", default="viditq-demo.png", help="where to save the grid PNG")
     d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("search", help="search a mixed-precision plan (W4A8 / W8A8 per layer group) under a bit budget")
+    s.add_argument("pipeline", help="a diffusers pipeline directory (model_index.json) with a transformer")
+    s.add_argument("--budget-bits", type=float, required=True, help="average weight bits, e.g. 5.0 (4 to 8)")
+    s.add_argument("--prompts", required=True, help="text file, one prompt per line (seeds SEED, SEED+1, ...)")
+    s.add_argument("--out", required=True, help="where to write the plan (JSON)")
+    s.add_argument("--calibration", help="statistics from `viditq calibrate`: the options then balance channels")
+    s.add_argument("--block-ranges", type=int, default=4, help="groups = layer role x this many block ranges")
+    s.add_argument("--cache", help="sensitivity cache (JSON; default OUT.sensitivity.json): reruns resume")
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--guidance", type=float, default=4.5)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--height", type=int)
+    s.add_argument("--width", type=int)
+    s.set_defaults(func=cmd_search)
 
     c = sub.add_parser("calibrate", help="record per-layer activation statistics (runs under accelerate launch too)")
     c.add_argument("pipeline", help="a diffusers pipeline directory (model_index.json) with a transformer")

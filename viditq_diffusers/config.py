@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from enum import Enum
 
 from diffusers import PipelineQuantizationConfig
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
+from .jsonio import read_json
 from .quant.formats import check_bits
 
 
@@ -73,8 +75,9 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
             SmoothQuant's alpha), or "auto": searched per layer to minimise its output error on the
             calibration tokens.
         rotation_seed: seeds the random Hadamard rotations (layer i uses `rotation_seed + i`).
-        plan: a full per-layer plan (`QuantPlan` dict). When given it decides every layer and the
-            bit/group arguments are only defaults for the summary.
+        plan: a full per-layer plan (`QuantPlan` dict), or the path of one saved as JSON (e.g. by
+            `viditq search`). When given it decides every layer and the bit/group arguments are only
+            defaults for the summary.
         weight_symmetric: symmetric weights (no zero point). Default False: asymmetric min-max,
             as in the ViDiT-Q reference.
     """
@@ -109,7 +112,7 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
         self.modules_to_not_convert = list(modules_to_not_convert or [])
         self.components = [components] if isinstance(components, str) else list(components)
         self.calibration = calibration
-        self.plan = copy.deepcopy(plan)
+        self.plan = read_json(plan) if isinstance(plan, (str, os.PathLike)) else copy.deepcopy(plan)
         if balance == "preset":
             balance = defaults.get("balance", "search" if calibration is not None else None)
         if balance not in BALANCES:

@@ -18,7 +18,6 @@ it stopped; a cache made with other prompts, seeds or settings is refused rather
 from __future__ import annotations
 
 import copy
-import json
 import os
 
 import torch
@@ -28,6 +27,7 @@ from .. import metrics
 from ..config import ViDiTQConfig
 from ..convert import quantize
 from ..evaluation import generate
+from ..jsonio import read_json, write_json
 from .roles import Role
 
 FIDELITY, TEXT, TEMPORAL = "fidelity", "text_alignment", "temporal_consistency"
@@ -98,18 +98,10 @@ def proxy_errors(pipe, quantized, prompts: list[str], seeds: list[int], **call) 
     return {k: float(sum(v) / len(v)) for k, v in sums.items()}
 
 
-def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def _load_cache(path: str | None, fingerprint: dict) -> dict:
     if not path or not os.path.exists(path):
         return {}
-    with open(path) as f:
-        cached = json.load(f)
+    cached = read_json(path)
     if cached.get("fingerprint") != fingerprint:
         raise ValueError(f"sensitivity cache {path} was made with other settings (prompts, seeds, options or "
                          f"groups); pass another cache path or delete it to start over")
@@ -145,7 +137,7 @@ def measure(pipe, groups: dict[str, list[str]], options: dict[str, dict], prompt
             entry["proxy"] = proxy_errors(pipe, model, prompts, seeds, **call)
         table.setdefault(group, {})[label] = entry
         if cache:
-            _write_json(cache, {"fingerprint": fingerprint, "table": table})
+            write_json(cache, {"fingerprint": fingerprint, "table": table})
     return {g: table[g] for g in groups}
 
 

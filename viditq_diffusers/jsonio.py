@@ -1,0 +1,24 @@
+"""JSON files written atomically (temp file in the same folder, then `os.replace`): a crash never leaves a
+half-written plan or cache under its final name."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_json(path: str | os.PathLike):
+    with open(path) as f:
+        return json.load(f)
