@@ -56,6 +56,17 @@ def test_table_costs_degradations_and_proxy(pipe, tmp_path):
     # 4-bit weights hurt fidelity more than 8-bit ones, group by group
     assert all(t["W4A8"]["metrics"][FIDELITY] > t["W8A8"]["metrics"][FIDELITY] for t in table.values())
     assert set(rank_agreement(table, "W4A8")) <= {FIDELITY, TEXT}
+    # a heatmap a person can read: rows = groups, the worse cell of each row is the redder one
+    from PIL import Image
+
+    from viditq_diffusers.mixed_precision.heatmap import CELL_H, CELL_W, save_heatmap
+
+    save_heatmap(table, tmp_path / "heat.png")
+    image = Image.open(tmp_path / "heat.png").convert("RGB")
+    first = next(iter(table))
+    y = image.height - 6 - CELL_H * len(table) + 1  # first row's cells, near their top-left corner
+    w4, w8 = (image.getpixel((image.width - 6 - CELL_W * (2 - j) + 2, y)) for j in range(2))
+    assert w4[1] < w8[1], (first, w4, w8)  # less green = redder
     # the table is the allocation's input: a budget between all-W4 and all-W8 gets a mix
     low = sum(t["W4A8"]["cost"] for t in table.values())
     choice = allocate(table, 1.5 * low).choice
@@ -97,4 +108,4 @@ def test_cli_search_writes_a_plan_that_quantizes_mixed(pipe, tmp_path):
     model = quantize(DiffusionPipeline.from_pretrained(path).transformer, ViDiTQConfig(plan=str(out)))
     bits = {m.weight_bits for m in model.modules() if isinstance(m, ViDiTQLinear)}
     assert bits == {4, 8}
-    assert (tmp_path / "plan.json.sensitivity.json").exists()
+    assert (tmp_path / "plan.json.sensitivity.json").exists() and (tmp_path / "plan.json.heatmap.png").exists()

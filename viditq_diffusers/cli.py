@@ -166,6 +166,7 @@ def cmd_search(args) -> None:
 
     from .calibration import CalibrationStats
     from .jsonio import write_json
+    from .mixed_precision.heatmap import save_heatmap
     from .mixed_precision.search import search
 
     prompts = read_prompts(args.prompts)
@@ -177,13 +178,15 @@ def cmd_search(args) -> None:
                     block_ranges=args.block_ranges, calibration=stats, cache=args.cache or f"{args.out}.sensitivity.json",
                     num_inference_steps=args.steps, guidance_scale=args.guidance, **pipeline_call(pipe, args))
     write_json(args.out, result.plan)
+    save_heatmap(result.table, f"{args.out}.heatmap.png")
     print("| group | layers | chosen | " + " | ".join(f"PSNR drop {o} (dB)" for o in next(iter(result.table.values())))
           + " |")
     print("|---|---:|---|" + "---:|" * len(next(iter(result.table.values()))))
     for group, options in result.table.items():
         drops = " | ".join(f"{entry['metrics']['fidelity']:.2f}" for entry in options.values())
         print(f"| {group} | {len(result.groups[group])} | {result.allocation.choice[group]} | {drops} |")
-    print(f"average weight bits {result.average_bits:.2f} (budget {args.budget_bits}); plan saved to {args.out}")
+    print(f"average weight bits {result.average_bits:.2f} (budget {args.budget_bits}); plan saved to {args.out}, "
+          f"sensitivity heatmap to {args.out}.heatmap.png")
     print(f"quantize with ViDiTQConfig(plan={args.out!r}" + (", calibration=stats)" if stats else ")"))
 
 
