@@ -36,7 +36,9 @@ from reference.video_data import DIRECTIONS, recentre, video_prompt_for  # noqa:
 from viditq_diffusers import ViDiTQConfig, quantize  # noqa: E402
 from viditq_diffusers import metrics  # noqa: E402
 from viditq_diffusers.calibration import calibrate  # noqa: E402
-from viditq_diffusers.plan import summarize_recipes  # noqa: E402
+from viditq_diffusers.mixed_precision.sensitivity import with_transformer  # noqa: E402
+from viditq_diffusers.footprint import fp16_weight_bytes, weight_bytes  # noqa: E402
+from viditq_diffusers.plan import average_weight_bits, summarize_recipes  # noqa: E402
 from viditq_diffusers.evaluation import compare_samples, epsilon_error, generate, save_grid, save_video_grid  # noqa: E402
 from viditq_diffusers.stress import stress  # noqa: E402
 
@@ -123,17 +125,13 @@ class VideoTask:
         save_video_grid(grid, path + ".gif")
 
 
-def with_transformer(pipe, transformer):
-    new = type(pipe)(**{**pipe.components, "transformer": transformer})
-    new.set_progress_bar_config(disable=True)
-    return new
-
-
 @torch.no_grad()
-def evaluate(pipe, task, args, classifier, path):
+def evaluate(pipe, task, args, classifier, path, configs: dict | None = None):
+    """Rows per config (`{label: ViDiTQConfig kwargs, "stats": uses the calibration}`; default: the suite's)."""
     seeds = list(range(len(task.prompts)))
-    configs = {label: kwargs for label, kwargs in SUITES[args.suite].items()
-               if "alpha" not in kwargs or kwargs["alpha"] in args.alphas}
+    if configs is None:
+        configs = {label: kwargs for label, kwargs in SUITES[args.suite].items()
+                   if "alpha" not in kwargs or kwargs["alpha"] in args.alphas}
     # Calibration: other prompts and seeds than the evaluation's.
     call = {k: v for k, v in task.call.items() if k not in ("num_inference_steps", "guidance_scale")}
     stats = calibrate(pipe, task.calibration_prompts, task.call["num_inference_steps"], task.call["guidance_scale"],
@@ -165,6 +163,8 @@ def evaluate(pipe, task, args, classifier, path):
                 **({"alpha_mean": sum(alphas) / len(alphas), "alpha_min": min(alphas), "alpha_max": max(alphas)}
                    if alphas else {}),
                 "recipes": summarize_recipes(plan),
+                "avg_bits": average_weight_bits(plan),
+                "bytes_vs_fp16": weight_bytes(quantized.transformer) / fp16_weight_bytes(quantized.transformer),
             })
             if seed == args.rotation_seeds[0]:
                 grid[label] = samples[: args.grid]

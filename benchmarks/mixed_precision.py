@@ -1,0 +1,139 @@
+"""Mixed-precision frontier on the reference pipelines: uniform W8A8 / W4A8, the paper's W4A8-MP heuristic, and
+plans searched at several average weight-bit budgets (issue 7).
+
+Per pipeline (image, video and their stressed copies):
+1. one calibration run (as `quality.py`: other prompts and seeds than the evaluation's);
+2. the sensitivity table: each layer group (role x block range) quantized alone at W4A8 and at W8A8 (both
+   with the per-layer balancing), generated on the calibration prompts (other seeds), scored by the
+   pipeline's own metrics: fidelity = PSNR vs FP, text alignment = the classifier's accuracy on the
+   request, temporal consistency = minus the warp error relative to FP (video). Cached, so reruns resume;
+3. plans allocated at each budget (`mixed_precision.allocate`, an exact integer program);
+4. every config evaluated on the evaluation prompts, as `quality.py` does.
+
+It prints a frontier table per pipeline, which groups each searched plan protected (W8), the proxy's rank
+agreement, and writes a sensitivity heatmap PNG per pipeline.
+
+    python benchmarks/mixed_precision.py [--only image|video] [--budgets 6 5 4.5] [--block-ranges 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from diffusers import DiffusionPipeline
+
+from quality import ROOT, ImageTask, VideoTask, evaluate  # noqa: E402  (also puts the repo root on sys.path)
+from reference.classifier import load_classifier  # noqa: E402
+from viditq_diffusers import metrics  # noqa: E402
+from viditq_diffusers.calibration import calibrate  # noqa: E402
+from viditq_diffusers.mixed_precision import allocate, rank_agreement  # noqa: E402
+from viditq_diffusers.mixed_precision.heatmap import save_heatmap  # noqa: E402
+from viditq_diffusers.mixed_precision.search import plan_from_choice, quantizable_groups  # noqa: E402
+from viditq_diffusers.mixed_precision.sensitivity import FIDELITY, TEMPORAL, TEXT, measure  # noqa: E402
+from viditq_diffusers.stress import stress  # noqa: E402
+
+OPTIONS = {"W4A8": {"preset": "w4a8"}, "W8A8": {"preset": "w8a8"}}
+
+
+def scorer(task, classifier, prompts_digits):
+    """Higher-is-better scores of samples vs the FP samples of the same prompts and seeds."""
+    def score(samples, reference):
+        out = {FIDELITY: metrics.psnr(samples, reference)}
+        if isinstance(task, VideoTask):
+            digits, directions = prompts_digits
+            from reference.evaluate_video import classify_clips
+
+            got_d, got_m = classify_clips(classifier, samples)
+            out[TEXT] = sum(int(d) == e and m == f for d, m, e, f in zip(got_d, got_m, digits, directions)) / len(digits)
+            out[TEMPORAL] = -metrics.temporal_consistency(samples) / metrics.temporal_consistency(reference)
+        else:
+            out[TEXT] = metrics.accuracy(classifier(samples), torch.tensor(prompts_digits))
+        return out
+    return score
+
+
+def sensitivity_prompts(task):
+    """The calibration prompts (not the evaluation's) with what they ask for."""
+    if isinstance(task, VideoTask):
+        from reference.video_data import DIRECTIONS
+
+        return task.calibration_prompts, ([d for d in range(10)], [DIRECTIONS[(d + 1) % 4] for d in range(10)])
+    return task.calibration_prompts, list(range(10))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["image", "video"])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[6.0, 5.0, 4.5])
+    parser.add_argument("--block-ranges", type=int, default=2)
+    parser.add_argument("--per-digit", type=int, default=3, help="image evaluation: prompts per digit")
+    parser.add_argument("--per-pair", type=int, default=1, help="video evaluation: clips per (digit, direction)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=4.5)
+    parser.add_argument("--stress", type=float, default=100.0, help="k of the stressed variants; 0 = skip them")
+    parser.add_argument("--stressed-only", action="store_true")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "mixed_precision"))
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    args.rotation_seeds, args.grid, args.suite, args.alphas = [0], 10, "mixed", []
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    classifier = load_classifier()
+    report = {}
+    for kind, task in (("image", ImageTask(args)), ("video", VideoTask(args))):
+        if args.only not in (None, kind):
+            continue
+        pipe = DiffusionPipeline.from_pretrained(task.pipeline)
+        pipe.set_progress_bar_config(disable=True)
+        variants = {} if args.stressed_only else {kind: pipe}
+        if args.stress:
+            variants[f"{kind}-stressed"] = stress(pipe, k=args.stress)
+            variants[f"{kind}-stressed"].set_progress_bar_config(disable=True)
+        for slug, variant in variants.items():
+            report[slug] = run_pipeline(slug, variant, task, classifier, args)
+    with open(os.path.join(args.out, f"mixed_precision-{args.only or 'all'}.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
+def run_pipeline(slug, pipe, task, classifier, args) -> dict:
+    call = {k: v for k, v in task.call.items() if k not in ("num_inference_steps", "guidance_scale")}
+    stats = calibrate(pipe, task.calibration_prompts, task.call["num_inference_steps"], task.call["guidance_scale"],
+                      seeds=list(range(1000, 1000 + len(task.calibration_prompts))), **call)
+    prompts, asked = sensitivity_prompts(task)
+    groups = quantizable_groups(pipe.transformer, args.block_ranges)
+    table = measure(pipe, groups, OPTIONS, prompts, list(range(2000, 2000 + len(prompts))),
+                    scorer(task, classifier, asked), calibration=stats,
+                    cache=os.path.join(args.out, f"{slug}-sensitivity.json"), **task.call)
+    save_heatmap(table, os.path.join(args.out, f"{slug}-sensitivity.png"), title=f"{slug}: degradation vs FP")
+    weights = sum(pipe.transformer.get_submodule(n).weight.numel() for names in groups.values() for n in names)
+    configs = {"uniform W8A8": dict(preset="w8a8", stats=True), "uniform W4A8": dict(preset="w4a8", stats=True),
+               "W4A8-MP (paper heuristic)": dict(preset="w4a8_mp", stats=True)}
+    protected = {}
+    for budget in args.budgets:
+        choice = allocate(table, budget * weights).choice
+        plan = plan_from_choice(pipe.transformer, groups, OPTIONS, choice, stats)
+        configs[f"searched, <= {budget:g} bits"] = dict(plan=plan, stats=True)
+        protected[budget] = sorted(g for g, o in choice.items() if o == "W8A8")
+    rows = evaluate(pipe, task, args, classifier, os.path.join(args.out, slug), configs)
+    video = isinstance(task, VideoTask)
+    print(f"\n{slug}\n| config | avg weight bits | weight bytes vs FP16 | PSNR dB | text alignment (accuracy) | FD |"
+          + (" warp error / FP |" if video else "") + "\n|---|---:|---:|---:|---:|---:|" + ("---:|" if video else ""))
+    for label, r in rows.items():
+        bits = f"{r['avg_bits']:.2f}" if "avg_bits" in r else "32 (FP)"
+        size = f"{r['bytes_vs_fp16']:.3f}" if "bytes_vs_fp16" in r else "2.000"
+        print(f"| {label} | {bits} | {size} | {r['psnr']:.2f} | {r['accuracy']:.3f} | {r['fd']:.3f} |"
+              + (f" {r['warp_ratio']:.3f} |" if video else ""))
+    for budget, groups_w8 in protected.items():
+        print(f"searched <= {budget:g} bits protects (W8): {', '.join(groups_w8) or 'nothing'}")
+    print(f"proxy rank agreement (Spearman, W4A8): {rank_agreement(table, 'W4A8')}")
+    return {"rows": rows, "protected": {str(b): g for b, g in protected.items()},
+            "rank_agreement": rank_agreement(table, "W4A8")}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
