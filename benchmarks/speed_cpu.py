@@ -14,7 +14,7 @@ kernels with their operands already quantized, and the whole quantized linear (a
 GEMM, epilogue) as the dispatch runs it. The CPU's int8-relevant flags are printed first: they decide which
 integer kernels are fast, and exact, here (`viditq_diffusers/kernels/onednn.py`).
 
-    python benchmarks/speed_cpu.py [--layers 28] [--repeats 3] [--no-peers]
+    python benchmarks/speed_cpu.py [--layers 28] [--repeats 3] [--no-peers] [--skip g64 compile]
 """
 
 from __future__ import annotations
@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per variant")
     parser.add_argument("--gemm-repeats", type=int, default=10)
     parser.add_argument("--no-peers", action="store_true", help="skip the peer libraries")
+    parser.add_argument("--skip", nargs="*", default=[], help="skip variants whose label contains any of these")
     args = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     print(cpu_info())
@@ -158,6 +159,8 @@ def main() -> None:
 
     rows, reference = {}, None
     for label, (dtype, make) in variants(not args.no_peers).items():
+        if any(word in label for word in args.skip) and label not in ("fp32 eager", "bf16 eager"):
+            continue
         try:
             seconds, nbytes, quality, out = run_variant(dtype, make, args.layers, args.repeats, reference)
         except Exception as err:  # a peer that does not run here is reported, not fatal
