@@ -13,7 +13,7 @@ import os
 import diffusers
 from safetensors import SafetensorError, safe_open
 
-from .plan import summarize, summarize_recipes
+from .plan import average_weight_bits, summarize, summarize_recipes
 
 FP16_BYTES = 2
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -81,6 +81,7 @@ def component_summary(directory: str) -> dict | None:
         "model_class": config.get("_class_name"),
         "num_quantized": len(plan["layers"]),
         "formats": summarize(plan),
+        "average_weight_bits": average_weight_bits(plan),
         "recipes": summarize_recipes(plan),
         "weight_bytes": stored,
         "fp16_bytes": fp16,

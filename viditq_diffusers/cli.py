@@ -42,6 +42,7 @@ def print_summary(summary: dict, layers: bool) -> None:
         print(f"{name}: {info['model_class']} ({info['num_quantized']} quantized layers)")
         for label, count in sorted(info["formats"].items()):
             print(f"  {label:<12} {count:>5} layers")
+        print(f"  average weight bits: {info['average_weight_bits']:.2f}")
         recipes = ", ".join(f"{label} {count}" for label, count in sorted(info["recipes"].items()))
         print(f"  channel balancing: {recipes}")
         if layers:
