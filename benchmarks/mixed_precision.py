@@ -3,11 +3,13 @@ plans searched at several average weight-bit budgets (issue 7).
 
 Per pipeline (image, video and their stressed copies):
 1. one calibration run (as `quality.py`: other prompts and seeds than the evaluation's);
-2. the sensitivity table: each layer group (role x block range) quantized alone at W4A8 and at W8A8 (both
-   with the per-layer balancing), generated on the calibration prompts (other seeds), scored by the
+2. the sensitivity table: each layer group (role x block range) quantized alone at W4A8, at W8A8 and
+   timestep-wise (W8 while t >= 750, W4 after; both copies stored and counted), all with the per-layer
+   balancing, generated on the calibration prompts (other seeds), scored by the
    pipeline's own metrics: fidelity = PSNR vs FP, text alignment = the classifier's accuracy on the
    request, temporal consistency = minus the warp error relative to FP (video). Cached, so reruns resume;
-3. plans allocated at each budget (`mixed_precision.allocate`, an exact integer program);
+3. plans allocated at each budget among W4A8 / W8A8, and one among all three options
+   (`mixed_precision.allocate`, an exact integer program);
 4. every config evaluated on the evaluation prompts, as `quality.py` does.
 
 It prints a frontier table per pipeline, which groups each searched plan protected (W8), the proxy's rank
@@ -36,7 +38,10 @@ from viditq_diffusers.mixed_precision.search import plan_from_choice, quantizabl
 from viditq_diffusers.mixed_precision.sensitivity import FIDELITY, TEMPORAL, TEXT, measure  # noqa: E402
 from viditq_diffusers.stress import stress  # noqa: E402
 
-OPTIONS = {"W4A8": {"preset": "w4a8"}, "W8A8": {"preset": "w8a8"}}
+OPTIONS = {"W4A8": {"preset": "w4a8"}, "W8A8": {"preset": "w8a8"},
+           # timestep-wise: W8 for the first ~quarter of the steps (t >= 750), W4 after; both copies stored
+           "W4A8, W8 while t >= 750": {"preset": "w4a8", "early_weight_bits": 8, "early_timestep": 750.0}}
+UNIFORM = ("W4A8", "W8A8")
 
 
 def scorer(task, classifier, prompts_digits):
@@ -69,6 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["image", "video"])
     parser.add_argument("--budgets", type=float, nargs="+", default=[6.0, 5.0, 4.5])
+    parser.add_argument("--tw-budget", type=float, default=6.0, help="budget of the timestep-wise search")
     parser.add_argument("--block-ranges", type=int, default=2)
     parser.add_argument("--per-digit", type=int, default=3, help="image evaluation: prompts per digit")
     parser.add_argument("--per-pair", type=int, default=1, help="video evaluation: clips per (digit, direction)")
@@ -114,11 +120,14 @@ def run_pipeline(slug, pipe, task, classifier, args) -> dict:
     configs = {"uniform W8A8": dict(preset="w8a8", stats=True), "uniform W4A8": dict(preset="w4a8", stats=True),
                "W4A8-MP (paper heuristic)": dict(preset="w4a8_mp", stats=True)}
     protected = {}
-    for budget in args.budgets:
-        choice = allocate(table, budget * weights).choice
+    uniform_table = {g: {o: options[o] for o in UNIFORM} for g, options in table.items()}
+    searches = [(f"searched, <= {b:g} bits", b, uniform_table) for b in args.budgets]
+    searches.append((f"searched timestep-wise, <= {args.tw_budget:g} bits", args.tw_budget, table))
+    for label, budget, candidates in searches:
+        choice = allocate(candidates, budget * weights).choice
         plan = plan_from_choice(pipe.transformer, groups, OPTIONS, choice, stats)
-        configs[f"searched, <= {budget:g} bits"] = dict(plan=plan, stats=True)
-        protected[budget] = sorted(g for g, o in choice.items() if o == "W8A8")
+        configs[label] = dict(plan=plan, stats=True)
+        protected[label] = sorted(f"{g}: {o}" for g, o in choice.items() if o != "W4A8")
     rows = evaluate(pipe, task, args, classifier, os.path.join(args.out, slug), configs)
     video = isinstance(task, VideoTask)
     print(f"\n{slug}\n| config | avg weight bits | weight bytes vs FP16 | PSNR dB | text alignment (accuracy) | FD |"
@@ -128,10 +137,10 @@ def run_pipeline(slug, pipe, task, classifier, args) -> dict:
         size = f"{r['bytes_vs_fp16']:.3f}" if "bytes_vs_fp16" in r else "2.000"
         print(f"| {label} | {bits} | {size} | {r['psnr']:.2f} | {r['accuracy']:.3f} | {r['fd']:.3f} |"
               + (f" {r['warp_ratio']:.3f} |" if video else ""))
-    for budget, groups_w8 in protected.items():
-        print(f"searched <= {budget:g} bits protects (W8): {', '.join(groups_w8) or 'nothing'}")
+    for label, kept in protected.items():
+        print(f"{label} keeps above W4A8: {', '.join(kept) or 'nothing'}")
     print(f"proxy rank agreement (Spearman, W4A8): {rank_agreement(table, 'W4A8')}")
-    return {"rows": rows, "protected": {str(b): g for b, g in protected.items()},
+    return {"rows": rows, "protected": protected,
             "rank_agreement": rank_agreement(table, "W4A8")}
 
 

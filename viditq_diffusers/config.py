@@ -78,6 +78,11 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
         plan: a full per-layer plan (`QuantPlan` dict), or the path of one saved as JSON (e.g. by
             `viditq search`). When given it decides every layer and the bit/group arguments are only
             defaults for the summary.
+        early_weight_bits: timestep-wise precision: every quantized layer also stores its weight at these bits
+            and uses that copy while the model's timestep input is >= `early_timestep` (diffusers'
+            schedulers count down from ~1000, so 750 = roughly the first quarter of the steps). Both
+            copies are stored. None (default): one precision for all steps.
+        early_timestep: see `early_weight_bits`.
         weight_symmetric: symmetric weights (no zero point). Default False: asymmetric min-max,
             as in the ViDiT-Q reference.
     """
@@ -96,6 +101,8 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
         balance: str | None = "preset",
         alpha: float | str | None = None,
         rotation_seed: int = 0,
+        early_weight_bits: int | None = None,
+        early_timestep: float = 750.0,
         quant_method: str = ViDiTQQuantMethod.VIDITQ,
     ):
         if preset not in PRESETS:
@@ -125,6 +132,10 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
         if self.alpha != "auto" and not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
             raise ValueError(f"alpha must be in [0, 1] (ViDiT-Q convention) or 'auto', got {self.alpha!r}.")
         self.rotation_seed = int(rotation_seed)
+        self.early_weight_bits = None if early_weight_bits is None else int(early_weight_bits)
+        self.early_timestep = float(early_timestep)
+        if self.early_weight_bits is not None:
+            check_bits(self.early_weight_bits, "early_weight_bits")
         check_bits(self.weight_bits, "weight_bits")
         if self.act_bits != 16:
             check_bits(self.act_bits, "act_bits")

@@ -23,6 +23,7 @@ def layout(spec: dict) -> dict:
         weight_bits=spec["weight_bits"], act_bits=spec["act_bits"], group_size=spec["group_size"],
         symmetric=spec["symmetric"], weight_per_tensor=spec.get("weight_per_tensor", False),
         act_scale=spec.get("act_scale"), rotation_seed=spec.get("rotation_seed"),
+        early_weight_bits=spec.get("early_weight_bits"), early_timestep=spec.get("early_timestep"),
     )
 
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .checkpoint import tensor_headers
 from .config import ViDiTQConfig, ViDiTQQuantMethod
 from .convert import layer_from_spec, own_aligned_memory, quantized_layer, resolve_plan, set_submodule
+from .timestep_clock import install_clock
 from .hub import attach, detach
 from .nn import ViDiTQLinear
 from .plan import validate_plan
@@ -115,6 +116,7 @@ class ViDiTQQuantizer(DiffusersQuantizer):
                 f"the checkpoint does not match the model config."
             )
         own_aligned_memory(model)
+        install_clock(model)
         first = model.get_submodule(next(iter(self.plan_layers)))
         self.quantization_config.plan["dtype"] = str(first.weight.dtype).removeprefix("torch.")
         self.quantization_config.calibration = None  # the plan now holds what the statistics decided

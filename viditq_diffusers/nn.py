@@ -45,11 +45,17 @@ class ViDiTQLinear(nn.Module):
         act_scale: float | None = None,
         smooth: bool = False,
         rotation_seed: int | None = None,
+        early_weight_bits: int | None = None,
+        early_timestep: float | None = None,
         device=None,
         dtype=None,
     ):
         super().__init__()
         check_bits(weight_bits, "weight_bits")
+        if early_weight_bits is not None:
+            check_bits(early_weight_bits, "early_weight_bits")
+            if early_timestep is None:
+                raise ValueError("early_weight_bits needs early_timestep (the timestep from which on they apply)")
         if act_bits != 16:
             check_bits(act_bits, "act_bits")
         if group_size is not None and (group_size <= 0 or in_features % group_size):
@@ -63,24 +69,36 @@ class ViDiTQLinear(nn.Module):
         # The naive baseline: one weight scale per tensor, one calibrated static activation scale.
         self.weight_per_tensor, self.act_scale = weight_per_tensor, act_scale
         self.rotation_seed = rotation_seed
-        groups = in_features // group_size if group_size else 1
-        scale_rows = 1 if weight_per_tensor else out_features
-        if weight_bits == 4:
-            qweight = torch.empty(out_features, (in_features + 1) // 2, dtype=torch.uint8, device=device)
-        else:
-            qweight = torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        # Timestep-wise precision: while the model's timestep input is >= early_timestep, a second copy of the
+        # weight at early_weight_bits is used (same balancing, same bias). `clock` is set by install_clock.
+        self.early_weight_bits, self.early_timestep, self.clock = early_weight_bits, early_timestep, None
         self.register_buffer("weight", torch.empty(0, device=device, dtype=dtype))
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("weight_scale", torch.empty(scale_rows, groups, dtype=torch.int32, device=device))
-        if symmetric:
-            self.weight_zero = None
-        else:
-            self.register_buffer("weight_zero", torch.empty(scale_rows, groups, dtype=torch.int8, device=device))
+        for prefix, bits in (("", weight_bits), ("early_", early_weight_bits)):
+            if bits is None:
+                continue
+            qweight, scale, zero = self._empty_weight(bits, device)
+            self.register_buffer(f"{prefix}qweight", qweight)
+            self.register_buffer(f"{prefix}weight_scale", scale)
+            if zero is None:
+                setattr(self, f"{prefix}weight_zero", None)
+            else:
+                self.register_buffer(f"{prefix}weight_zero", zero)
         if smooth:
             self.register_buffer("act_smooth", torch.empty(in_features, dtype=torch.int32, device=device))
         else:
             self.act_smooth = None
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+
+    def _empty_weight(self, bits: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Empty (codes, scales as int32 bits, zero points or None) buffers for `bits`-bit weights."""
+        groups = self.in_features // self.group_size if self.group_size else 1
+        rows = 1 if self.weight_per_tensor else self.out_features
+        if bits == 4:
+            qweight = torch.empty(self.out_features, (self.in_features + 1) // 2, dtype=torch.uint8, device=device)
+        else:
+            qweight = torch.empty(self.out_features, self.in_features, dtype=torch.int8, device=device)
+        zero = None if self.symmetric else torch.empty(rows, groups, dtype=torch.int8, device=device)
+        return qweight, torch.empty(rows, groups, dtype=torch.int32, device=device), zero
 
     @classmethod
     def from_linear(
@@ -116,14 +134,24 @@ class ViDiTQLinear(nn.Module):
         if self.is_balanced:
             # transform in float64 and quantize the result directly: one rounding, no detour through fp16
             weight = balance_weight(weight.double(), self.smooth_factors(), self.rotation_seed)
-        codes, scale, zero = quantize_weight(
-            weight, self.weight_bits, self.group_size, self.symmetric, self.weight_per_tensor
-        )
         self.weight = torch.empty(0, dtype=dtype, device=weight.device)
-        self.qweight = pack_int4(codes) if self.weight_bits == 4 else codes
-        self.weight_scale = scale.view(torch.int32)
-        if zero is not None:
-            self.weight_zero = zero
+        for prefix, bits in (("", self.weight_bits), ("early_", self.early_weight_bits)):
+            if bits is None:
+                continue
+            codes, scale, zero = quantize_weight(weight, bits, self.group_size, self.symmetric, self.weight_per_tensor)
+            setattr(self, f"{prefix}qweight", pack_int4(codes) if bits == 4 else codes)
+            setattr(self, f"{prefix}weight_scale", scale.view(torch.int32))
+            if zero is not None:
+                setattr(self, f"{prefix}weight_zero", zero)
+
+    def active_weight(self) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor | None]:
+        """(codes, bits, fp32 scales, zero points) in use now: the early copy while the clock's timestep is
+        >= early_timestep, else the main one."""
+        t = None if self.clock is None else self.clock.timestep
+        if self.early_weight_bits is not None and t is not None and t >= self.early_timestep:
+            return self.early_qweight, self.early_weight_bits, self.early_weight_scale.view(torch.float32), \
+                self.early_weight_zero
+        return self.qweight, self.weight_bits, self.scales(), self.weight_zero
 
     def codes(self) -> torch.Tensor:
         """int8 codes `[out, in]` (unpacked for W4)."""
@@ -160,25 +188,28 @@ class ViDiTQLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qweight, bits, scale, zero = self.active_weight()
         return self._apply_2d(
             x, lambda x2: quantized_linear_op(
-                x2, self.qweight, self.weight_bits, self.scales(), self.weight_zero, self.bias, self.act_bits,
-                self._act_scale(x2), self.smooth_factors(), self.rotation_seed,
+                x2, qweight, bits, scale, zero, self.bias, self.act_bits, self._act_scale(x2), self.smooth_factors(),
+                self.rotation_seed,
             )
         )
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float64 fake-quant reference of `forward` (tests and debugging)."""
+        qweight, bits, scale, zero = self.active_weight()
+        codes = unpack_int4(qweight, self.in_features) if bits == 4 else qweight
         return self._apply_2d(
             x, lambda x2: linear_reference(
-                self.balance(x2), self.codes(), self.scales(), self.weight_zero, self.bias, self.act_bits,
-                self._act_scale(x2),
+                self.balance(x2), codes, scale, zero, self.bias, self.act_bits, self._act_scale(x2),
             )
         )
 
     def weight_bytes(self) -> int:
-        """Bytes of the quantized weight state (codes, scales, zero points; bias excluded)."""
-        tensors = (self.qweight, self.weight_scale, self.weight_zero, self.act_smooth)
+        """Bytes of the quantized weight state (codes, scales, zero points, early copies; bias excluded)."""
+        early = (self.early_qweight, self.early_weight_scale, self.early_weight_zero) if self.early_weight_bits else ()
+        tensors = (self.qweight, self.weight_scale, self.weight_zero, self.act_smooth, *early)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def extra_repr(self) -> str:
@@ -191,6 +222,8 @@ class ViDiTQLinear(nn.Module):
             kind += ", smoothed"
         if self.rotation_seed is not None:
             kind += f", rotated (seed {self.rotation_seed})"
+        if self.early_weight_bits is not None:
+            kind += f", W{self.early_weight_bits} while timestep >= {self.early_timestep:g}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"W{self.weight_bits}A{self.act_bits}, {group}, {kind}"

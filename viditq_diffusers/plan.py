@@ -32,7 +32,8 @@ LAYER_KEYS = {"weight_bits", "act_bits", "group_size", "symmetric", "method", "i
 # Optional per-layer fields (absent = default): the naive baseline's per-tensor weights and static activation
 # scale; channel balancing's smoothing exponent (the factors themselves are the `act_smooth` tensor) and
 # rotation seed.
-OPTIONAL_LAYER_KEYS = {"weight_per_tensor": False, "act_scale": None, "smooth_alpha": None, "rotation_seed": None}
+OPTIONAL_LAYER_KEYS = {"weight_per_tensor": False, "act_scale": None, "smooth_alpha": None, "rotation_seed": None,
+                       "early_weight_bits": None, "early_timestep": None}
 METHODS = {"minmax"}
 
 
@@ -87,6 +88,8 @@ def layer_spec(name: str, linear: nn.Module, config, index: int = 0) -> dict:
         spec["rotation_seed"] = config.rotation_seed + index
     if config.balance == "search" and rotatable(linear.in_features):  # a candidate; the search may drop it
         spec["rotation_seed"] = config.rotation_seed + index
+    if config.early_weight_bits is not None:  # timestep-wise: another weight copy for the early steps
+        spec["early_weight_bits"], spec["early_timestep"] = config.early_weight_bits, float(config.early_timestep)
     if config.static_acts and "smooth_alpha" not in spec:  # smoothed static scales come with the weight
         _, qmax = qrange(config.act_bits)
         spec["act_scale"] = float(torch.as_tensor(calibration_absmax(config.calibration, name, config.preset)).max()) / qmax
@@ -161,14 +164,21 @@ def summarize(plan: dict) -> dict[str, int]:
         group = f"-g{spec['group_size']}" if spec["group_size"] else ""
         group += "-tensor" if spec.get("weight_per_tensor") else ""
         group += "-static" if spec.get("act_scale") is not None else ""
-        label = f"W{spec['weight_bits']}A{spec['act_bits']}{group}"
+        early = f" (W{spec['early_weight_bits']} while t >= {spec['early_timestep']:g})" if spec.get("early_weight_bits") else ""
+        label = f"W{spec['weight_bits']}A{spec['act_bits']}{group}{early}"
         counts[label] = counts.get(label, 0) + 1
     return counts
 
 
+def stored_weight_bits(spec: dict) -> int:
+    """Bits stored per weight of a layer: a timestep-wise layer holds both of its copies."""
+    return spec["weight_bits"] + (spec.get("early_weight_bits") or 0)
+
+
 def average_weight_bits(plan: dict) -> float:
-    """Weight bits per quantized weight, averaged over the plan's layers by weight count (scales excluded)."""
-    sizes = [(spec["weight_bits"], spec["in_features"] * spec["out_features"]) for spec in plan["layers"].values()]
+    """Stored weight bits per quantized weight, averaged over the plan's layers by weight count (scales
+    excluded; timestep-wise layers count both copies)."""
+    sizes = [(stored_weight_bits(spec), spec["in_features"] * spec["out_features"]) for spec in plan["layers"].values()]
     return sum(bits * n for bits, n in sizes) / sum(n for _, n in sizes)
 
 

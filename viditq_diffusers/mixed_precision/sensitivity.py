@@ -28,6 +28,7 @@ from ..config import ViDiTQConfig
 from ..convert import quantize
 from ..evaluation import generate
 from ..jsonio import read_json, write_json
+from ..plan import stored_weight_bits
 from .roles import Role
 
 FIDELITY, TEXT, TEMPORAL = "fidelity", "text_alignment", "temporal_consistency"
@@ -128,7 +129,7 @@ def measure(pipe, groups: dict[str, list[str]], options: dict[str, dict], prompt
     todo = [(g, o) for g in groups for o in options if o not in table.get(g, {})]
     for group, label in tqdm(todo, desc="viditq sensitivity", unit="run", disable=None):
         model = quantize_only(pipe.transformer, groups[group], all_layers, options[label], calibration)
-        bits = {spec["weight_bits"] for spec in model.config.quantization_config.plan["layers"].values()}
+        bits = {stored_weight_bits(spec) for spec in model.config.quantization_config.plan["layers"].values()}
         samples = generate(with_transformer(pipe, model), prompts, seeds, **call)
         scores = score(samples, reference)
         entry = {"cost": max(bits) * group_weights(pipe.transformer, groups[group]),
