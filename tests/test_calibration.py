@@ -1,8 +1,6 @@
 """`calibrate`: per-layer activation statistics from real pipeline runs, saved/loaded, sharded over processes."""
 
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from viditq_diffusers.zoo import ZOO, build_tiny_pixart_pipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
 import calibrate_worker  # noqa: E402
+from launch import launch_two_cpu_processes  # noqa: E402
 
 CALL = dict(height=32, width=32, use_resolution_binning=False, clean_caption=False)
 PROMPTS = ["a thick handwritten digit 7", "a thin digit 3"]
@@ -143,22 +142,10 @@ def test_errors_are_clear(pipe):
     assert not any(m._forward_pre_hooks for m in model.modules())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_give_the_single_process_statistics(pipe_dir, tmp_path):
-    # accelerate 1.x: `--cpu` with several processes needs mpirun; torchrun (`--multi_gpu`) + ACCELERATE_USE_CPU
-    # gives gloo CPU processes on any machine
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port())]
     worker = str(Path(__file__).with_name("calibrate_worker.py"))
     out = tmp_path / "dist.safetensors"
-    result = subprocess.run([*launch, worker, pipe_dir, out], capture_output=True, text=True, timeout=300, env=env)
+    result = launch_two_cpu_processes(worker, pipe_dir, out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Num processes: 2" in result.stdout
     distributed = CalibrationStats.load(out)

@@ -109,3 +109,27 @@ def test_cli_search_writes_a_plan_that_quantizes_mixed(pipe, tmp_path):
     bits = {m.weight_bits for m in model.modules() if isinstance(m, ViDiTQLinear)}
     assert bits == {4, 8}
     assert (tmp_path / "plan.json.sensitivity.json").exists() and (tmp_path / "plan.json.heatmap.png").exists()
+
+
+def test_two_processes_give_the_single_process_table(pipe, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import sensitivity_worker
+    from launch import launch_two_cpu_processes
+
+    path = tmp_path / "pipe"
+    pipe.save_pretrained(path)
+    out = tmp_path / "table.json"
+    result = launch_two_cpu_processes(str(Path(__file__).with_name("sensitivity_worker.py")), path, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("table.json.cache.rank*")) == [
+        "table.json.cache.rank0", "table.json.cache.rank1"]  # each process did its share
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the worker: same math
+    try:
+        single = sensitivity_worker.run(str(path))
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(single))

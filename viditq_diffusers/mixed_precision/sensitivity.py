@@ -12,7 +12,9 @@ A cheap proxy runs alongside: the quantized denoiser's relative epsilon error, t
 trajectory, split per metric family (`proxy_errors`). `rank_agreement` reports how well it ranks groups.
 
 The table is written to a JSON cache after every entry (atomically), so an interrupted search resumes where
-it stopped; a cache made with other prompts, seeds or settings is refused rather than mixed in.
+it stopped; a cache made with other prompts, seeds or settings is refused rather than mixed in. Under
+`accelerate launch --num_processes N` the runs are split between the processes (each writes its own
+`CACHE.rankI` shard as it goes) and gathered at the end.
 """
 
 from __future__ import annotations
@@ -119,6 +121,10 @@ def measure(pipe, groups: dict[str, list[str]], options: dict[str, dict], prompt
     ViDiTQConfig kwargs}`, e.g. `{"W4A8": {"preset": "w4a8"}, "W8A8": {"preset": "w8a8"}}`; `score(samples,
     reference) -> {metric: value}`, higher is better; `call`: the pipeline call (steps, guidance, size...).
     """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object, parse_flag_from_env
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     cache = os.fspath(cache) if cache is not None else None
     fingerprint = {"prompts": prompts, "seeds": seeds, "options": options, "groups": groups,
                    "call": {k: repr(v) for k, v in sorted(call.items())}, "model": type(pipe.transformer).__name__}
@@ -127,7 +133,9 @@ def measure(pipe, groups: dict[str, list[str]], options: dict[str, dict], prompt
     reference = generate(pipe, prompts, seeds, **call)
     fp_scores = score(reference, reference)
     todo = [(g, o) for g in groups for o in options if o not in table.get(g, {})]
-    for group, label in tqdm(todo, desc="viditq sensitivity", unit="run", disable=None):
+    mine = todo[state.process_index::state.num_processes]  # under accelerate launch: runs split between processes
+    shard = cache if state.num_processes == 1 or cache is None else f"{cache}.rank{state.process_index}"
+    for group, label in tqdm(mine, desc="viditq sensitivity", unit="run", disable=None):
         model = quantize_only(pipe.transformer, groups[group], all_layers, options[label], calibration)
         bits = {stored_weight_bits(spec) for spec in model.config.quantization_config.plan["layers"].values()}
         samples = generate(with_transformer(pipe, model), prompts, seeds, **call)
@@ -137,7 +145,12 @@ def measure(pipe, groups: dict[str, list[str]], options: dict[str, dict], prompt
         if proxy:
             entry["proxy"] = proxy_errors(pipe, model, prompts, seeds, **call)
         table.setdefault(group, {})[label] = entry
-        if cache:
+        if shard:
+            write_json(shard, {"fingerprint": fingerprint, "table": table})
+    if state.num_processes > 1:  # every process gets every run's entry
+        for group, label, entry in gather_object([(g, o, table[g][o]) for g, o in mine]):
+            table.setdefault(group, {})[label] = entry
+        if cache and state.is_main_process:
             write_json(cache, {"fingerprint": fingerprint, "table": table})
     return {g: table[g] for g in groups}
 
