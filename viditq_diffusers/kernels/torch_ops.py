@@ -70,6 +70,27 @@ def int_mm_zero_point(xq: torch.Tensor, codes: torch.Tensor, zero: torch.Tensor 
     return acc
 
 
+def grouped_exact_fp32(xq: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
+                       ) -> torch.Tensor:
+    """`sum_g scale[:, g] * (xq_g @ (codes_g - zero_g)^T)` in fp32, with the same bits as the int32 route.
+
+    The operands are converted to fp32 once (zero points folded into the weight); each group's GEMM sums
+    at most `size * 128 * 255 <= 2^24` in magnitude (the caller checks), so it is exact, like
+    `int_mm_exact_fp32`, and equals the int32 accumulator converted to fp32."""
+    groups = scale.shape[1]
+    size = codes.shape[1] // groups
+    w = codes.float()
+    if zero is not None:
+        w = w - zero.float().repeat_interleave(size, dim=1)
+    x = xq.float()
+    y = None
+    for g in range(groups):
+        cols = slice(g * size, (g + 1) * size)
+        part = (x[:, cols] @ w[:, cols].t()) * scale[:, g]
+        y = part if y is None else y + part
+    return y
+
+
 def linear_int(
     x: torch.Tensor,
     codes: torch.Tensor,
@@ -89,6 +110,8 @@ def linear_int(
     groups = scale.shape[1]
     if groups == 1:
         y = int_mm_zero_point(xq, codes, None if zero is None else zero[:, 0]).to(torch.float32) * scale[:, 0]
+    elif xq.device.type == "cpu" and codes.shape[1] // groups * 128 * 255 <= EXACT_FP32:
+        y = grouped_exact_fp32(xq, codes, scale, zero)
     else:
         # One integer GEMM per input-channel group; group scales are applied in fp32.
         size = codes.shape[1] // groups
