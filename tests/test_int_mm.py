@@ -46,3 +46,21 @@ def test_small_4bit_codes_take_one_chunk_and_empty_inputs_work():
     b = torch.randint(-8, 8, (4, 8192), generator=g, dtype=torch.int8)
     assert torch.equal(int_mm_exact_fp32(a, b), reference(a, b))
     assert int_mm_exact_fp32(torch.zeros(0, 8, dtype=torch.int8), b[:, :8]).shape == (0, 4)
+
+
+@pytest.mark.parametrize("bits,symmetric,group", [(4, True, 64), (4, False, 32), (8, False, 128), (8, True, 64)])
+def test_grouped_fp32_route_gives_the_int32_bits(bits, symmetric, group):
+    from viditq_diffusers.kernels.torch_ops import grouped_exact_fp32, int_mm_zero_point, quantize_activations
+    from viditq_diffusers.quant.formats import quantize_weight
+
+    g = torch.Generator().manual_seed(bits + group)
+    x = torch.randn(37, 512, generator=g) * torch.rand(512, generator=g) * 4
+    codes, scale, zero = quantize_weight(torch.randn(24, 512, generator=g) + 0.3, bits, group, symmetric, False)
+    xq, _ = quantize_activations(x, 8)
+    expected = None
+    for i in range(512 // group):
+        cols = slice(i * group, (i + 1) * group)
+        acc = int_mm_zero_point(xq[:, cols], codes[:, cols], None if zero is None else zero[:, i])
+        part = acc.to(torch.float32) * scale[:, i]
+        expected = part if expected is None else expected + part
+    assert torch.equal(grouped_exact_fp32(xq, codes, scale, zero), expected)
