@@ -1,7 +1,10 @@
 """viditq-diffusers: ViDiT-Q W8A8 / W4A8 quantization for diffusers' diffusion transformers.
 
-Importing this package registers `ViDiTQConfig` with diffusers (`quant_method="viditq"`).
+Importing this package registers `ViDiTQConfig` with diffusers (`quant_method="viditq"`) and, when PEFT is
+installed, teaches PEFT to put LoRA adapters on `ViDiTQLinear` layers.
 """
+
+import importlib.util
 
 from .calibration import CalibrationStats, calibrate
 from .config import PRESETS, ViDiTQConfig
@@ -12,6 +15,11 @@ from .hub import model_card, push_to_hub, save_pretrained
 from .nn import ViDiTQLinear
 
 register()
+
+if importlib.util.find_spec("peft") is not None:  # LoRA on quantized layers through diffusers / PEFT (lora.py)
+    from .lora import enable_peft_support
+
+    enable_peft_support()
 
 __version__ = "0.1.0"
 __all__ = [

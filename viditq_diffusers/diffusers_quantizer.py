@@ -125,6 +125,10 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, state_dict, safe_serialization=False):
+        lora = [k for k in state_dict if ".base_layer." in k or ".lora_" in k]
+        if lora:  # such a checkpoint would not reload: the plan knows no LoRA layers
+            raise ValueError(f"LoRA layers are loaded (e.g. {lora[0]!r}); call unload_lora() first, or fuse_lora() "
+                             f"then unload_lora() to save the LoRA baked into the quantized weights.")
         return state_dict, dict(SAFETENSORS_METADATA)
 
     def _dequantize(self, model):
