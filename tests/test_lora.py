@@ -23,7 +23,7 @@ from torch import nn  # noqa: E402
 import viditq_diffusers  # noqa: E402
 from viditq_diffusers import ViDiTQConfig, ViDiTQLinear  # noqa: E402
 from viditq_diffusers.lora import (  # noqa: E402
-    ViDiTQLoraLinear, _float_weight, disable_peft_support, dispatch_viditq, enable_peft_support,
+    ViDiTQLoraLinear, disable_peft_support, dispatch_viditq, enable_peft_support,
     register_custom_module,
 )
 from viditq_diffusers.zoo import ZOO, run  # noqa: E402
@@ -298,11 +298,11 @@ def test_merge_keeps_the_layers_plan(layout):
     # fused with the layer's own plan: same smoothing factors, same rotation, same layout; one more rounding
     assert base.rotation_seed == seed and (smooth is None or torch.equal(base.smooth_factors(), smooth))
     assert (base.qweight.dtype, base.qweight.shape) == (before["qweight"].dtype, before["qweight"].shape)
-    assert (_float_weight(base) - merged_w).abs().max().item() <= 2.5 * weight_err
+    assert (base.dequantized_weight(float64=True) - merged_w).abs().max().item() <= 2.5 * weight_err
     if base.early_weight_bits is not None:  # the W8 early copy is re-quantized from its own W8 codes
         _, plain8 = _layer(dict(weight_bits=8, act_bits=8))
         w8_err = (plain8.dequantized_weight().double() - linear.weight.double()).abs().max().item()
-        assert (_float_weight(base, "early_") - merged_w).abs().max().item() <= 3 * w8_err
+        assert (base.dequantized_weight(early=True, float64=True) - merged_w).abs().max().item() <= 3 * w8_err
     assert torch.allclose(base.bias.double(), merged_b, atol=1e-6)
     assert base.weight.dtype == torch.float32 and base.weight.numel() == 0
 

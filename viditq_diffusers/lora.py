@@ -47,8 +47,6 @@ except ImportError as exc:  # peft is optional: only LoRA needs it
     ) from exc
 
 from .nn import ViDiTQLinear
-from .quant.balance import unbalance_weight
-from .quant.formats import dequantize_weight, unpack_int4
 
 __all__ = [
     "ViDiTQLoraLinear", "dispatch_viditq", "register_custom_module", "enable_peft_support", "disable_peft_support",
@@ -56,21 +54,6 @@ __all__ = [
 
 # `init_lora_weights` values that only draw the LoRA factors (the others read the float base weight)
 _PLAIN_INITS = (True, False, "gaussian")
-
-
-def _float_weight(layer: ViDiTQLinear, prefix: str = "") -> torch.Tensor:
-    """The float64 weight `[out, in]` of the layer's main (`prefix=""`) or early (`"early_"`) codes, in the
-    ORIGINAL input basis (smoothing and rotation undone). float64 so that the merge adds the delta before any
-    rounding other than the quantization itself."""
-    bits = layer.early_weight_bits if prefix else layer.weight_bits
-    qweight = getattr(layer, f"{prefix}qweight")
-    codes = unpack_int4(qweight, layer.in_features) if bits == 4 else qweight
-    weight = dequantize_weight(
-        codes, getattr(layer, f"{prefix}weight_scale").view(torch.float32), getattr(layer, f"{prefix}weight_zero")
-    ).double()
-    if layer.is_balanced:
-        weight = unbalance_weight(weight, layer.smooth_factors(), layer.rotation_seed)  # float64 in, float64 out
-    return weight
 
 
 class ViDiTQLoraLinear(nn.Module, LoraLayer):
@@ -188,9 +171,9 @@ class ViDiTQLoraLinear(nn.Module, LoraLayer):
                 )
             delta_bias = sum(self.lora_B[a].bias.double() * self.scaling[a] for a in bias_adapters)
 
-        weights = {"": _float_weight(base) + delta.to(base.qweight.device)}
+        weights = {"": base.dequantized_weight(float64=True) + delta.to(base.qweight.device)}
         if base.early_weight_bits is not None:
-            weights["early_"] = _float_weight(base, "early_") + delta.to(base.qweight.device)
+            weights["early_"] = base.dequantized_weight(early=True, float64=True) + delta.to(base.qweight.device)
         for merged in weights.values():
             if not torch.isfinite(merged).all():
                 raise ValueError(

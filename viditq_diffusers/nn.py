@@ -169,9 +169,16 @@ class ViDiTQLinear(nn.Module):
         """fp32 smoothing factors `[in]` (a view), or None."""
         return None if self.act_smooth is None else self.act_smooth.view(torch.float32)
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """The float weight `[out, in]` this layer stands for, in the ORIGINAL input basis (balancing undone)."""
-        weight = dequantize_weight(self.codes(), self.scales(), self.weight_zero)
+    def dequantized_weight(self, early: bool = False, float64: bool = False) -> torch.Tensor:
+        """The float weight `[out, in]` this layer stands for, in the ORIGINAL input basis (balancing undone):
+        of the main codes, or of the timestep-wise early copy (`early`); in float64 on request (`float64`, so
+        a caller can add to it before any further rounding)."""
+        prefix, bits = ("early_", self.early_weight_bits) if early else ("", self.weight_bits)
+        qweight = getattr(self, f"{prefix}qweight")
+        codes = unpack_int4(qweight, self.in_features) if bits == 4 else qweight
+        weight = dequantize_weight(codes, getattr(self, f"{prefix}weight_scale").view(torch.float32),
+                                   getattr(self, f"{prefix}weight_zero"))
+        weight = weight.double() if float64 else weight
         return unbalance_weight(weight, self.smooth_factors(), self.rotation_seed) if self.is_balanced else weight
 
     def balance(self, x: torch.Tensor) -> torch.Tensor:
