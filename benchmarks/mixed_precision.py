@@ -6,14 +6,16 @@ Per pipeline (image, video and their stressed copies):
 2. the sensitivity table: each layer group (role x block range) quantized alone at W4A8, at W8A8 and
    timestep-wise (W8 while t >= 750, W4 after; both copies stored and counted), all with the per-layer
    balancing, generated on the calibration prompts (other seeds), scored by the
-   pipeline's own metrics: fidelity = PSNR vs FP, text alignment = the classifier's accuracy on the
+   pipeline's own metrics: fidelity = minus the relative squared error vs FP (squared errors of groups add
+   up; dB do not), text alignment = the classifier's accuracy on the
    request, temporal consistency = minus the warp error relative to FP (video). Cached, so reruns resume;
 3. plans allocated at each budget among W4A8 / W8A8, and one among all three options
    (`mixed_precision.allocate`, an exact integer program);
 4. every config evaluated on the evaluation prompts, as `quality.py` does.
 
 It prints a frontier table per pipeline, which groups each searched plan protected (W8), the proxy's rank
-agreement, and writes a sensitivity heatmap PNG per pipeline.
+agreement, and writes a sensitivity heatmap PNG, the calibration statistics and every searched plan (JSON, for
+`ViDiTQConfig(plan=..., calibration=...)`) per pipeline into `--out`.
 
     python benchmarks/mixed_precision.py [--only image|video] [--budgets 6 5 4.5] [--block-ranges 2]
 """
@@ -32,6 +34,7 @@ from quality import ROOT, ImageTask, VideoTask, evaluate  # noqa: E402  (also pu
 from reference.classifier import load_classifier  # noqa: E402
 from viditq_diffusers import metrics  # noqa: E402
 from viditq_diffusers.calibration import calibrate  # noqa: E402
+from viditq_diffusers.jsonio import write_json  # noqa: E402
 from viditq_diffusers.mixed_precision import allocate, rank_agreement  # noqa: E402
 from viditq_diffusers.mixed_precision.heatmap import save_heatmap  # noqa: E402
 from viditq_diffusers.mixed_precision.search import plan_from_choice, quantizable_groups  # noqa: E402
@@ -47,7 +50,7 @@ UNIFORM = ("W4A8", "W8A8")
 def scorer(task, classifier, prompts_digits):
     """Higher-is-better scores of samples vs the FP samples of the same prompts and seeds."""
     def score(samples, reference):
-        out = {FIDELITY: metrics.psnr(samples, reference)}
+        out = {FIDELITY: -metrics.relative_mse(samples, reference)}  # additive across groups, unlike dB
         if isinstance(task, VideoTask):
             digits, directions = prompts_digits
             from reference.evaluate_video import classify_clips
@@ -110,6 +113,7 @@ def run_pipeline(slug, pipe, task, classifier, args) -> dict:
     call = {k: v for k, v in task.call.items() if k not in ("num_inference_steps", "guidance_scale")}
     stats = calibrate(pipe, task.calibration_prompts, task.call["num_inference_steps"], task.call["guidance_scale"],
                       seeds=list(range(1000, 1000 + len(task.calibration_prompts))), **call)
+    stats.save(os.path.join(args.out, f"{slug}-calibration.safetensors"))  # what the saved plans quantize with
     prompts, asked = sensitivity_prompts(task)
     groups = quantizable_groups(pipe.transformer, args.block_ranges)
     table = measure(pipe, groups, OPTIONS, prompts, list(range(2000, 2000 + len(prompts))),
@@ -127,6 +131,8 @@ def run_pipeline(slug, pipe, task, classifier, args) -> dict:
         choice = allocate(candidates, budget * weights).choice
         plan = plan_from_choice(pipe.transformer, groups, OPTIONS, choice, stats)
         configs[label] = dict(plan=plan, stats=True)
+        name = "timestep-wise" if candidates is table else "searched"
+        write_json(os.path.join(args.out, f"{slug}-{name}-{budget:g}bits.plan.json"), plan)
         protected[label] = sorted(f"{g}: {o}" for g, o in choice.items() if o != "W4A8")
     rows = evaluate(pipe, task, args, classifier, os.path.join(args.out, slug), configs)
     video = isinstance(task, VideoTask)

@@ -180,11 +180,11 @@ def cmd_search(args) -> None:
                     num_inference_steps=args.steps, guidance_scale=args.guidance, **pipeline_call(pipe, args))
     write_json(args.out, result.plan)
     save_heatmap(result.table, f"{args.out}.heatmap.png")
-    print("| group | layers | chosen | " + " | ".join(f"PSNR drop {o} (dB)" for o in next(iter(result.table.values())))
+    print("| group | layers | chosen | " + " | ".join(f"rel. sq. error {o}" for o in next(iter(result.table.values())))
           + " |")
     print("|---|---:|---|" + "---:|" * len(next(iter(result.table.values()))))
     for group, options in result.table.items():
-        drops = " | ".join(f"{entry['metrics']['fidelity']:.2f}" for entry in options.values())
+        drops = " | ".join(f"{entry['metrics']['fidelity']:.3g}" for entry in options.values())
         print(f"| {group} | {len(result.groups[group])} | {result.allocation.choice[group]} | {drops} |")
     print(f"average weight bits {result.average_bits:.2f} (budget {args.budget_bits}); plan saved to {args.out}, "
           f"sensitivity heatmap to {args.out}.heatmap.png")

@@ -2,8 +2,9 @@
 
 The input is a sensitivity table: for every group, its options (e.g. "W4A8", "W8A8", or a timestep-wise
 "W4A8|W8A8") with their weight memory in bits and the degradation they cause on each metric when that group
-alone is quantized that way (PSNR drop, text-alignment drop, FD rise, ...). Degradations are taken as
-additive across groups, the usual first-order assumption of mixed-precision search.
+alone is quantized that way (relative squared error, text-alignment drop, FD rise, ...). Degradations are
+taken as additive across groups, the usual first-order assumption of mixed-precision search (it holds for
+squared errors, not for dB).
 
 The choice is an exact small integer program (scipy's `milp`, HiGHS branch and bound), not a heuristic:
 

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from .sensitivity import dominant_metric
 
-CELL_W, CELL_H, PAD = 96, 18, 6
+CELL_W, CELL_H, PAD, CHAR_W = 96, 18, 6, 7  # CELL_W: the narrowest cell; CHAR_W: Pillow's default font
 
 
 def _colour(value: float, worst: float) -> tuple[int, int, int]:
@@ -23,25 +23,26 @@ def save_heatmap(table: dict[str, dict[str, dict]], path: str | os.PathLike, tit
     groups = list(table)
     options = list(next(iter(table.values())))
     value = {(g, o): table[g][o]["metrics"].get(dominant_metric(g), 0.0) for g in groups for o in options}
-    worst = {}  # per metric, so PSNR drops and accuracy drops each use their own scale
+    worst = {}  # per metric, so squared errors and accuracy drops each use their own scale
     for g in groups:
         metric = dominant_metric(g)
         worst[metric] = max([worst.get(metric, 0.0)] + [value[(g, o)] for o in options])
-    label_w = 7 * max(len(f"{g} ({dominant_metric(g)})") for g in groups) + 2 * PAD
+    label_w = CHAR_W * max(len(f"{g} ({dominant_metric(g)})") for g in groups) + 2 * PAD
+    cell_w = max(CELL_W, CHAR_W * max(len(o) for o in options) + 2 * PAD)  # wide enough for the option names
     top = 2 * CELL_H + PAD
-    image = Image.new("RGB", (label_w + CELL_W * len(options) + PAD, top + CELL_H * len(groups) + PAD), "white")
+    image = Image.new("RGB", (label_w + cell_w * len(options) + PAD, top + CELL_H * len(groups) + PAD), "white")
     draw = ImageDraw.Draw(image)
     draw.text((PAD, PAD // 2), title or "degradation vs FP on each group's dominant metric (higher = worse)",
               fill="black")
     for j, option in enumerate(options):
-        draw.text((label_w + j * CELL_W + PAD, CELL_H), option, fill="black")
+        draw.text((label_w + j * cell_w + PAD, CELL_H), option, fill="black")
     for i, group in enumerate(groups):
         y = top + i * CELL_H
         draw.text((PAD, y + 3), f"{group} ({dominant_metric(group)})", fill="black")
         for j, option in enumerate(options):
-            x = label_w + j * CELL_W
+            x = label_w + j * cell_w
             v = value[(group, option)]
-            draw.rectangle([x, y, x + CELL_W - 2, y + CELL_H - 2], fill=_colour(v, worst[dominant_metric(group)]))
+            draw.rectangle([x, y, x + cell_w - 2, y + CELL_H - 2], fill=_colour(v, worst[dominant_metric(group)]))
             draw.text((x + PAD, y + 3), f"{v:.3g}", fill="black")
     tmp = f"{os.fspath(path)}.tmp-{os.getpid()}.png"
     image.save(tmp)

@@ -19,9 +19,11 @@ from .sensitivity import FIDELITY, group_role, measure
 DEFAULT_OPTIONS = {"W4A8": {"preset": "w4a8"}, "W8A8": {"preset": "w8a8"}}
 
 
-def psnr_scorer(samples, reference) -> dict[str, float]:
-    """The scorer that needs no model: visual fidelity as PSNR vs FP (pass your own for text alignment etc.)."""
-    return {FIDELITY: metrics.psnr(samples, reference)}
+def fidelity_scorer(samples, reference) -> dict[str, float]:
+    """The scorer that needs no model (pass your own for text alignment etc.): visual fidelity as minus the
+    relative squared error vs FP. Squared errors of independently quantized groups add up, so the summed
+    degradations the allocation minimises track the whole plan's error; PSNR drops do not add."""
+    return {FIDELITY: -metrics.relative_mse(samples, reference)}
 
 
 @dataclass
@@ -50,7 +52,7 @@ def plan_from_choice(model, groups: dict[str, list[str]], options: dict[str, dic
     return plan
 
 
-def search(pipe, budget_bits: float, prompts: list[str], seeds: list[int], score=psnr_scorer,
+def search(pipe, budget_bits: float, prompts: list[str], seeds: list[int], score=fidelity_scorer,
            options: dict[str, dict] | None = None, block_ranges=4, tolerances: dict[str, float] | None = None,
            calibration=None, cache=None, **call) -> SearchResult:
     """Measure every group at every option, then pick per group under `budget_bits` average weight bits."""

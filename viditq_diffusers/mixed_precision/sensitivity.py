@@ -3,10 +3,11 @@
 For every group (role x block range, `roles.group_layers`) and every candidate precision, the group alone is
 quantized (every other layer stays FP), the pipeline generates from the FP run's noise, and a scorer rates
 the samples. The degradation on a metric is the FP score minus the quantized score (scorers return "higher
-is better" values: PSNR, classifier accuracy, minus FD, minus warp error...). ViDiT-Q's point is that each
-group has a metric it dominates: cross-attention the text alignment, temporal attention the temporal
-consistency, FFN and self-attention the visual fidelity (`DOMINANT_METRIC`); every metric is recorded for
-every group anyway, so the allocation can hold all of them within tolerance.
+is better" values: minus the relative squared error vs FP, classifier accuracy, minus FD, minus warp
+error...). ViDiT-Q's point is that each group has a metric it dominates: cross-attention the text
+alignment, temporal attention the temporal consistency, FFN and self-attention the visual fidelity
+(`DOMINANT_METRIC`); every metric is recorded for every group anyway, so the allocation can hold all of
+them within tolerance.
 
 A cheap proxy runs alongside: the quantized denoiser's relative epsilon error, teacher-forced on the FP
 trajectory, split per metric family (`proxy_errors`). `rank_agreement` reports how well it ranks groups.
@@ -127,6 +128,7 @@ def measure(pipe, groups: dict[str, list[str]], options: dict[str, dict], prompt
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     cache = os.fspath(cache) if cache is not None else None
     fingerprint = {"prompts": prompts, "seeds": seeds, "options": options, "groups": groups,
+                   "score": getattr(score, "__qualname__", type(score).__name__),
                    "call": {k: repr(v) for k, v in sorted(call.items())}, "model": type(pipe.transformer).__name__}
     table = _load_cache(cache, fingerprint)
     all_layers = [name for layers in groups.values() for name in layers]
