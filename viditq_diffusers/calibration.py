@@ -221,7 +221,8 @@ class _LayerStats:
 def _timestep_of(denoiser: nn.Module, args: tuple, kwargs: dict) -> float:
     t = kwargs.get("timestep")
     if t is None:
-        t = inspect.signature(denoiser.forward).bind_partial(*args, **kwargs).arguments.get("timestep")
+        bound = inspect.signature(denoiser.forward).bind_partial(*args, **kwargs).arguments
+        t = bound.get("timestep", bound.get("timesteps"))  # ComfyUI's denoisers name it `timesteps`
     if t is None:
         raise ValueError(f"{type(denoiser).__name__} was called without a `timestep`; calibrate needs it to bucket "
                          f"the statistics by timestep.")

@@ -89,6 +89,26 @@ def own_aligned_memory(model: nn.Module) -> None:
                         store[name] = tensor.clone()
 
 
+def quantized_layers(model: nn.Module, config):
+    """`(plan, iterator of (name, ViDiTQLinear))` for any `nn.Module`, which stays untouched.
+
+    The layers are built one at a time as the iterator is consumed (the caller swaps each in, or keeps
+    them aside, e.g. as ComfyUI object patches), so memory holds one extra layer at a time. `config` is
+    completed in place (statistics loaded, plan entries finished): pass a copy.
+    """
+    check_not_quantized(model)
+    plan = resolve_plan(model, config)
+
+    def build():
+        with torch.no_grad():
+            for name, spec in tqdm(plan["layers"].items(), desc="Quantizing", unit="layer", disable=None):
+                linear = model.get_submodule(name)
+                bias = None if linear.bias is None else linear.bias.detach().clone()
+                yield name, quantized_layer(name, linear.weight.detach(), bias, spec, config)
+
+    return plan, build()
+
+
 @torch.no_grad()
 def quantize(model: nn.Module, config) -> nn.Module:
     """Quantize an already-loaded diffusers model in place (and return it).
@@ -98,13 +118,10 @@ def quantize(model: nn.Module, config) -> nn.Module:
     """
     from .diffusers_quantizer import ViDiTQQuantizer  # the quantizer imports this module
 
-    check_not_quantized(model)
     config = copy.deepcopy(config)
-    plan = resolve_plan(model, config)
-    for name, spec in tqdm(plan["layers"].items(), desc="Quantizing", unit="layer", disable=None):
-        linear = model.get_submodule(name)
-        bias = None if linear.bias is None else linear.bias.detach().clone()
-        set_submodule(model, name, quantized_layer(name, linear.weight.detach(), bias, spec, config))
+    plan, layers = quantized_layers(model, config)
+    for name, layer in layers:
+        set_submodule(model, name, layer)
     config.plan = plan
     config.calibration = None  # the plan (and the act_smooth tensors) now hold what the statistics decided
     quantizer = ViDiTQQuantizer(config, pre_quantized=False)

@@ -1,0 +1,58 @@
+"""Non-destructive quantization of a ComfyUI MODEL: the quantized layers ride on a clone as object patches.
+
+A ComfyUI MODEL is a `ModelPatcher`; its clones share one module tree. Object patches swap modules on
+that tree only while the clone is loaded, so the FP MODEL in the same graph keeps its own layers. ComfyUI
+unpatches lazily: after a clone ran, its patches may still sit on the shared tree (the originals are in
+the clones' shared `object_patches_backup`). `loaded_tree` therefore loads the given MODEL first, which
+restores the originals and applies that MODEL's own patches, before anything reads the tree.
+"""
+
+from __future__ import annotations
+
+import comfy.model_management
+
+from viditq_diffusers.convert import quantized_layers
+from viditq_diffusers.nn import ViDiTQLinear
+
+PREFIX = "diffusion_model."
+PLAN = "viditq_plan"  # key of the plan in ModelPatcher.attachments (copied by reference into clones)
+
+
+def loaded_tree(model):
+    """The denoiser module tree exactly as `model` (a ModelPatcher) sees it."""
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+    return model.model.diffusion_model
+
+
+def plan_of(model) -> dict | None:
+    """The ViDiT-Q plan of a quantized MODEL (None for a floating-point one)."""
+    return model.attachments.get(PLAN)
+
+
+def quantize_model(model, config):
+    """A clone of `model` whose planned linears are `ViDiTQLinear` object patches; `model` is untouched."""
+    if plan_of(model) is not None:
+        raise ValueError("this MODEL is already ViDiT-Q quantized; quantizing twice would re-round integer weights. "
+                         "Connect the floating-point MODEL instead.")
+    tree = loaded_tree(model)
+    plan = config.plan
+    if plan is not None and plan.get("model_class") not in (None, type(tree).__name__):
+        raise ValueError(f"the plan was made for {plan['model_class']}, but this MODEL's denoiser is "
+                         f"{type(tree).__name__} ({type(model.model).__name__}); use a plan made for this model "
+                         f"family, or a preset.")
+    plan, layers = quantized_layers(tree, config)
+    quantized = model.clone()
+    for name, layer in layers:
+        quantized.add_object_patch(PREFIX + name, layer)
+    first = quantized.object_patches[PREFIX + next(iter(plan["layers"]))]
+    plan["dtype"] = str(first.weight.dtype).removeprefix("torch.")
+    quantized.attachments[PLAN] = plan
+    return quantized
+
+
+def check_plan_applied(tree, plan: dict) -> None:
+    """Every planned layer of the loaded tree is a ViDiTQLinear (e.g. a stock loader did not undo it)."""
+    missing = [n for n in plan["layers"] if not isinstance(tree.get_submodule(n), ViDiTQLinear)]
+    if missing:
+        raise RuntimeError(f"{len(missing)} planned layer(s) are not quantized on the loaded model (e.g. "
+                           f"{missing[0]!r}); another node replaced them.")

@@ -1,0 +1,109 @@
+"""Tier 2: the pack's node classes on the trained reference PixArt, inside real ComfyUI 0.30.0 (in-process).
+
+Under the project's venv this file has one test, which re-runs the file under ComfyUI's venv (skipped
+when ComfyUI is not installed: `python tests/comfyui/install_comfyui.py`).
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.comfyui import comfy_env  # noqa: E402
+
+if not comfy_env.in_comfyui_venv():
+
+    def test_nodes_in_comfyui_venv():
+        comfy_env.rerun_in_comfyui_venv(__file__)
+
+else:
+    import json
+
+    import torch
+
+    from tests.comfyui import inprocess, reference_pixart
+
+    torch.set_num_threads(1)
+    STEPS, CFG, SEED = 12, 4.5, 0
+
+    @pytest.fixture(scope="module")
+    def comfy(tmp_path_factory):
+        """(pack nodes module, FP MODEL, sample(model) -> latent, base dir, calibration statistics)."""
+        base = tmp_path_factory.mktemp("comfyui")
+        nodes_mod = inprocess.setup(base)
+        import nodes as comfy_nodes
+
+        from tests.comfyui.fixture_nodes import DigitsTextEncode
+
+        reference_pixart.write(str(base / "models" / "diffusion_models" / "pixart_digits_fp.safetensors"))
+        fp = nodes_mod.Load.execute("pixart_digits_fp.safetensors").result[0]
+        pos, neg = (DigitsTextEncode().encode(t)[0] for t in ("a thick handwritten digit 7", ""))
+        latent = {"samples": torch.zeros(1, 4, 40, 40)}  # ComfyUI's PixArt position embedding needs >= 33 latent px
+
+        def sample(model):
+            return comfy_nodes.common_ksampler(model, SEED, STEPS, CFG, "euler", "normal", pos, neg, latent)[0]["samples"]
+
+        stats = nodes_mod.Calibrate.execute([fp], [pos], [neg], [latent], [SEED], [6], [CFG], ["euler"],
+                                            ["normal"]).result[0]
+        return nodes_mod, fp, sample, base, stats
+
+    def psnr(ref, x):
+        return float(10 * torch.log10((ref.max() - ref.min()) ** 2 / ((ref - x) ** 2).mean()))
+
+    def test_calibration_records_every_block_linear_per_timestep(comfy):
+        _, _, _, _, stats = comfy
+        assert stats.model_class == "PixArtMS" and len(stats.layers) == 8 * 7  # qkv, proj, q, kv, proj, fc1, fc2
+        filled = stats.bucket_absmax["blocks.0.attn.qkv"].amax(1) > 0
+        assert filled.sum() >= 3  # 6 steps spread over the 4 timestep buckets
+
+    def test_quantize_is_non_destructive_and_close(comfy):
+        nodes_mod, fp, sample, _, stats = comfy
+        before = sample(fp)
+        w8 = nodes_mod.Quantize.execute(fp, "w8a8", stats).result[0]
+        quantized = sample(w8)
+        after = sample(fp)  # ComfyUI unpatches lazily: the FP MODEL must get its own layers back
+        assert torch.equal(before, after)
+        assert 40 <= psnr(before, quantized) < 200
+
+    def test_save_load_is_bit_identical(comfy):
+        nodes_mod, fp, sample, base, stats = comfy
+        w4 = nodes_mod.Quantize.execute(fp, "w4a8", stats).result[0]
+        nodes_mod.Save.execute(w4, "reload_w4a8")
+        path = base / "models" / "diffusion_models" / "reload_w4a8.safetensors"
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["viditq_comfyui"])
+        assert meta["model_class"] == "PixArtAlpha" and meta["unet_config"]["hidden_size"] == 128
+        assert len(meta["plan"]["layers"]) == 56 and meta["plan"]["model_class"] == "PixArtMS"
+        reloaded = nodes_mod.Load.execute("reload_w4a8.safetensors").result[0]
+        assert torch.equal(sample(w4), sample(reloaded))
+
+    def test_wrong_family_plan_is_refused(comfy, tmp_path):
+        from viditq_diffusers.plan import PLAN_VERSION
+
+        nodes_mod, fp, _, _, _ = comfy
+        plan = {"version": PLAN_VERSION, "model_class": "FluxTransformer2DModel", "layers": {}}
+        (tmp_path / "plan.json").write_text(json.dumps(plan))
+        with pytest.raises(ValueError, match="plan was made for FluxTransformer2DModel"):
+            nodes_mod.Quantize.execute(fp, "w8a8", None, str(tmp_path / "plan.json"))
+
+    def test_missing_calibration_is_named(comfy):
+        nodes_mod, fp, _, _, _ = comfy
+        with pytest.raises(ValueError, match="(?s)calibration.*ViDiT-Q Calibrate"):
+            nodes_mod.Quantize.execute(fp, "smooth_w4a8")
+
+    def test_corrupt_file_is_named(comfy):
+        nodes_mod, _, _, base, _ = comfy
+        (base / "models" / "diffusion_models" / "corrupt.safetensors").write_bytes(b"\x10\x00garbage" * 10)
+        with pytest.raises(ValueError, match="corrupt.safetensors is not a readable safetensors file"):
+            nodes_mod.Load.execute("corrupt.safetensors")
+
+    def test_quantizing_twice_and_saving_fp_are_refused(comfy):
+        nodes_mod, fp, _, _, _ = comfy
+        w8 = nodes_mod.Quantize.execute(fp, "w8a8").result[0]
+        with pytest.raises(ValueError, match="already ViDiT-Q quantized"):
+            nodes_mod.Quantize.execute(w8, "w8a8")
+        with pytest.raises(ValueError, match="takes a quantized MODEL"):
+            nodes_mod.Save.execute(fp, "fp")

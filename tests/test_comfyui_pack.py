@@ -1,0 +1,29 @@
+"""Tier 1: the ComfyUI pack's packaging, without ComfyUI (its import guard, metadata, the core's independence)."""
+
+import importlib
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_pack_imports_outside_comfyui():
+    assert importlib.util.find_spec("comfy") is None  # this is the project's venv, not ComfyUI's
+    sys.path.insert(0, str(REPO))
+    pack = importlib.import_module("comfyui_nodes")
+    assert not hasattr(pack, "comfy_entrypoint")  # the guard: no nodes without ComfyUI
+
+
+def test_pack_metadata():
+    meta = tomllib.loads((REPO / "comfyui_nodes" / "pyproject.toml").read_text())
+    assert {"PublisherId", "DisplayName"} <= set(meta["tool"]["comfy"])
+    requirements = (REPO / "comfyui_nodes" / "requirements.txt").read_text()
+    assert re.search(r"^viditq-diffusers", requirements, re.M)
+
+
+def test_core_never_imports_comfy():
+    pattern = re.compile(r"^\s*(import|from)\s+(comfy|comfy_api|folder_paths|nodes)\b", re.M)
+    offenders = [str(p) for p in (REPO / "viditq_diffusers").rglob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []
