@@ -3,13 +3,13 @@ plans searched at several average weight-bit budgets (issue 7).
 
 Per pipeline (image, video and their stressed copies):
 1. one calibration run (as `quality.py`: other prompts and seeds than the evaluation's);
-2. the sensitivity table: each layer group (role x block range) quantized alone at W4A8, at W8A8 and
-   timestep-wise (W8 while t >= 750, W4 after; both copies stored and counted), all with the per-layer
+2. the sensitivity table: each layer group (role x block range) quantized alone at W4A8, W4A8 in groups of 64
+   (4.625 bits with the group scales), W8A8 and timestep-wise (W8 while t >= 750, W4 after; both copies stored and counted), all with the per-layer
    balancing, generated on the calibration prompts (other seeds), scored by the
    pipeline's own metrics: fidelity = minus the relative squared error vs FP (squared errors of groups add
    up; dB do not), text alignment = the classifier's accuracy on the
    request, temporal consistency = minus the warp error relative to FP (video). Cached, so reruns resume;
-3. plans allocated at each budget among W4A8 / W8A8, and one among all three options
+3. plans allocated at each budget among the single-precision options, and one among all of them
    (`mixed_precision.allocate`, an exact integer program);
 4. every config evaluated on the evaluation prompts, as `quality.py` does.
 
@@ -42,9 +42,11 @@ from viditq_diffusers.mixed_precision.sensitivity import FIDELITY, TEMPORAL, TEX
 from viditq_diffusers.stress import stress  # noqa: E402
 
 OPTIONS = {"W4A8": {"preset": "w4a8"}, "W8A8": {"preset": "w8a8"},
+           # 4-bit weights in groups of 64 input channels: 4.625 bits with the group scales and zero points
+           "W4A8-g64": {"preset": "w4a8", "group_size": 64},
            # timestep-wise: W8 for the first ~quarter of the steps (t >= 750), W4 after; both copies stored
            "W4A8, W8 while t >= 750": {"preset": "w4a8", "early_weight_bits": 8, "early_timestep": 750.0}}
-UNIFORM = ("W4A8", "W8A8")
+SINGLE = ("W4A8", "W4A8-g64", "W8A8")  # one precision for all steps
 
 
 def scorer(task, classifier, prompts_digits):
@@ -122,10 +124,11 @@ def run_pipeline(slug, pipe, task, classifier, args) -> dict:
     save_heatmap(table, os.path.join(args.out, f"{slug}-sensitivity.png"), title=f"{slug}: degradation vs FP")
     weights = sum(pipe.transformer.get_submodule(n).weight.numel() for names in groups.values() for n in names)
     configs = {"uniform W8A8": dict(preset="w8a8", stats=True), "uniform W4A8": dict(preset="w4a8", stats=True),
+               "uniform W4A8-g64": dict(preset="w4a8", group_size=64, stats=True),
                "W4A8-MP (paper heuristic)": dict(preset="w4a8_mp", stats=True)}
     protected = {}
-    uniform_table = {g: {o: options[o] for o in UNIFORM} for g, options in table.items()}
-    searches = [(f"searched, <= {b:g} bits", b, uniform_table) for b in args.budgets]
+    single_table = {g: {o: options[o] for o in SINGLE} for g, options in table.items()}
+    searches = [(f"searched, <= {b:g} bits", b, single_table) for b in args.budgets]
     searches.append((f"searched timestep-wise, <= {args.tw_budget:g} bits", args.tw_budget, table))
     for label, budget, candidates in searches:
         choice = allocate(candidates, budget * weights).choice

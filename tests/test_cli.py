@@ -25,9 +25,9 @@ def test_quantize_pipeline_and_info(tmp_path):
     info = json.loads(viditq("info", tmp_path / "q", "--json").stdout)
     summary = info["transformer"]
     assert summary["formats"] == {"W4A8-g32": summary["num_quantized"]} and summary["num_quantized"] > 0
-    assert 0 < summary["weight_bytes"] < summary["fp16_bytes"] and summary["average_weight_bits"] == 4
+    assert 0 < summary["weight_bytes"] < summary["fp16_bytes"] and summary["average_weight_bits"] == 4 + (32 + 8) / 32  # codes + group scales
     listing = viditq("info", tmp_path / "q", "--layers").stdout
-    assert "average weight bits: 4.00" in listing
+    assert "average weight bits: 5.25" in listing
     assert "transformer_blocks.0.attn1.to_q" in listing and "ratio to FP16" in listing
 
 

@@ -90,6 +90,16 @@ def test_cache_resumes_and_refuses_other_settings(pipe, tmp_path):
     assert resumed.calls == 2
     with pytest.raises(ValueError, match="other settings"):
         measure(pipe, groups, OPTIONS, PROMPTS, [5, 6], Scorer(), cache=cache, proxy=False, **CALL)
+    # a new option is measured on top of the cached ones; an option redefined under a cached name is refused
+    grouped = {**OPTIONS, "W4A8-g8": {"preset": "w4a8", "group_size": 8}}
+    more = Scorer()
+    wider = measure(pipe, groups, grouped, PROMPTS, SEEDS, more, cache=cache, proxy=False, **CALL)
+    assert more.calls == 1 + len(groups) and {g: {o: wider[g][o] for o in OPTIONS} for g in groups} == table
+    assert all(w["W4A8-g8"]["cost"] > w["W4A8"]["cost"] for w in wider.values())  # group scales are counted
+    assert measure(pipe, groups, OPTIONS, PROMPTS, SEEDS, Scorer(), cache=cache, proxy=False, **CALL) == table
+    with pytest.raises(ValueError, match="W8A8"):
+        measure(pipe, groups, {"W8A8": {"preset": "w4a8"}}, PROMPTS, SEEDS, Scorer(), cache=cache, proxy=False,
+                **CALL)
 
 
 def test_cli_search_writes_a_plan_that_quantizes_mixed(pipe, tmp_path):

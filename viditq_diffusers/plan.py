@@ -170,14 +170,21 @@ def summarize(plan: dict) -> dict[str, int]:
     return counts
 
 
-def stored_weight_bits(spec: dict) -> int:
-    """Bits stored per weight of a layer: a timestep-wise layer holds both of its copies."""
-    return spec["weight_bits"] + (spec.get("early_weight_bits") or 0)
+SCALE_BITS, ZERO_BITS = 32, 8  # a weight scale is stored as fp32 bits, a zero point as int8
+
+
+def stored_weight_bits(spec: dict) -> float:
+    """Bits stored per weight of a layer: the codes plus, with `group_size`, each group's scale and zero point
+    (the usual count, e.g. "4.25 bits" for 4-bit g128 with fp16 scales: group scales grow with the weights,
+    a per-channel scale does not). A timestep-wise layer holds both of its copies."""
+    group = SCALE_BITS + (0 if spec["symmetric"] else ZERO_BITS)
+    per_copy = group / spec["group_size"] if spec["group_size"] else 0.0
+    return sum(bits + per_copy for bits in (spec["weight_bits"], spec.get("early_weight_bits")) if bits)
 
 
 def average_weight_bits(plan: dict) -> float:
-    """Stored weight bits per quantized weight, averaged over the plan's layers by weight count (scales
-    excluded; timestep-wise layers count both copies)."""
+    """Stored weight bits per quantized weight (`stored_weight_bits`), averaged over the plan's layers by
+    weight count."""
     sizes = [(stored_weight_bits(spec), spec["in_features"] * spec["out_features"]) for spec in plan["layers"].values()]
     return sum(bits * n for bits, n in sizes) / sum(n for _, n in sizes)
 

@@ -13,7 +13,8 @@ A cheap proxy runs alongside: the quantized denoiser's relative epsilon error, t
 trajectory, split per metric family (`proxy_errors`). `rank_agreement` reports how well it ranks groups.
 
 The table is written to a JSON cache after every entry (atomically), so an interrupted search resumes where
-it stopped; a cache made with other prompts, seeds or settings is refused rather than mixed in. Under
+it stopped, and options or groups added later are measured on top of it; a cache made with other prompts,
+seeds, scorer or settings, or that defines an option or group otherwise, is refused rather than mixed in. Under
 `accelerate launch --num_processes N` the runs are split between the processes (each writes its own
 `CACHE.rankI` shard as it goes) and gathered at the end.
 """
@@ -51,9 +52,10 @@ def dominant_metric(group: str) -> str:
     return DOMINANT_METRIC.get(group_role(group), FIDELITY)
 
 
-def group_weights(model: torch.nn.Module, layers: list[str]) -> int:
-    """Number of weights in the group's linears."""
-    return sum(model.get_submodule(name).in_features * model.get_submodule(name).out_features for name in layers)
+def stored_bits(plan: dict, layers: list[str]) -> float:
+    """Bits the layers' quantized weights take as planned (codes, group scales, both timestep-wise copies)."""
+    return sum(stored_weight_bits(spec) * spec["in_features"] * spec["out_features"]
+               for name, spec in plan["layers"].items() if name in layers)
 
 
 def with_transformer(pipe, transformer):
@@ -102,14 +104,19 @@ def proxy_errors(pipe, quantized, prompts: list[str], seeds: list[int], **call) 
     return {k: float(sum(v) / len(v)) for k, v in sums.items()}
 
 
-def _load_cache(path: str | None, fingerprint: dict) -> dict:
+def _load_cache(path: str | None, fingerprint: dict, groups: dict, options: dict) -> dict:
+    """The cached table, or {}. Entries of groups and options the cache defines the same way are reused, so
+    adding an option (or a group) to a finished search measures only what is new."""
     if not path or not os.path.exists(path):
-        return {}
+        return {"fingerprint": fingerprint, "groups": {}, "options": {}, "table": {}}
     cached = read_json(path)
-    if cached.get("fingerprint") != fingerprint:
-        raise ValueError(f"sensitivity cache {path} was made with other settings (prompts, seeds, options or "
-                         f"groups); pass another cache path or delete it to start over")
-    return cached["table"]
+    clash = [g for g in groups if cached.get("groups", {}).get(g, groups[g]) != groups[g]]
+    clash += [o for o in options if cached.get("options", {}).get(o, options[o]) != options[o]]
+    if cached.get("fingerprint") != fingerprint or clash:
+        raise ValueError(f"sensitivity cache {path} was made with other settings ("
+                         f"{', '.join(clash) or 'prompts, seeds, scorer or pipeline call'}); pass another cache "
+                         f"path or delete it to start over")
+    return cached
 
 
 def measure(pipe, groups: dict[str, list[str]], options: dict[str, dict], prompts: list[str], seeds: list[int],
@@ -127,10 +134,12 @@ def measure(pipe, groups: dict[str, list[str]], options: dict[str, dict], prompt
 
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     cache = os.fspath(cache) if cache is not None else None
-    fingerprint = {"prompts": prompts, "seeds": seeds, "options": options, "groups": groups,
-                   "score": getattr(score, "__qualname__", type(score).__name__),
+    fingerprint = {"prompts": prompts, "seeds": seeds, "score": getattr(score, "__qualname__", type(score).__name__),
                    "call": {k: repr(v) for k, v in sorted(call.items())}, "model": type(pipe.transformer).__name__}
-    table = _load_cache(cache, fingerprint)
+    cached = _load_cache(cache, fingerprint, groups, options)
+    cached["groups"].update(groups)
+    cached["options"].update(options)
+    table = cached["table"]
     all_layers = [name for layers in groups.values() for name in layers]
     reference = generate(pipe, prompts, seeds, **call)
     fp_scores = score(reference, reference)
@@ -139,22 +148,21 @@ def measure(pipe, groups: dict[str, list[str]], options: dict[str, dict], prompt
     shard = cache if state.num_processes == 1 or cache is None else f"{cache}.rank{state.process_index}"
     for group, label in tqdm(mine, desc="viditq sensitivity", unit="run", disable=None):
         model = quantize_only(pipe.transformer, groups[group], all_layers, options[label], calibration)
-        bits = {stored_weight_bits(spec) for spec in model.config.quantization_config.plan["layers"].values()}
         samples = generate(with_transformer(pipe, model), prompts, seeds, **call)
         scores = score(samples, reference)
-        entry = {"cost": max(bits) * group_weights(pipe.transformer, groups[group]),
+        entry = {"cost": stored_bits(model.config.quantization_config.plan, groups[group]),
                  "metrics": {m: fp_scores[m] - scores[m] for m in scores}}
         if proxy:
             entry["proxy"] = proxy_errors(pipe, model, prompts, seeds, **call)
         table.setdefault(group, {})[label] = entry
         if shard:
-            write_json(shard, {"fingerprint": fingerprint, "table": table})
+            write_json(shard, cached)
     if state.num_processes > 1:  # every process gets every run's entry
         for group, label, entry in gather_object([(g, o, table[g][o]) for g, o in mine]):
             table.setdefault(group, {})[label] = entry
         if cache and state.is_main_process:
-            write_json(cache, {"fingerprint": fingerprint, "table": table})
-    return {g: table[g] for g in groups}
+            write_json(cache, cached)
+    return {g: {o: table[g][o] for o in options} for g in groups}
 
 
 def rank_agreement(table: dict[str, dict[str, dict]], option: str) -> dict[str, float]:
