@@ -15,12 +15,18 @@ from . import install_comfyui
 REPO = Path(__file__).resolve().parents[2]
 
 
-def setup(base_dir: Path):
-    sys.path.insert(0, str(install_comfyui.comfyui_dir()))
+def import_comfy():
+    """Make `comfy` importable, on the CPU (its device is chosen when comfy.model_management is imported)."""
+    if str(install_comfyui.comfyui_dir()) not in sys.path:
+        sys.path.insert(0, str(install_comfyui.comfyui_dir()))
     from comfy.cli_args import args
 
     args.cpu = True
-    args.base_directory = str(base_dir)
+    return args
+
+
+def setup(base_dir: Path):
+    import_comfy().base_directory = str(base_dir)
     import folder_paths
 
     os.makedirs(base_dir / "models" / "diffusion_models", exist_ok=True)

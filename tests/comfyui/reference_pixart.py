@@ -61,4 +61,7 @@ def write(path: str) -> None:
 
 
 if __name__ == "__main__":
+    from tests.comfyui import inprocess
+
+    inprocess.import_comfy()
     write(sys.argv[1])

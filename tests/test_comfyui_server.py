@@ -1,0 +1,138 @@
+"""Tier 3: the pack in a real ComfyUI 0.30.0 server (`main.py --cpu --listen 127.0.0.1`), driven over HTTP.
+
+Workflow A (shipped, with test stand-ins, see tests/comfyui/workflows.py): load -> calibrate -> quantize
+W8A8 and W4A8 -> KSampler -> SaveImage / SaveLatent next to the FP branch, and ViDiT-Q Save.
+Workflow B (shipped): ViDiT-Q Load of A's files -> KSampler. Plus bad input, after which the server
+must keep serving. Skipped when ComfyUI is not installed (`python tests/comfyui/install_comfyui.py`).
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.comfyui import comfy_env, install_comfyui, workflows  # noqa: E402
+from tests.comfyui.server import ComfyServer, execution_error  # noqa: E402
+
+REPO = comfy_env.REPO
+
+
+def write_diffusers_plan(path: Path) -> None:
+    """A valid plan for the *diffusers* PixArt class: the wrong family for ComfyUI's PixArtMS."""
+    from diffusers import PixArtTransformer2DModel
+
+    from viditq_diffusers import ViDiTQConfig
+    from viditq_diffusers.plan import build_plan
+
+    model = PixArtTransformer2DModel.from_pretrained(REPO / "reference_models" / "pixart_digits" / "transformer")
+    path.write_text(json.dumps(build_plan(model, ViDiTQConfig(preset="w8a8"))))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    comfy_env.require_install()
+    base = tmp_path_factory.mktemp("comfyui_server")
+    models = base / "models" / "diffusion_models"
+    models.mkdir(parents=True)
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "viditq").symlink_to(REPO / "comfyui_nodes")
+    (base / "custom_nodes" / "viditq_test_fixtures").symlink_to(REPO / "tests" / "comfyui" / "fixture_nodes")
+    subprocess.run([str(install_comfyui.python()), "-m", "tests.comfyui.reference_pixart",
+                    str(models / workflows.FP_FILE)], cwd=REPO, env=comfy_env.env(), check=True)
+    shutil.copy(models / workflows.FP_FILE, models / "pixart_digits_fp_copy.safetensors")
+    (models / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json" * 8)
+    write_diffusers_plan(base / "diffusers_plan.json")
+    srv = ComfyServer(base).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        print(srv.log(3000))
+
+
+def latent(server, entry, node_id) -> torch.Tensor:
+    (item,) = entry["outputs"][node_id]["latents"]
+    return load_file(server.base_dir / "output" / item["subfolder"] / item["filename"])["latent_tensor"]
+
+
+def psnr(ref, x) -> float:
+    return float(10 * torch.log10((ref.max() - ref.min()) ** 2 / ((ref - x) ** 2).mean()))
+
+
+def succeeded(entry) -> dict:
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    return entry
+
+
+@pytest.fixture(scope="module")
+def workflow_a(server):
+    return succeeded(server.run(workflows.with_stand_ins(workflows.shipped("pixart_calibrate_quantize_save_api.json"))))
+
+
+def small_fp_workflow(model_name, seed, extra=None) -> dict:
+    """Load -> (extra nodes) -> KSampler -> SaveLatent, on the FP reference; `extra` may rewire the model."""
+    flow = workflows.with_stand_ins(workflows.shipped("pixart_load_quantized_api.json"), steps=3)
+    flow["1"]["inputs"]["model_name"] = model_name
+    flow["9"]["inputs"]["seed"] = seed
+    for node_id in ("13", "14"):  # no image needed here
+        del flow[node_id]
+    flow.update(extra or {})
+    return flow
+
+
+def test_workflow_a_images_and_w8a8_psnr(server, workflow_a):
+    for save_image in ("14", "17", "20"):
+        assert workflow_a["outputs"][save_image]["images"], f"SaveImage {save_image} wrote no image"
+    fp, w8, w4 = (latent(server, workflow_a, n) for n in ("15", "18", "21"))
+    print(f"PSNR vs FP latent: W8A8 {psnr(fp, w8):.2f} dB, W4A8 {psnr(fp, w4):.2f} dB")
+    assert psnr(fp, w8) >= 40
+    assert psnr(fp, w4) >= 25
+    assert not torch.equal(fp, w8)  # the quantized branch really ran quantized layers
+    for name in ("pixart_w8a8_viditq", "pixart_w4a8_viditq"):
+        assert (server.base_dir / "models" / "diffusion_models" / f"{name}.safetensors").is_file()
+
+
+def test_fp_branch_is_untouched_by_quantize(server, workflow_a):
+    """The FP branch of A equals the same FP model sampled alone (a copy of the file, so nothing is cached)."""
+    alone = workflows.with_stand_ins(workflows.shipped("pixart_load_quantized_api.json"))
+    alone["1"]["inputs"]["model_name"] = "pixart_digits_fp_copy.safetensors"
+    entry = succeeded(server.run(alone))
+    assert torch.equal(latent(server, entry, "15"), latent(server, workflow_a, "15"))
+
+
+@pytest.mark.parametrize("preset, a_latent", [("w8a8", "18"), ("w4a8", "21")])
+def test_workflow_b_reload_is_bit_identical(server, workflow_a, preset, a_latent):
+    flow = workflows.with_stand_ins(workflows.shipped("pixart_load_quantized_api.json"))
+    flow["1"]["inputs"]["model_name"] = f"pixart_{preset}_viditq.safetensors"
+    entry = succeeded(server.run(flow))
+    assert entry["outputs"]["14"]["images"]
+    assert torch.equal(latent(server, entry, "15"), latent(server, workflow_a, a_latent))
+
+
+def quantize_node(**inputs) -> dict:
+    return {"100": {"class_type": "ViDiTQQuantize", "inputs": {"model": ["1", 0], "preset": "w8a8", **inputs}}}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("wrong_family_plan", "the plan was made for PixArtTransformer2DModel"),
+    ("corrupt_file", "corrupt.safetensors is not a readable safetensors file"),
+    ("missing_calibration", "connect a ViDiT-Q Calibrate node"),
+])
+def test_bad_input_is_named_and_server_keeps_serving(server, case, message, request):
+    seed = request.node.callspec.indices["case"] + 1
+    if case == "corrupt_file":
+        bad = small_fp_workflow("corrupt.safetensors", seed)
+    else:
+        extra = quantize_node(plan_file=str(server.base_dir / "diffusers_plan.json")) if case == "wrong_family_plan" \
+            else quantize_node(preset="smooth_w4a8")
+        bad = small_fp_workflow(workflows.FP_FILE, seed, extra)
+        bad["9"]["inputs"]["model"] = ["100", 0]
+    error = execution_error(server.run(bad))
+    assert error is not None and message in error["exception_message"], error
+    succeeded(server.run(small_fp_workflow(workflows.FP_FILE, 100 + seed)))  # the next prompt is served
