@@ -96,6 +96,31 @@ def test_save_load_round_trip(stats, tmp_path):
     assert len(loaded.settings["prompts_sha256"]) == 64
 
 
+def test_stats_without_samples_quantize_a_decided_plan_alike(pipe, stats, tmp_path):
+    import copy
+
+    from viditq_diffusers import ViDiTQConfig, quantize
+
+    full = quantize(copy.deepcopy(pipe.transformer), ViDiTQConfig(preset="w4a8", calibration=stats))
+    decided = full.config.quantization_config.plan  # per-layer alpha and rotation chosen from the samples
+    slim = stats.without_samples()
+    slim.save(tmp_path / "slim.safetensors")
+    stats.save(tmp_path / "full.safetensors")
+    assert os.path.getsize(tmp_path / "slim.safetensors") < os.path.getsize(tmp_path / "full.safetensors") / 2
+    assert oct(os.stat(tmp_path / "slim.safetensors").st_mode & 0o044) == oct(0o044 & ~current_umask())
+    slim = CalibrationStats.load(tmp_path / "slim.safetensors")
+    again = quantize(copy.deepcopy(pipe.transformer), ViDiTQConfig(plan=decided, calibration=slim))
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), again.state_dict().values()))
+    with pytest.raises(ValueError, match="need sampled calibration tokens"):  # the search itself needs them
+        quantize(copy.deepcopy(pipe.transformer), ViDiTQConfig(preset="w4a8", calibration=slim))
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_stats_for_another_model_are_refused(pipe, stats, tmp_path):
     stats.check_matches(pipe)
     stats.check_matches(pipe.transformer)

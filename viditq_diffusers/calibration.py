@@ -39,7 +39,7 @@ import json
 import math
 import os
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -112,9 +112,15 @@ class CalibrationStats:
         """`{layer: max_j a_j / median_j a_j}`: how far the largest input channel sticks out."""
         return {name: float(a.max() / a.median().clamp_min(1e-12)) for name, a in self.channel_absmax.items()}
 
+    def without_samples(self) -> "CalibrationStats":
+        """A copy without the sampled input rows: what a plan whose recipes are decided (fixed alpha and rotation
+        per layer) needs to quantize, in kilobytes instead of megabytes. `balance="search"` and `alpha="auto"`
+        need the full statistics."""
+        return replace(self, sample_tokens={}, sample_bucket={})
+
     def save(self, path: str | os.PathLike) -> None:
         """Write one safetensors file (tensors under `<kind>/<layer>`, settings as JSON metadata), atomically."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors = {f"{kind}/{name}": t.contiguous() for kind in KINDS for name, t in getattr(self, kind).items()}
         meta = {"version": FORMAT_VERSION, "model_class": self.model_class, "in_features": self.in_features,
@@ -123,7 +129,8 @@ class CalibrationStats:
         # temp file in the same folder + os.replace: a crash never leaves a half-written file under `path`
         tmp = os.path.join(os.path.dirname(path), f".viditq-tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
         try:
-            save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
+            with open(tmp, "wb") as f:  # written by Python, so the file gets the usual permissions (umask)
+                f.write(save(tensors, metadata={METADATA_KEY: json.dumps(meta)}))
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
