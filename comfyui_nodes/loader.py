@@ -16,7 +16,7 @@ import torch
 from viditq_diffusers.convert import layer_from_spec, own_aligned_memory, set_submodule
 from viditq_diffusers.plan import validate_plan
 
-from .patching import PLAN
+from .patching import mark_quantized
 
 
 def model_config_class(name: str):
@@ -54,5 +54,5 @@ def build_model(meta: dict, tensors: dict[str, torch.Tensor]):
     patcher = comfy.model_patcher.ModelPatcher(base, load_device=load_device,
                                                offload_device=comfy.model_management.unet_offload_device())
     if plan:
-        patcher.attachments[PLAN] = plan
+        mark_quantized(patcher, plan)
     return patcher

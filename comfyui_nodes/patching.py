@@ -10,6 +10,7 @@ restores the originals and applies that MODEL's own patches, before anything rea
 from __future__ import annotations
 
 import comfy.model_management
+from comfy.patcher_extension import CallbacksMP
 
 from viditq_diffusers.convert import quantized_layers
 from viditq_diffusers.nn import ViDiTQLinear
@@ -46,8 +47,25 @@ def quantize_model(model, config):
         quantized.add_object_patch(PREFIX + name, layer)
     first = quantized.object_patches[PREFIX + next(iter(plan["layers"]))]
     plan["dtype"] = str(first.weight.dtype).removeprefix("torch.")
-    quantized.attachments[PLAN] = plan
+    mark_quantized(quantized, plan)
     return quantized
+
+
+def mark_quantized(model, plan: dict) -> None:
+    """Attach the plan, and refuse weight patches (LoRA) on quantized layers rather than lose them."""
+    model.attachments[PLAN] = plan
+    model.add_callback(CallbacksMP.ON_LOAD, refuse_weight_patches)
+
+
+def refuse_weight_patches(model, *_) -> None:
+    """ComfyUI's weight patches add a delta to `layer.weight`; a ViDiTQLinear keeps integer codes instead,
+    and the stock loader would only log a shape mismatch and sample without the LoRA."""
+    layers = plan_of(model)["layers"]
+    hit = sorted(k for k in model.patches if k.startswith(PREFIX) and k[len(PREFIX):].rpartition(".")[0] in layers)
+    if hit:
+        raise ValueError(f"{len(hit)} weight patch(es) (e.g. a LoRA from LoraLoader) target ViDiT-Q quantized "
+                         f"layers (e.g. {hit[0]!r}), whose integer weights cannot take them. Apply the LoRA to "
+                         f"the floating-point MODEL before ViDiT-Q Quantize: it is then quantized in.")
 
 
 def check_plan_applied(tree, plan: dict) -> None:

@@ -107,3 +107,17 @@ else:
             nodes_mod.Quantize.execute(w8, "w8a8")
         with pytest.raises(ValueError, match="takes a quantized MODEL"):
             nodes_mod.Save.execute(fp, "fp")
+
+    def test_lora_on_quantized_layers_is_refused_and_lora_before_quantize_is_kept(comfy):
+        nodes_mod, fp, sample, _, _ = comfy
+        key = "diffusion_model.blocks.0.mlp.fc2.weight"
+        delta = {key: (torch.randn(128, 512) * 0.05,)}  # a "diff" weight patch, the simplest kind LoraLoader adds
+        w8 = nodes_mod.Quantize.execute(fp, "w8a8").result[0]
+        lora_after = w8.clone()
+        assert lora_after.add_patches(delta) == [key]
+        with pytest.raises(ValueError, match="Apply the LoRA to the floating-point MODEL before ViDiT-Q Quantize"):
+            sample(lora_after)
+        lora_fp = fp.clone()
+        lora_fp.add_patches(delta)
+        lora_then_w8 = nodes_mod.Quantize.execute(lora_fp, "w8a8").result[0]
+        assert psnr(sample(lora_fp), sample(lora_then_w8)) > psnr(sample(lora_fp), sample(w8)) + 5

@@ -136,3 +136,13 @@ def test_bad_input_is_named_and_server_keeps_serving(server, case, message, requ
     error = execution_error(server.run(bad))
     assert error is not None and message in error["exception_message"], error
     succeeded(server.run(small_fp_workflow(workflows.FP_FILE, 100 + seed)))  # the next prompt is served
+
+
+def test_shipped_ui_workflows_match_api_workflows(server):
+    """The UI-format files are generated from the API-format ones (`python -m tests.comfyui.workflow_ui`)."""
+    from tests.comfyui.workflow_ui import to_ui
+
+    object_info = server.get("/object_info")
+    for api in sorted(workflows.WORKFLOWS.glob("*_api.json")):
+        ui = api.with_name(api.name.replace("_api.json", "_ui.json"))
+        assert json.loads(ui.read_text()) == to_ui(json.loads(api.read_text()), object_info), f"regenerate {ui.name}"
