@@ -33,7 +33,7 @@ class Calibrate(io.ComfyNode):
                 io.Conditioning.Input("positive"),
                 io.Conditioning.Input("negative"),
                 io.Latent.Input("latent_image"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
                 io.Int.Input("steps", default=20, min=1, max=10000),
                 io.Float.Input("cfg", default=4.5, min=0.0, max=100.0, step=0.1),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS),

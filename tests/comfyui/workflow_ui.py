@@ -31,12 +31,11 @@ def depth(api: dict, node_id: str) -> int:
 
 
 def to_ui(api: dict, object_info: dict) -> dict:
-    links, nodes, rows = [], {}, {}
+    links, nodes, column_bottom = [], {}, {}
     for order, (node_id, node) in enumerate(api.items()):
         info, column = object_info[node["class_type"]], depth(api, node_id)
-        row, rows[column] = rows.get(column, 0), rows.get(column, 0) + 1
-        ui = {"id": int(node_id), "type": node["class_type"], "pos": [40 + 360 * column, 40 + 200 * row],
-              "size": [320, 150], "flags": {}, "order": order, "mode": 0, "inputs": [],
+        ui = {"id": int(node_id), "type": node["class_type"], "pos": [40 + 360 * column, column_bottom.get(column, 40)],
+              "size": [320, 0], "flags": {}, "order": order, "mode": 0, "inputs": [],
               "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
                           for i, (n, t) in enumerate(zip(info["output_name"], info["output"]))],
               "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": []}
@@ -53,6 +52,8 @@ def to_ui(api: dict, object_info: dict) -> dict:
                     ui["widgets_values"].append("fixed")  # the frontend's extra widget after a seed
             else:
                 ui["inputs"].append({"name": name, "type": spec[0], "link": None})
+        ui["size"][1] = 40 + 24 * (len(ui["inputs"]) + len(ui["widgets_values"]))  # no overlap in the column
+        column_bottom[column] = ui["pos"][1] + ui["size"][1] + 60
         nodes[node_id] = ui
     for node_id, ui in nodes.items():
         for slot, port in enumerate(ui["inputs"]):
