@@ -23,7 +23,7 @@ from torch import nn  # noqa: E402
 import viditq_diffusers  # noqa: E402
 from viditq_diffusers import ViDiTQConfig, ViDiTQLinear  # noqa: E402
 from viditq_diffusers.lora import (  # noqa: E402
-    ViDiTQLoraLinear, disable_peft_support, dispatch_viditq, enable_peft_support,
+    ViDiTQLoraLinear, add_low_rank, disable_peft_support, dispatch_viditq, enable_peft_support,
     register_custom_module,
 )
 from viditq_diffusers.zoo import ZOO, run  # noqa: E402
@@ -334,6 +334,35 @@ def test_active_adapter_that_is_not_fused_still_runs():
         layer.set_adapter("a")
         y_a = layer(x)
     assert rel(y, target) < 0.02 and rel(y, y_a) > 0.05  # b runs as a branch on top of the fused a
+
+
+@pytest.mark.parametrize("shape, bias, dtype", [
+    ((2, 5, 48), False, torch.float32), ((7, 48), False, torch.float32),
+    ((2, 5, 48), True, torch.float32), ((2, 5, 48), False, torch.bfloat16),
+])
+def test_add_low_rank_is_the_branch_added_to_the_output(shape, bias, dtype):
+    g = torch.Generator().manual_seed(0)
+    result = torch.randn(shape, generator=g).to(dtype)
+    down = torch.randn(*shape[:-1], 4, generator=g)
+    weight, b = torch.randn(48, 4, generator=g), (torch.randn(48, generator=g) if bias else None)
+    expected = result + (nn.functional.linear(down, weight, b) * 0.5).to(dtype)
+    before = result.clone()
+    with torch.enable_grad():  # autograd on: `result` is left as it is
+        out = add_low_rank(result, down, weight, b, 0.5)
+    assert torch.equal(result, before) and out.shape == shape and out.dtype == dtype
+    torch.testing.assert_close(out, expected)
+    with torch.no_grad():  # inference: accumulated into `result` itself (the fast path) or a new tensor
+        out = add_low_rank(result, down, weight, b, 0.5)
+    torch.testing.assert_close(out, expected)
+
+
+def test_lora_branch_trains_on_the_quantized_layer_output():
+    # gradients reach the LoRA factors through the accumulating up-projection
+    _, base = _layer(dict(weight_bits=8, act_bits=8))
+    model = nn.Sequential(base)
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=["0"], init_lora_weights="gaussian"), model, "a")
+    model[0](torch.randn(8, 64)).square().sum().backward()
+    assert model[0].lora_B["a"].weight.grad is not None and model[0].lora_B["a"].weight.grad.abs().sum() > 0
 
 
 def test_dispatcher_picks_only_viditq_layers():

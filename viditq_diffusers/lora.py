@@ -23,6 +23,12 @@ This module adds:
   (`get_peft_model`, `inject_adapter_in_model`).
 - `enable_peft_support()`: makes every `LoraConfig` PEFT injects (those diffusers builds from a LoRA file
   included) resolve `ViDiTQLinear` targets to `ViDiTQLoraLinear` through that same custom-module dispatch.
+- `load_lora_file(model, path)`: loads a diffusers/PEFT-format LoRA file into a transformer whose diffusers
+  class has no LoRA loader (PixArt, DiT, HunyuanDiT, Latte, Allegro in diffusers 0.42), quantized or not, with
+  the same PEFT calls diffusers' `load_lora_adapter` makes. After it, PEFT's and diffusers' functions manage
+  the adapters: `peft.functional.set_adapter`, `diffusers.utils.peft_utils.set_adapter_layers` (disable /
+  enable), `set_weights_and_activate_adapters`, `delete_adapter_layers`, `recurse_remove_peft_layers`
+  (unload), and each LoRA layer's `merge()` / `unmerge()` (fuse / unfuse).
 
 Supported: plain LoRA (any rank / alpha / rsLoRA, `lora_bias`, dropout), several adapters, per-adapter weights,
 mixed-batch `adapter_names`. Refused with a message: DoRA and the other LoRA variants, and initialisations
@@ -36,6 +42,7 @@ import warnings
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 try:
@@ -50,6 +57,7 @@ from .nn import ViDiTQLinear
 
 __all__ = [
     "ViDiTQLoraLinear", "dispatch_viditq", "register_custom_module", "enable_peft_support", "disable_peft_support",
+    "load_lora_file",
 ]
 
 # `init_lora_weights` values that only draw the LoRA factors (the others read the float base weight)
@@ -125,7 +133,6 @@ class ViDiTQLoraLinear(nn.Module, LoraLayer):
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         result = self.base_layer(x, *args, **kwargs)  # the integer path, balancing inside
-        result_dtype = result.dtype
         for active_adapter in self.active_adapters:
             # fused adapters are in the codes already; an active adapter that is not fused (after
             # `merge(adapter_names=[...])` of a subset) still runs as a branch, where PEFT's nn.Linear skips it
@@ -134,8 +141,8 @@ class ViDiTQLoraLinear(nn.Module, LoraLayer):
             lora_A, lora_B = self.lora_A[active_adapter], self.lora_B[active_adapter]
             dropout, scaling = self.lora_dropout[active_adapter], self.scaling[active_adapter]
             # the ORIGINAL input x, in the adapter's floating-point dtype
-            branch = lora_B(lora_A(dropout(self._cast_input_dtype(x, lora_A.weight.dtype)))) * scaling
-            result = result + branch.to(result_dtype)
+            down = lora_A(dropout(self._cast_input_dtype(x, lora_A.weight.dtype)))
+            result = add_low_rank(result, down, lora_B.weight, lora_B.bias, scaling)
         return result
 
     # ------------------------------------------------------------------------------------------ merge
@@ -243,6 +250,25 @@ class ViDiTQLoraLinear(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
+def add_low_rank(result: torch.Tensor, down: torch.Tensor, weight_B: torch.Tensor, bias_B: Optional[torch.Tensor],
+                 scaling: float) -> torch.Tensor:
+    """`result + scaling * (down @ weight_B.T + bias_B)`, the up-projection accumulating into `result`.
+
+    `result` is the base layer's fresh output. One `addmm` reads and writes it once, where
+    `result + lora_B(down) * scaling` makes three passes over an output-sized tensor (the branch, its scaled
+    copy, the sum): at rank 16 those passes cost more than the rank-16 GEMMs. Without autograd the sum is
+    written into `result` itself. A bias or a dtype that differs from `result`'s takes the plain expression.
+    """
+    if bias_B is not None or down.dtype != result.dtype or weight_B.dtype != result.dtype:
+        return result + (F.linear(down, weight_B, bias_B) * scaling).to(result.dtype)
+    flat, rows = result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1])
+    if torch.is_grad_enabled():
+        flat = torch.addmm(flat, rows, weight_B.t(), alpha=scaling)
+    else:
+        flat.addmm_(rows, weight_B.t(), alpha=scaling)
+    return flat.view(result.shape)
+
+
 # ---------------------------------------------------------------------------------------------- PEFT hooks
 
 
@@ -259,6 +285,64 @@ def register_custom_module(config):
     dispatch). A mapping for `ViDiTQLinear` already on the config is left as it is. Returns the config."""
     if ViDiTQLinear not in (getattr(config, "_custom_modules", None) or {}):
         config._register_custom_module({ViDiTQLinear: ViDiTQLoraLinear})
+    return config
+
+
+def load_lora_file(model: nn.Module, path: str, adapter_name: str = "default", prefix: Optional[str] = "transformer",
+                   weight_name: str = "pytorch_lora_weights.safetensors"):
+    """Load a diffusers/PEFT-format LoRA safetensors file into `model` as adapter `adapter_name`; returns its
+    `LoraConfig`. For transformers without diffusers' `load_lora_adapter` (PixArt, ...); others have their own.
+
+    `path` is the file or its folder (`weight_name` in it). Keys are `<prefix>.<module>.lora_A.weight` /
+    `.lora_B.weight` (`prefix=None`: no prefix, as `save_lora_adapter` writes). The `LoraConfig` is the file's
+    `lora_adapter_metadata` when present, else inferred from the tensors as diffusers does (rank from `lora_B`,
+    alpha = rank). Injection and loading are PEFT's `inject_adapter_in_model` and `set_peft_model_state_dict`,
+    with `ViDiTQLinear -> ViDiTQLoraLinear` registered on the config. Raises if the file has no LoRA tensors
+    for `prefix`, if a tensor matches no layer of `model` (PEFT would skip it silently) or if the name is taken.
+    """
+    import json
+    import os
+
+    from diffusers.utils.peft_utils import get_peft_kwargs
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors import safe_open
+
+    file = os.path.join(path, weight_name) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no LoRA file at {file!r}")
+    with safe_open(file, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        raw_config = (f.metadata() or {}).get("lora_adapter_metadata")
+    lead = f"{prefix}." if prefix else ""
+    state = {k[len(lead):]: v for k, v in tensors.items() if k.startswith(lead)}
+    if not any(".lora_A." in k for k in state):
+        raise ValueError(f"{file!r} has no LoRA tensors in the diffusers/PEFT format ('{lead}<module>.lora_A.weight'); "
+                         f"keys look like {sorted(tensors)[:3]}. Convert it with diffusers first (other LoRA "
+                         f"formats are converted by the pipelines' load_lora_weights).")
+    # the layers say what is loaded (`model.peft_config` outlives `recurse_remove_peft_layers`)
+    if any(adapter_name in getattr(m, "lora_A", {}) for m in model.modules() if isinstance(m, BaseTunerLayer)):
+        raise ValueError(f"adapter name '{adapter_name}' is already loaded in this model; pick another one.")
+
+    if raw_config:
+        kwargs = {k[len(lead):]: v for k, v in json.loads(raw_config).items() if k.startswith(lead)}
+    else:
+        ranks = {f"^{k}": v.shape[1] for k, v in state.items() if ".lora_B." in k and v.ndim > 1}
+        kwargs = get_peft_kwargs(ranks, None, state)
+    config = register_custom_module(LoraConfig(**kwargs))
+    try:
+        inject_adapter_in_model(config, model, adapter_name=adapter_name, state_dict=state)
+        result = set_peft_model_state_dict(model, state, adapter_name)
+        unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+        if unexpected:
+            raise ValueError(f"{len(unexpected)} LoRA tensors of {file!r} match no layer of {type(model).__name__} "
+                             f"(e.g. {unexpected[0]!r}): is it a LoRA for this model?")
+    except Exception:
+        # as diffusers' loader does: no half-loaded adapter stays behind
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "lora_A", {}):
+                module.delete_adapter(adapter_name)
+        (getattr(model, "peft_config", None) or {}).pop(adapter_name, None)
+        raise
     return config
 
 
