@@ -121,3 +121,31 @@ else:
         lora_fp.add_patches(delta)
         lora_then_w8 = nodes_mod.Quantize.execute(lora_fp, "w8a8").result[0]
         assert psnr(sample(lora_fp), sample(lora_then_w8)) > psnr(sample(lora_fp), sample(w8)) + 5
+
+    @pytest.mark.parametrize("family, layers", [("flux", 12), ("sd3", 13), ("wan", 20)])
+    def test_other_families_quantize_save_and_reload(comfy, family, layers):
+        """Tiny random Flux / SD3 / Wan 2.1 built by ComfyUI's own classes: the same path as PixArt."""
+        import nodes as comfy_nodes  # ComfyUI is set up by the `comfy` fixture
+
+        from tests.comfyui import tiny_models
+
+        nodes_mod, _, _, base, _ = comfy
+        tiny_models.write(family, str(base / "models" / "diffusion_models" / f"{family}.safetensors"))
+        fp = nodes_mod.Load.execute(f"{family}.safetensors").result[0]
+        pos, neg = tiny_models.conditioning(family, 1), tiny_models.conditioning(family, 2)
+        latent = {"samples": torch.zeros(tiny_models.LATENTS[family])}
+
+        def sample(model):
+            return comfy_nodes.common_ksampler(model, SEED, 6, 3.0, "euler", "simple", pos, neg, latent)[0]["samples"]
+
+        stats = nodes_mod.Calibrate.execute([fp], [pos], [neg], [latent], [SEED], [3], [3.0], ["euler"],
+                                            ["simple"]).result[0]
+        assert len(stats.layers) == layers
+        before = sample(fp)
+        w8 = nodes_mod.Quantize.execute(fp, "w8a8", stats).result[0]
+        w4 = nodes_mod.Quantize.execute(fp, "w4a8", stats).result[0]
+        w8_out, w4_out = sample(w8), sample(w4)
+        assert torch.equal(before, sample(fp))
+        assert psnr(before, w8_out) >= 45 and psnr(before, w4_out) >= 30
+        nodes_mod.Save.execute(w4, f"{family}_w4a8")
+        assert torch.equal(w4_out, sample(nodes_mod.Load.execute(f"{family}_w4a8.safetensors").result[0]))

@@ -32,12 +32,18 @@ BLOCK_LISTS: dict[str, tuple[str, ...]] = {
     "LTXVideoTransformer3DModel": ("transformer_blocks",),
     "MochiTransformer3DModel": ("transformer_blocks",),
     "SanaVideoTransformer3DModel": ("transformer_blocks",),
+    # ComfyUI's own denoiser classes (quantized by the ComfyUI node pack, comfyui_nodes/)
+    "PixArtMS": ("blocks",),
+    "Flux": ("double_blocks", "single_blocks"),
+    "OpenAISignatureMMDITWrapper": ("joint_blocks",),  # SD3 / SD3.5
+    "WanModel": ("blocks",),
 }
 DEFAULT_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "temporal_transformer_blocks", "blocks")
 
 # Inside a block: adaLN / modulation linears (`norm1.linear`, `norm1_context.linear`,
-# DiT's per-block `norm1.emb.*`, Qwen's `img_mod.1`) take the 2-D timestep embedding.
-MODULATION = re.compile(r"(^|\.)(norm\w*|\w+_mod)\.")
+# DiT's per-block `norm1.emb.*`, Qwen's `img_mod.1`; in ComfyUI's classes Flux's `img_mod.lin` /
+# `modulation.lin` and SD3's `adaLN_modulation.1`) take the 2-D timestep embedding.
+MODULATION = re.compile(r"(^|\.)(norm\w*|\w+_mod|\w*modulation)\.")
 
 
 def block_lists(model: nn.Module) -> tuple[str, ...]:
