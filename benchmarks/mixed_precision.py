@@ -23,7 +23,6 @@ agreement, and writes a sensitivity heatmap PNG, the calibration statistics and 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -89,13 +88,15 @@ def main() -> None:
     parser.add_argument("--stressed-only", action="store_true")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "mixed_precision"))
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-proxy", action="store_true", help="skip the epsilon-error proxy (halves the search time)")
+    parser.add_argument("--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS),
+                        help="the precision options to measure and search among (default: all)")
     args = parser.parse_args()
     args.rotation_seeds, args.grid, args.suite, args.alphas = [0], 10, "mixed", []
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     classifier = load_classifier()
-    report = {}
     for kind, task in (("image", ImageTask(args)), ("video", VideoTask(args))):
         if args.only not in (None, kind):
             continue
@@ -105,10 +106,8 @@ def main() -> None:
         if args.stress:
             variants[f"{kind}-stressed"] = stress(pipe, k=args.stress)
             variants[f"{kind}-stressed"].set_progress_bar_config(disable=True)
-        for slug, variant in variants.items():
-            report[slug] = run_pipeline(slug, variant, task, classifier, args)
-    with open(os.path.join(args.out, f"mixed_precision-{args.only or 'all'}.json"), "w") as f:
-        json.dump(report, f, indent=1)
+        for slug, variant in variants.items():  # one JSON per pipeline, so variants can run as separate jobs
+            write_json(os.path.join(args.out, f"{slug}.json"), run_pipeline(slug, variant, task, classifier, args))
 
 
 def run_pipeline(slug, pipe, task, classifier, args) -> dict:
@@ -118,21 +117,22 @@ def run_pipeline(slug, pipe, task, classifier, args) -> dict:
     stats.save(os.path.join(args.out, f"{slug}-calibration.safetensors"))  # what the saved plans quantize with
     prompts, asked = sensitivity_prompts(task)
     groups = quantizable_groups(pipe.transformer, args.block_ranges)
-    table = measure(pipe, groups, OPTIONS, prompts, list(range(2000, 2000 + len(prompts))),
-                    scorer(task, classifier, asked), calibration=stats,
+    options = {label: OPTIONS[label] for label in args.options}
+    table = measure(pipe, groups, options, prompts, list(range(2000, 2000 + len(prompts))),
+                    scorer(task, classifier, asked), calibration=stats, proxy=not args.no_proxy,
                     cache=os.path.join(args.out, f"{slug}-sensitivity.json"), **task.call)
     save_heatmap(table, os.path.join(args.out, f"{slug}-sensitivity.png"), title=f"{slug}: degradation vs FP")
     weights = sum(pipe.transformer.get_submodule(n).weight.numel() for names in groups.values() for n in names)
-    configs = {"uniform W8A8": dict(preset="w8a8", stats=True), "uniform W4A8": dict(preset="w4a8", stats=True),
-               "uniform W4A8-g64": dict(preset="w4a8", group_size=64, stats=True),
-               "W4A8-MP (paper heuristic)": dict(preset="w4a8_mp", stats=True)}
+    configs = {f"uniform {o}": dict(**OPTIONS[o], stats=True) for o in SINGLE if o in options}
+    configs["W4A8-MP (paper heuristic)"] = dict(preset="w4a8_mp", stats=True)
     protected = {}
-    single_table = {g: {o: options[o] for o in SINGLE} for g, options in table.items()}
+    single_table = {g: {o: entries[o] for o in SINGLE if o in entries} for g, entries in table.items()}
     searches = [(f"searched, <= {b:g} bits", b, single_table) for b in args.budgets]
-    searches.append((f"searched timestep-wise, <= {args.tw_budget:g} bits", args.tw_budget, table))
+    if set(options) - set(SINGLE):
+        searches.append((f"searched timestep-wise, <= {args.tw_budget:g} bits", args.tw_budget, table))
     for label, budget, candidates in searches:
         choice = allocate(candidates, budget * weights).choice
-        plan = plan_from_choice(pipe.transformer, groups, OPTIONS, choice, stats)
+        plan = plan_from_choice(pipe.transformer, groups, options, choice, stats)
         configs[label] = dict(plan=plan, stats=True)
         name = "timestep-wise" if candidates is table else "searched"
         write_json(os.path.join(args.out, f"{slug}-{name}-{budget:g}bits.plan.json"), plan)
