@@ -1,7 +1,7 @@
 """ViDiT-Q calibration driven by ComfyUI's own sampler.
 
 The core's `calibrate` hooks the denoiser's linear inputs and buckets them by the denoiser's timestep
-input (ComfyUI's `timesteps`, i.e. the sigma mapped to the model's time scale); here each "prompt" is one
+input (ComfyUI's `timesteps`: the sigma mapped to the model's time scale, see `timestep_range`); here each "prompt" is one
 (positive, negative) conditioning pair, sampled with ComfyUI's KSampler code path (its progress bar
 shows in the UI). ComfyUI batches the CFG halves as [cond, uncond], not diffusers' [uncond, cond], and
 may run them as separate calls, so no per-CFG-half statistics are recorded (guidance_scale=1 for the
@@ -34,4 +34,12 @@ def calibrate_model(model, positives: list, negatives: list, latent: dict, seed:
 
     return calibrate(tree, list(pairs), num_inference_steps=steps, guidance_scale=1.0,
                      seeds=[seed + i for i in range(len(pairs))], timestep_buckets=timestep_buckets, run=run,
+                     timestep_range=timestep_range(model),
                      comfyui={"cfg": cfg, "sampler": sampler_name, "scheduler": scheduler})
+
+
+def timestep_range(model) -> float:
+    """The denoiser's largest timestep input: ~1000 for discrete-time and SD3 / Wan flow models, 1 for Flux
+    (its model sampling feeds sigmas as they are), so the timestep buckets span every model's trajectory."""
+    sampling = model.get_model_object("model_sampling")
+    return float(sampling.timestep(sampling.sigma_max))

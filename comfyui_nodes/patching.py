@@ -43,8 +43,8 @@ def quantize_model(model, config):
                          f"family, or a preset.")
     plan, layers = quantized_layers(tree, config)
     quantized = model.clone()
-    for name, layer in layers:
-        quantized.add_object_patch(PREFIX + name, layer)
+    for name, layer in layers:  # kept on the offload device until the clone is loaded, like the FP weights
+        quantized.add_object_patch(PREFIX + name, layer.to(model.offload_device))
     first = quantized.object_patches[PREFIX + next(iter(plan["layers"]))]
     plan["dtype"] = str(first.weight.dtype).removeprefix("torch.")
     mark_quantized(quantized, plan)

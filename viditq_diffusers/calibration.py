@@ -285,6 +285,7 @@ def calibrate(
     layers: list[str] | None = None,
     run: Callable[[str, torch.Generator], object] | None = None,
     sample_rows: int = SAMPLE_ROWS,
+    timestep_range: float | None = None,
     **call_kwargs,
 ) -> CalibrationStats:
     """Run the pipeline on `prompts` and record per-layer activation statistics (module docstring).
@@ -297,7 +298,7 @@ def calibrate(
     `guidance_scale > 1` means the batch holds [uncond, cond] halves, as in diffusers' pipelines.
 
     A bare denoiser needs `run(prompt, generator)` that calls it for one prompt (with `timestep`);
-    timestep buckets then span [0, 1000).
+    timestep buckets then span [0, timestep_range) (default 1000; e.g. 1.0 for a denoiser fed sigmas).
 
     Under `accelerate launch --num_processes N` the (prompt, seed) pairs are split between the
     processes and the statistics are reduced across them, so every process gets the same result
@@ -326,7 +327,7 @@ def calibrate(
         raise ValueError(f"calibrate sets {sorted(reserved)} itself; pass them as calibrate's own arguments.")
 
     denoiser, scheduler, is_pipeline = _denoiser(pipe_or_model, run)
-    num_train = int(scheduler.config.num_train_timesteps) if scheduler is not None else 1000
+    num_train = int(scheduler.config.num_train_timesteps) if scheduler is not None else (timestep_range or 1000)
     names = list(build_plan(denoiser, ViDiTQConfig(preset="w8a8"))["layers"]) if layers is None else list(layers)
     modules = dict(denoiser.named_modules())
     missing = [n for n in names if not isinstance(getattr(modules.get(n), "in_features", None), int)]
