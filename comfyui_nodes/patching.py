@@ -9,6 +9,8 @@ restores the originals and applies that MODEL's own patches, before anything rea
 
 from __future__ import annotations
 
+import uuid
+
 import comfy.model_management
 from comfy.patcher_extension import CallbacksMP
 
@@ -45,6 +47,9 @@ def quantize_model(model, config):
     quantized = model.clone()
     for name, layer in layers:  # kept on the offload device until the clone is loaded, like the FP weights
         quantized.add_object_patch(PREFIX + name, layer.to(model.offload_device))
+        for key in [k for k in quantized.patches if k.startswith(f"{PREFIX}{name}.")]:
+            del quantized.patches[key]  # a LoRA on `model` was read from the patched weights: it is quantized in
+    quantized.patches_uuid = uuid.uuid4()  # the weight patches changed
     first = quantized.object_patches[PREFIX + next(iter(plan["layers"]))]
     plan["dtype"] = str(first.weight.dtype).removeprefix("torch.")
     mark_quantized(quantized, plan)

@@ -44,8 +44,10 @@ else:
         def sample(model):
             return comfy_nodes.common_ksampler(model, SEED, STEPS, CFG, "euler", "normal", pos, neg, latent)[0]["samples"]
 
-        stats = nodes_mod.Calibrate.execute([fp], [pos], [neg], [latent], [SEED], [6], [CFG], ["euler"],
+        pos2 = DigitsTextEncode().encode("an italic handwritten digit 3")[0]  # a list: one sample per positive
+        stats = nodes_mod.Calibrate.execute([fp], [pos, pos2], [neg], [latent], [SEED], [6], [CFG], ["euler"],
                                             ["normal"]).result[0]
+        assert stats.settings["num_prompts"] == 2 and stats.settings["seeds"] == [SEED, SEED + 1]
         return nodes_mod, fp, sample, base, stats
 
     def psnr(ref, x):
@@ -79,6 +81,11 @@ else:
         assert len(meta["plan"]["layers"]) == 56 and meta["plan"]["model_class"] == "PixArtMS"
         reloaded = nodes_mod.Load.execute("reload_w4a8.safetensors").result[0]
         assert torch.equal(sample(w4), sample(reloaded))
+        # no floating-point copy of the quantized layers: the reloaded denoiser is far smaller than the FP one
+        from comfyui_nodes.patching import loaded_tree  # the shared tree as each MODEL sees it (lazy unpatching)
+
+        size = lambda m: sum(t.numel() * t.element_size() for t in loaded_tree(m).state_dict().values())  # noqa: E731
+        assert size(reloaded) < 0.35 * size(fp)
 
     def test_wrong_family_plan_is_refused(comfy, tmp_path):
         from viditq_diffusers.plan import PLAN_VERSION

@@ -34,6 +34,17 @@ def write_diffusers_plan(path: Path) -> None:
     path.write_text(json.dumps(build_plan(model, ViDiTQConfig(preset="w8a8"))))
 
 
+def write_lora(path: Path) -> None:
+    """A rank-4 LoRA in ComfyUI's generic `lora_unet_*` naming, on one quantized layer (blocks.0.mlp.fc2)."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"lora_unet_blocks_0_mlp_fc2.lora_up.weight": torch.randn(128, 4, generator=gen) * 0.3,
+               "lora_unet_blocks_0_mlp_fc2.lora_down.weight": torch.randn(4, 512, generator=gen) * 0.3,
+               "lora_unet_blocks_0_mlp_fc2.alpha": torch.tensor(4.0)}, str(path))
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     comfy_env.require_install()
@@ -48,6 +59,7 @@ def server(tmp_path_factory):
     shutil.copy(models / workflows.FP_FILE, models / "pixart_digits_fp_copy.safetensors")
     (models / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json" * 8)
     write_diffusers_plan(base / "diffusers_plan.json")
+    write_lora(base / "models" / "loras" / "tiny_lora.safetensors")
     srv = ComfyServer(base).start()
     try:
         yield srv
@@ -146,3 +158,23 @@ def test_shipped_ui_workflows_match_api_workflows(server):
     for api in sorted(workflows.WORKFLOWS.glob("*_api.json")):
         ui = api.with_name(api.name.replace("_api.json", "_ui.json"))
         assert json.loads(ui.read_text()) == to_ui(json.loads(api.read_text()), object_info), f"regenerate {ui.name}"
+
+
+def lora_node(model_input) -> dict:
+    return {"101": {"class_type": "LoraLoaderModelOnly",
+                    "inputs": {"model": model_input, "lora_name": "tiny_lora.safetensors", "strength_model": 1.0}}}
+
+
+def test_stock_lora_loader_on_quantized_model_is_never_silently_dropped(server, workflow_a):
+    """LoraLoader after ViDiT-Q Load: a clear error. LoraLoader before ViDiT-Q Quantize: the LoRA is quantized in."""
+    after = small_fp_workflow("pixart_w8a8_viditq.safetensors", 7, lora_node(["1", 0]))
+    after["9"]["inputs"]["model"] = ["101", 0]
+    error = execution_error(server.run(after))
+    assert error is not None and "Apply the LoRA to the floating-point MODEL" in error["exception_message"], error
+
+    before = small_fp_workflow(workflows.FP_FILE, 7, {**lora_node(["1", 0]), **quantize_node(model=["101", 0])})
+    before["9"]["inputs"]["model"] = ["100", 0]
+    without = small_fp_workflow(workflows.FP_FILE, 7, quantize_node())
+    without["9"]["inputs"]["model"] = ["100", 0]
+    with_lora, without_lora = (latent(server, succeeded(server.run(flow)), "15") for flow in (before, without))
+    assert not torch.equal(with_lora, without_lora)
