@@ -16,7 +16,7 @@ import torch
 from viditq_diffusers.convert import layer_from_spec, own_aligned_memory, set_submodule
 from viditq_diffusers.plan import validate_plan
 
-from .patching import mark_quantized
+from .patching import mark_quantized, refuse_timestep_wise
 
 
 def model_config_class(name: str):
@@ -38,6 +38,7 @@ def build_model(meta: dict, tensors: dict[str, torch.Tensor]):
     tree = base.diffusion_model
     plan = meta.get("plan")
     if plan:
+        refuse_timestep_wise(plan)
         validate_plan(tree, plan)
         for name, spec in plan["layers"].items():
             set_submodule(tree, name, layer_from_spec(spec, device="meta", dtype=dtype))

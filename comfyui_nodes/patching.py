@@ -15,7 +15,6 @@ import comfy.model_management
 from comfy.patcher_extension import CallbacksMP
 
 from viditq_diffusers.convert import quantized_layers
-from viditq_diffusers.nn import ViDiTQLinear
 
 PREFIX = "diffusion_model."
 PLAN = "viditq_plan"  # key of the plan in ModelPatcher.attachments (copied by reference into clones)
@@ -43,6 +42,8 @@ def quantize_model(model, config):
         raise ValueError(f"the plan was made for {plan['model_class']}, but this MODEL's denoiser is "
                          f"{type(tree).__name__} ({type(model.model).__name__}); use a plan made for this model "
                          f"family, or a preset.")
+    if plan is not None:
+        refuse_timestep_wise(plan)
     plan, layers = quantized_layers(tree, config)
     quantized = model.clone()
     for name, layer in layers:  # kept on the offload device until the clone is loaded, like the FP weights
@@ -73,9 +74,10 @@ def refuse_weight_patches(model, *_) -> None:
                          f"the floating-point MODEL before ViDiT-Q Quantize: it is then quantized in.")
 
 
-def check_plan_applied(tree, plan: dict) -> None:
-    """Every planned layer of the loaded tree is a ViDiTQLinear (e.g. a stock loader did not undo it)."""
-    missing = [n for n in plan["layers"] if not isinstance(tree.get_submodule(n), ViDiTQLinear)]
-    if missing:
-        raise RuntimeError(f"{len(missing)} planned layer(s) are not quantized on the loaded model (e.g. "
-                           f"{missing[0]!r}); another node replaced them.")
+def refuse_timestep_wise(plan: dict) -> None:
+    """Timestep-wise layers (an early weight copy) need a clock hook on the denoiser's forward, which would
+    stay on the module tree that the FP MODEL shares; not wired into ComfyUI yet."""
+    timed = [name for name, spec in plan["layers"].items() if spec.get("early_weight_bits") is not None]
+    if timed:
+        raise ValueError(f"the plan has {len(timed)} timestep-wise layer(s) (e.g. {timed[0]!r}: early_weight_bits), "
+                         f"which the ComfyUI nodes do not support yet; use a plan without early_weight_bits.")

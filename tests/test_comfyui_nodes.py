@@ -96,6 +96,16 @@ else:
         with pytest.raises(ValueError, match="plan was made for FluxTransformer2DModel"):
             nodes_mod.Quantize.execute(fp, "w8a8", None, str(tmp_path / "plan.json"))
 
+    def test_timestep_wise_plan_is_refused(comfy, tmp_path):
+        from comfyui_nodes.patching import plan_of
+
+        nodes_mod, fp, _, _, _ = comfy
+        plan = plan_of(nodes_mod.Quantize.execute(fp, "w8a8").result[0])
+        next(iter(plan["layers"].values())).update(early_weight_bits=8, early_timestep=500.0)
+        (tmp_path / "plan.json").write_text(json.dumps(plan))
+        with pytest.raises(ValueError, match="timestep-wise layer"):
+            nodes_mod.Quantize.execute(fp, "w4a8", None, str(tmp_path / "plan.json"))
+
     def test_missing_calibration_is_named(comfy):
         nodes_mod, fp, _, _, _ = comfy
         with pytest.raises(ValueError, match="(?s)calibration.*ViDiT-Q Calibrate"):
