@@ -59,14 +59,15 @@ def test_table_costs_degradations_and_proxy(pipe, tmp_path):
     # a heatmap a person can read: rows = groups, the worse cell of each row is the redder one
     from PIL import Image
 
-    from viditq_diffusers.mixed_precision.heatmap import CELL_H, CELL_W, save_heatmap
+    from viditq_diffusers.mixed_precision.heatmap import Layout, save_heatmap
 
     save_heatmap(table, tmp_path / "heat.png")
     image = Image.open(tmp_path / "heat.png").convert("RGB")
-    first = next(iter(table))
-    y = image.height - 6 - CELL_H * len(table) + 1  # first row's cells, near their top-left corner
-    w4, w8 = (image.getpixel((image.width - 6 - CELL_W * (2 - j) + 2, y)) for j in range(2))
-    assert w4[1] < w8[1], (first, w4, w8)  # less green = redder
+    layout = Layout(table)
+    assert image.size == layout.size and layout.metrics == [FIDELITY, TEXT]
+    for group in table:  # inside each cell, a little off its corner (the corner may be the dominant metric's box)
+        w4, w8 = (image.getpixel((x + 3, y + 2)) for x, y in (layout.cell(group, FIDELITY, o) for o in OPTIONS))
+        assert w4[1] < w8[1], (group, w4, w8)  # less green = redder
     # the table is the allocation's input: a budget between all-W4 and all-W8 gets a mix
     low = sum(t["W4A8"]["cost"] for t in table.values())
     choice = allocate(table, 1.5 * low).choice

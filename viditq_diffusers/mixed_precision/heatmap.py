@@ -1,6 +1,7 @@
-"""A PNG heatmap of a sensitivity table that a person can read: one row per group, one column per option
-(precision, or precision per timestep window), the cell coloured by the degradation on the metric the group
-dominates (white = none, dark red = the table's worst) and labelled with the value. Drawn with Pillow, which
+"""A PNG heatmap of a sensitivity table that a person can read: one row per group, one block of columns per
+metric (fidelity, text alignment, temporal consistency) with one column per option (precision, or precision
+per timestep window), each cell coloured by the degradation (white = none, dark red = that metric's worst)
+and labelled with the value; the metric each group dominates is boxed. Drawn with Pillow, which
 diffusers already needs, so the core gains no plotting dependency."""
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ import os
 
 from PIL import Image, ImageDraw
 
-from .sensitivity import dominant_metric
+from .sensitivity import FIDELITY, TEMPORAL, TEXT, dominant_metric
 
 CELL_W, CELL_H, PAD, CHAR_W = 96, 18, 6, 7  # CELL_W: the narrowest cell; CHAR_W: Pillow's default font
+METRIC_ORDER = (FIDELITY, TEXT, TEMPORAL)
 
 
 def _colour(value: float, worst: float) -> tuple[int, int, int]:
@@ -19,31 +21,52 @@ def _colour(value: float, worst: float) -> tuple[int, int, int]:
     return 255, int(255 * (1 - share)), int(255 * (1 - share))  # white -> red
 
 
+class Layout:
+    """Where everything goes: one row per group; one block of columns per metric, one column per option."""
+
+    def __init__(self, table: dict[str, dict[str, dict]]):
+        self.groups = list(table)
+        self.options = list(next(iter(table.values())))
+        present = {m for entries in table.values() for e in entries.values() for m in e["metrics"]}
+        self.metrics = [m for m in METRIC_ORDER if m in present] + sorted(present - set(METRIC_ORDER))
+        self.label_w = CHAR_W * max(len(g) for g in self.groups) + 2 * PAD
+        self.cell_w = max(CELL_W, CHAR_W * max(len(o) for o in self.options) + 2 * PAD)  # fits the option names
+        self.top = 3 * CELL_H + PAD
+        self.size = (self.label_w + self.cell_w * len(self.metrics) * len(self.options) + PAD * len(self.metrics),
+                     self.top + CELL_H * len(self.groups) + PAD)
+
+    def cell(self, group: str, metric: str, option: str) -> tuple[int, int]:
+        """Top-left corner of a cell."""
+        block = self.metrics.index(metric)
+        x = self.label_w + block * (self.cell_w * len(self.options) + PAD) + self.options.index(option) * self.cell_w
+        return x, self.top + self.groups.index(group) * CELL_H
+
+
 def save_heatmap(table: dict[str, dict[str, dict]], path: str | os.PathLike, title: str = "") -> None:
-    groups = list(table)
-    options = list(next(iter(table.values())))
-    value = {(g, o): table[g][o]["metrics"].get(dominant_metric(g), 0.0) for g in groups for o in options}
-    worst = {}  # per metric, so squared errors and accuracy drops each use their own scale
-    for g in groups:
-        metric = dominant_metric(g)
-        worst[metric] = max([worst.get(metric, 0.0)] + [value[(g, o)] for o in options])
-    label_w = CHAR_W * max(len(f"{g} ({dominant_metric(g)})") for g in groups) + 2 * PAD
-    cell_w = max(CELL_W, CHAR_W * max(len(o) for o in options) + 2 * PAD)  # wide enough for the option names
-    top = 2 * CELL_H + PAD
-    image = Image.new("RGB", (label_w + cell_w * len(options) + PAD, top + CELL_H * len(groups) + PAD), "white")
+    """Every metric of every group at every option; the cells of the metric a group dominates are boxed."""
+    layout = Layout(table)
+    value = {(g, m, o): table[g][o]["metrics"].get(m, 0.0) for g in layout.groups for m in layout.metrics
+             for o in layout.options}
+    worst = {m: max(value[(g, m, o)] for g in layout.groups for o in layout.options) for m in layout.metrics}
+    image = Image.new("RGB", layout.size, "white")
     draw = ImageDraw.Draw(image)
-    draw.text((PAD, PAD // 2), title or "degradation vs FP on each group's dominant metric (higher = worse)",
-              fill="black")
-    for j, option in enumerate(options):
-        draw.text((label_w + j * cell_w + PAD, CELL_H), option, fill="black")
-    for i, group in enumerate(groups):
-        y = top + i * CELL_H
-        draw.text((PAD, y + 3), f"{group} ({dominant_metric(group)})", fill="black")
-        for j, option in enumerate(options):
-            x = label_w + j * cell_w
-            v = value[(group, option)]
-            draw.rectangle([x, y, x + cell_w - 2, y + CELL_H - 2], fill=_colour(v, worst[dominant_metric(group)]))
-            draw.text((x + PAD, y + 3), f"{v:.3g}", fill="black")
+    draw.text((PAD, PAD // 2), (title + ": " if title else "") + "degradation vs FP (higher = worse; fidelity = "
+              "relative squared error); boxed: the metric the group dominates", fill="black")
+    for metric in layout.metrics:
+        x, _ = layout.cell(layout.groups[0], metric, layout.options[0])
+        draw.text((x + PAD, CELL_H + 2), metric, fill="black")
+        for option in layout.options:
+            draw.text((layout.cell(layout.groups[0], metric, option)[0] + PAD, 2 * CELL_H), option, fill="black")
+    for group in layout.groups:
+        draw.text((PAD, layout.cell(group, layout.metrics[0], layout.options[0])[1] + 3), group, fill="black")
+        for metric in layout.metrics:
+            for option in layout.options:
+                x, y = layout.cell(group, metric, option)
+                v = value[(group, metric, option)]
+                boxed = "black" if metric == dominant_metric(group) else None
+                draw.rectangle([x, y, x + layout.cell_w - 2, y + CELL_H - 2], fill=_colour(v, worst[metric]),
+                               outline=boxed)
+                draw.text((x + PAD, y + 3), f"{v:.3g}", fill="black")
     tmp = f"{os.fspath(path)}.tmp-{os.getpid()}.png"
     image.save(tmp)
     os.replace(tmp, path)
