@@ -14,7 +14,7 @@ from viditq_diffusers.config import PRESETS, ViDiTQConfig
 from . import file_format
 from .calibration_run import calibrate_model
 from .loader import build_model
-from .patching import loaded_tree, plan_of, quantize_model
+from .patching import apply_lora, loaded_tree, plan_of, quantize_model
 
 Calibration = io.Custom("VIDITQ_CALIBRATION")
 CATEGORY = "ViDiT-Q"
@@ -123,9 +123,33 @@ class Load(io.ComfyNode):
         return io.NodeOutput(build_model(*file_format.read(path)))
 
 
+class Lora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ViDiTQLora", display_name="ViDiT-Q LoRA", category=CATEGORY,
+            description="Applies a LoRA to a ViDiT-Q quantized MODEL: each quantized layer it targets gets a "
+                        "floating-point low-rank branch added to its integer output (other layers: an ordinary "
+                        "weight patch). Returns a copy; the input MODEL is left as it was.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras")),
+                io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength_model):
+        if strength_model == 0:
+            return io.NodeOutput(model)
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        return io.NodeOutput(apply_lora(model, path, strength_model))
+
+
 class ViDiTQExtension(ComfyExtension):
     async def get_node_list(self):
-        return [Calibrate, Quantize, Save, Load]
+        return [Calibrate, Quantize, Save, Load, Lora]
 
 
 async def comfy_entrypoint() -> ViDiTQExtension:

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import uuid
 
+import comfy.lora
 import comfy.model_management
+import comfy.utils
+import torch
+import torch.nn.functional as F
 from comfy.patcher_extension import CallbacksMP
 
 from viditq_diffusers.convert import quantized_layers
@@ -70,7 +74,8 @@ def refuse_weight_patches(model, *_) -> None:
     hit = sorted(k for k in model.patches if k.startswith(PREFIX) and k[len(PREFIX):].rpartition(".")[0] in layers)
     if hit:
         raise ValueError(f"{len(hit)} weight patch(es) (e.g. a LoRA from LoraLoader) target ViDiT-Q quantized "
-                         f"layers (e.g. {hit[0]!r}), whose integer weights cannot take them. Apply the LoRA to "
+                         f"layers (e.g. {hit[0]!r}), whose integer weights cannot take them. Use the ViDiT-Q LoRA node "
+                         f"on the quantized MODEL instead (a float low-rank branch), or Apply the LoRA to "
                          f"the floating-point MODEL before ViDiT-Q Quantize: it is then quantized in.")
 
 
@@ -81,3 +86,69 @@ def refuse_timestep_wise(plan: dict) -> None:
     if timed:
         raise ValueError(f"the plan has {len(timed)} timestep-wise layer(s) (e.g. {timed[0]!r}: early_weight_bits), "
                          f"which the ComfyUI nodes do not support yet; use a plan without early_weight_bits.")
+
+
+class QuantizedLoraLinear(torch.nn.Module):
+    """A ViDiT-Q layer plus a float LoRA branch: `base(x) + scaling * up(down(x))` on the layer's original
+    input, the same forward as the core's `ViDiTQLoraLinear` (without its PEFT dependency, which ComfyUI's
+    venv need not have); the base layer is shared and never modified."""
+
+    def __init__(self, base, down: torch.Tensor, up: torch.Tensor, scaling: float):
+        super().__init__()
+        self.base = base
+        self.register_buffer("lora_down", down, persistent=False)
+        self.register_buffer("lora_up", up, persistent=False)
+        self.scaling = scaling
+
+    def forward(self, x, *args, **kwargs):
+        result = self.base(x, *args, **kwargs)
+        down = F.linear(x.to(self.lora_down.dtype), self.lora_down.to(x.device))
+        return result + (F.linear(down, self.lora_up.to(x.device)) * self.scaling).to(result.dtype)
+
+
+def apply_lora(model, lora_path: str, strength: float):
+    """A clone of the quantized `model` with the LoRA file's layers: quantized targets get a float branch
+    (object patch wrapping the ViDiT-Q layer), the others an ordinary ComfyUI weight patch. Keys are those
+    ComfyUI's LoraLoader understands for this model family (kohya `lora_unet_*`, diffusers `transformer.*`,
+    ComfyUI module names `diffusion_model.*`)."""
+    plan = plan_of(model)
+    if plan is None:
+        raise ValueError("ViDiT-Q LoRA takes a quantized MODEL (from ViDiT-Q Quantize or ViDiT-Q Load); "
+                         "on a floating-point MODEL use the stock LoraLoader.")
+    loaded_tree(model)  # the key map reads the module tree, which another clone may have left patched
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patches = comfy.lora.load_lora(comfy.utils.load_torch_file(lora_path, safe_load=True), key_map)
+    if not patches:
+        raise ValueError(f"no key of the LoRA file {lora_path!r} matches a layer of this MODEL.")
+    out = model.clone()
+    plain = {}
+    for full_key, patch in patches.items():
+        key, rows = (full_key, None) if isinstance(full_key, str) else (full_key[0], full_key[1:])
+        name = key[len(PREFIX):].removesuffix(".weight") if key.startswith(PREFIX) else None
+        if name is None or name not in plan["layers"] or not key.endswith(".weight"):
+            plain[full_key] = patch
+            continue
+        if rows is not None and (len(rows) != 1 or rows[0][0] != 0):
+            raise ValueError(f"LoRA patch on quantized layer {name!r} uses a form ViDiT-Q LoRA does not support.")
+        weights = getattr(patch, "weights", None)
+        if getattr(patch, "name", None) != "lora" or weights[3] is not None or weights[4] is not None:
+            raise ValueError(f"LoRA patch on quantized layer {name!r} is not a plain LoRA (LoCon mid / DoRA / "
+                             f"other adapters are not supported on ViDiT-Q layers).")
+        up, down, alpha = weights[0].float(), weights[1].float(), weights[2]
+        scaling = strength * ((alpha / down.shape[0]) if alpha is not None else 1.0)
+        base = out.object_patches.get(key[:-len(".weight")])  # a second LoRA wraps the first: branches stack
+        if base is None:
+            base = comfy.utils.get_attr(model.model, key[:-len(".weight")])
+        up = up.flatten(1)
+        if rows is not None:  # a diffusers to_q / to_k / to_v LoRA on ComfyUI's fused qkv: its slice of rows
+            _, offset, size = rows[0]
+            inner = base
+            while isinstance(inner, QuantizedLoraLinear):
+                inner = inner.base
+            full = torch.zeros(inner.out_features, up.shape[1], dtype=up.dtype)
+            full[offset:offset + size] = up
+            up = full
+        out.add_object_patch(key[:-len(".weight")], QuantizedLoraLinear(base, down.flatten(1), up, float(scaling)))
+    if plain:
+        out.add_patches(plain, strength)
+    return out

@@ -139,6 +139,58 @@ else:
         lora_then_w8 = nodes_mod.Quantize.execute(lora_fp, "w8a8").result[0]
         assert psnr(sample(lora_fp), sample(lora_then_w8)) > psnr(sample(lora_fp), sample(w8)) + 5
 
+    def test_viditq_lora_node_adds_float_branch_and_keeps_input_model(comfy):
+        """ViDiT-Q LoRA on a quantized MODEL: the targeted ViDiT-Q layer computes base(x) + s * up(down(x)),
+        the sample moves towards FP + the same LoRA, and the input quantized MODEL samples bit-identically."""
+        import folder_paths
+        import nodes as comfy_nodes
+        from safetensors.torch import save_file
+
+        from comfyui_nodes.patching import PREFIX, QuantizedLoraLinear, loaded_tree
+
+        nodes_mod, fp, sample, base, _ = comfy
+        folder_paths.add_model_folder_path("loras", str(base / "models" / "loras"), is_default=True)
+        (base / "models" / "loras").mkdir(parents=True, exist_ok=True)
+        gen = torch.Generator().manual_seed(0)
+        up, down = torch.randn(128, 4, generator=gen) * 0.3, torch.randn(4, 512, generator=gen) * 0.3
+        save_file({"lora_unet_blocks_0_mlp_fc2.lora_up.weight": up, "lora_unet_blocks_0_mlp_fc2.lora_down.weight": down,
+                   "lora_unet_blocks_0_mlp_fc2.alpha": torch.tensor(2.0)}, str(base / "models" / "loras" / "q.safetensors"))
+        strength, scaling = 0.7, 0.7 * 2.0 / 4
+        w8 = nodes_mod.Quantize.execute(fp, "w8a8").result[0]
+        plain = sample(w8)
+        with_lora = nodes_mod.Lora.execute(w8, "q.safetensors", strength).result[0]
+        lora_out = sample(with_lora)
+        assert torch.equal(sample(w8), plain)  # non-destructive: the input MODEL is unchanged
+        assert not torch.equal(lora_out, plain)
+        layer = loaded_tree(with_lora).blocks[0].mlp.fc2
+        assert isinstance(layer, QuantizedLoraLinear) and layer.base is w8.object_patches[PREFIX + "blocks.0.mlp.fc2"]
+        x = torch.randn(2, 7, 512, generator=gen)
+        with torch.no_grad():
+            expected = layer.base(x) + scaling * (x @ down.T @ up.T)
+            assert torch.allclose(layer(x), expected, atol=1e-4, rtol=1e-4)
+        loaded_tree(fp)  # the stock loader's key map reads the shared tree: give it the FP layers (lazy unpatching)
+        fp_lora = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(fp, "q.safetensors", strength)[0]
+        ref = sample(fp_lora)
+        assert psnr(ref, lora_out) > psnr(ref, plain) + 5
+        # diffusers/PEFT keys: to_k of attn1 lands on rows 128:256 of ComfyUI's fused, quantized qkv
+        up_k, down_k = torch.randn(128, 2, generator=gen) * 0.3, torch.randn(2, 128, generator=gen) * 0.3
+        save_file({"transformer.transformer_blocks.0.attn1.to_k.lora_B.weight": up_k,
+                   "transformer.transformer_blocks.0.attn1.to_k.lora_A.weight": down_k},
+                  str(base / "models" / "loras" / "k.safetensors"))
+        qkv_lora = nodes_mod.Lora.execute(w8, "k.safetensors", 1.0).result[0]
+        qkv = loaded_tree(qkv_lora).blocks[0].attn.qkv
+        assert isinstance(qkv, QuantizedLoraLinear)
+        x = torch.randn(2, 7, 128, generator=gen)
+        with torch.no_grad():
+            delta = qkv(x) - qkv.base(x)
+        assert torch.allclose(delta[..., 128:256], x @ down_k.T @ up_k.T, atol=1e-4, rtol=1e-4)
+        assert delta[..., :128].abs().max() == 0 and delta[..., 256:].abs().max() == 0
+        # the stock loader on a quantized MODEL still refuses, and names the new node
+        loaded_tree(w8)
+        stock = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(w8, "q.safetensors", strength)[0]
+        with pytest.raises(ValueError, match="ViDiT-Q LoRA node"):
+            sample(stock)
+
     @pytest.mark.parametrize("family, layers", [("flux", 12), ("sd3", 13), ("wan", 20)])
     def test_other_families_quantize_save_and_reload(comfy, family, layers):
         """Tiny random Flux / SD3 / Wan 2.1 built by ComfyUI's own classes: the same path as PixArt."""
