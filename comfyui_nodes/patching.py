@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from comfy.patcher_extension import CallbacksMP
 
 from viditq_diffusers.convert import quantized_layers
+from viditq_diffusers.quant.low_rank import add_low_rank
 
 PREFIX = "diffusion_model."
 PLAN = "viditq_plan"  # key of the plan in ModelPatcher.attachments (copied by reference into clones)
@@ -103,7 +104,7 @@ class QuantizedLoraLinear(torch.nn.Module):
     def forward(self, x, *args, **kwargs):
         result = self.base(x, *args, **kwargs)
         down = F.linear(x.to(self.lora_down.dtype), self.lora_down.to(x.device))
-        return result + (F.linear(down, self.lora_up.to(x.device)) * self.scaling).to(result.dtype)
+        return add_low_rank(result, down, self.lora_up.to(x.device), None, self.scaling)
 
 
 def apply_lora(model, lora_path: str, strength: float):

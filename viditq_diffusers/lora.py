@@ -42,7 +42,6 @@ import warnings
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 try:
@@ -54,6 +53,7 @@ except ImportError as exc:  # peft is optional: only LoRA needs it
     ) from exc
 
 from .nn import ViDiTQLinear
+from .quant.low_rank import add_low_rank
 
 __all__ = [
     "ViDiTQLoraLinear", "dispatch_viditq", "register_custom_module", "enable_peft_support", "disable_peft_support",
@@ -248,25 +248,6 @@ class ViDiTQLoraLinear(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
-
-
-def add_low_rank(result: torch.Tensor, down: torch.Tensor, weight_B: torch.Tensor, bias_B: Optional[torch.Tensor],
-                 scaling: float) -> torch.Tensor:
-    """`result + scaling * (down @ weight_B.T + bias_B)`, the up-projection accumulating into `result`.
-
-    `result` is the base layer's fresh output. One `addmm` reads and writes it once, where
-    `result + lora_B(down) * scaling` makes three passes over an output-sized tensor (the branch, its scaled
-    copy, the sum): at rank 16 those passes cost more than the rank-16 GEMMs. Without autograd the sum is
-    written into `result` itself. A bias or a dtype that differs from `result`'s takes the plain expression.
-    """
-    if bias_B is not None or down.dtype != result.dtype or weight_B.dtype != result.dtype:
-        return result + (F.linear(down, weight_B, bias_B) * scaling).to(result.dtype)
-    flat, rows = result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1])
-    if torch.is_grad_enabled():
-        flat = torch.addmm(flat, rows, weight_B.t(), alpha=scaling)
-    else:
-        flat.addmm_(rows, weight_B.t(), alpha=scaling)
-    return flat.view(result.shape)
 
 
 # ---------------------------------------------------------------------------------------------- PEFT hooks
