@@ -144,14 +144,17 @@ class ViDiTQLinear(nn.Module):
             if zero is not None:
                 setattr(self, f"{prefix}weight_zero", zero)
 
+    def stored_weight(self, early: bool = False) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor | None]:
+        """(stored codes, bits, fp32 scales, zero points) of the main copy, or of the timestep-wise early one."""
+        prefix, bits = ("early_", self.early_weight_bits) if early else ("", self.weight_bits)
+        return (getattr(self, f"{prefix}qweight"), bits, getattr(self, f"{prefix}weight_scale").view(torch.float32),
+                getattr(self, f"{prefix}weight_zero"))
+
     def active_weight(self) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor | None]:
-        """(codes, bits, fp32 scales, zero points) in use now: the early copy while the clock's timestep is
-        >= early_timestep, else the main one."""
+        """`stored_weight` of the copy in use now: the early one while the clock's timestep is >=
+        early_timestep, else the main one."""
         t = None if self.clock is None else self.clock.timestep
-        if self.early_weight_bits is not None and t is not None and t >= self.early_timestep:
-            return self.early_qweight, self.early_weight_bits, self.early_weight_scale.view(torch.float32), \
-                self.early_weight_zero
-        return self.qweight, self.weight_bits, self.scales(), self.weight_zero
+        return self.stored_weight(self.early_weight_bits is not None and t is not None and t >= self.early_timestep)
 
     def codes(self) -> torch.Tensor:
         """int8 codes `[out, in]` (unpacked for W4)."""
@@ -173,11 +176,9 @@ class ViDiTQLinear(nn.Module):
         """The float weight `[out, in]` this layer stands for, in the ORIGINAL input basis (balancing undone):
         of the main codes, or of the timestep-wise early copy (`early`); in float64 on request (`float64`, so
         a caller can add to it before any further rounding)."""
-        prefix, bits = ("early_", self.early_weight_bits) if early else ("", self.weight_bits)
-        qweight = getattr(self, f"{prefix}qweight")
+        qweight, bits, scale, zero = self.stored_weight(early)
         codes = unpack_int4(qweight, self.in_features) if bits == 4 else qweight
-        weight = dequantize_weight(codes, getattr(self, f"{prefix}weight_scale").view(torch.float32),
-                                   getattr(self, f"{prefix}weight_zero"))
+        weight = dequantize_weight(codes, scale, zero)
         weight = weight.double() if float64 else weight
         return unbalance_weight(weight, self.smooth_factors(), self.rotation_seed) if self.is_balanced else weight
 
