@@ -4,11 +4,11 @@ plans searched at several average weight-bit budgets (issue 7).
 Per pipeline (image, video and their stressed copies):
 1. one calibration run (as `quality.py`: other prompts and seeds than the evaluation's);
 2. the sensitivity table: each layer group (role x block range) quantized alone at W4A8, W4A8 in groups of 64
-   (4.625 bits with the group scales), W8A8 and timestep-wise (W8 while t >= 750, W4 after; both copies stored and counted), all with the per-layer
-   balancing, generated on the calibration prompts (other seeds), scored by the
-   pipeline's own metrics: fidelity = minus the relative squared error vs FP (squared errors of groups add
-   up; dB do not), text alignment = the classifier's accuracy on the
-   request, temporal consistency = minus the warp error relative to FP (video). Cached, so reruns resume;
+   (4.625 bits with the group scales), W8A8 and timestep-wise (W8 while t >= 750, W4 after; both copies
+   stored and counted), all with the per-layer balancing, generated on the calibration prompts (other
+   seeds), scored by the pipeline's own metrics: fidelity = minus the relative squared error vs FP (squared
+   errors of groups add up; dB do not), text alignment = the classifier's accuracy on the request, temporal
+   consistency = minus the warp error relative to FP (video). Cached, so reruns resume;
 3. plans allocated at each budget among the single-precision options, and one among all of them
    (`mixed_precision.allocate`, an exact integer program);
 4. every config evaluated on the evaluation prompts, as `quality.py` does.
@@ -127,14 +127,14 @@ def run_pipeline(slug, pipe, task, classifier, args) -> dict:
     configs["W4A8-MP (paper heuristic)"] = dict(preset="w4a8_mp", stats=True)
     protected = {}
     single_table = {g: {o: entries[o] for o in SINGLE if o in entries} for g, entries in table.items()}
-    searches = [(f"searched, <= {b:g} bits", b, single_table) for b in args.budgets]
+    searches = [(f"searched, <= {b:g} bits", "searched", b, single_table) for b in args.budgets]
     if set(options) - set(SINGLE):
-        searches.append((f"searched timestep-wise, <= {args.tw_budget:g} bits", args.tw_budget, table))
-    for label, budget, candidates in searches:
+        searches.append((f"searched timestep-wise, <= {args.tw_budget:g} bits", "timestep-wise", args.tw_budget,
+                         table))
+    for label, name, budget, candidates in searches:
         choice = allocate(candidates, budget * weights).choice
         plan = plan_from_choice(pipe.transformer, groups, options, choice, stats)
         configs[label] = dict(plan=plan, stats=True)
-        name = "timestep-wise" if candidates is table else "searched"
         write_json(os.path.join(args.out, f"{slug}-{name}-{budget:g}bits.plan.json"), plan)
         protected[label] = sorted(f"{g}: {o}" for g, o in choice.items() if o != "W4A8")
     rows = evaluate(pipe, task, args, classifier, os.path.join(args.out, slug), configs)

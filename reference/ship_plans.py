@@ -9,12 +9,15 @@ layer's balancing recipe (smoothing alpha, rotation) is decided, and writes into
 - `w4a8_mp_searched_<budget>bits.json`: the decided plans;
 - `calibration.safetensors`: the statistics without their sampled rows (a decided plan needs only the
   per-channel maxima; kilobytes instead of megabytes).
-Use them with `ViDiTQConfig(plan=..., calibration=...)` (README).
+Use them with `ViDiTQConfig(plan=..., calibration=...)` (README). `--results` is the benchmark's `--out` folder
+after a run (its statistics files are not committed; the shipped plans came from the per-block image run
+and the video run recorded in RESULTS.md, whose plans are kept in `benchmarks/mixed_precision/blocks8|1/`).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 
 from diffusers import DiffusionPipeline
@@ -32,16 +35,20 @@ def plan_name(budget: float) -> str:
     return f"w4a8_mp_searched_{budget:g}bits.json"
 
 
-def ship(kind: str, results: str, budget: float) -> str:
+def ship(kind: str, results: str, budgets: list[float]) -> list[str]:
     pipe = DiffusionPipeline.from_pretrained(os.path.join(ROOT, "reference_models", PIPELINES[kind]))
     stats = CalibrationStats.load(os.path.join(results, f"{kind}-calibration.safetensors"))
-    searched = read_json(os.path.join(results, f"{kind}-searched-{budget:g}bits.plan.json"))
-    decided = quantize(pipe.transformer, ViDiTQConfig(plan=searched, calibration=stats)).config.quantization_config.plan
     out = os.path.join(ROOT, "reference_models", PIPELINES[kind], "viditq_plans")
     os.makedirs(out, exist_ok=True)
-    write_json(os.path.join(out, plan_name(budget)), decided)
     stats.without_samples().save(os.path.join(out, "calibration.safetensors"))
-    return f"{kind}: {average_weight_bits(decided):.2f} average weight bits -> {out}"
+    lines = []
+    for budget in budgets:
+        searched = read_json(os.path.join(results, f"{kind}-searched-{budget:g}bits.plan.json"))
+        config = ViDiTQConfig(plan=searched, calibration=stats)
+        decided = quantize(copy.deepcopy(pipe.transformer), config).config.quantization_config.plan
+        write_json(os.path.join(out, plan_name(budget)), decided)
+        lines.append(f"{kind}, <= {budget:g} bits: {average_weight_bits(decided):.2f} average weight bits -> {out}")
+    return lines
 
 
 def main() -> None:
@@ -50,8 +57,7 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[5.0, 6.0])
     args = parser.parse_args()
     for kind in PIPELINES:
-        for budget in args.budgets:
-            print(ship(kind, args.results, budget))
+        print("\n".join(ship(kind, args.results, args.budgets)))
 
 
 if __name__ == "__main__":

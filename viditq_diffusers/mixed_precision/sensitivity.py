@@ -14,8 +14,8 @@ trajectory, split per metric family (`proxy_errors`). `rank_agreement` reports h
 
 The table is written to a JSON cache after every entry (atomically), so an interrupted search resumes where
 it stopped, and options or groups added later are measured on top of it; a cache made with other prompts,
-seeds, scorer or settings, or that defines an option or group otherwise, is refused rather than mixed in. Under
-`accelerate launch --num_processes N` the runs are split between the processes (each writes its own
+seeds, scorer or settings, or that defines an option or group otherwise, is refused rather than mixed in.
+Under `accelerate launch --num_processes N` the runs are split between the processes (each writes its own
 `CACHE.rankI` shard as it goes) and gathered at the end.
 """
 
@@ -105,8 +105,9 @@ def proxy_errors(pipe, quantized, prompts: list[str], seeds: list[int], **call) 
 
 
 def _load_cache(path: str | None, fingerprint: dict, groups: dict, options: dict) -> dict:
-    """The cached table, or {}. Entries of groups and options the cache defines the same way are reused, so
-    adding an option (or a group) to a finished search measures only what is new."""
+    """The cache file's content (`fingerprint`, `groups`, `options`, `table`), or an empty one. Entries of
+    groups and options the cache defines the same way are reused, so adding an option (or a group) to a
+    finished search measures only what is new."""
     if not path or not os.path.exists(path):
         return {"fingerprint": fingerprint, "groups": {}, "options": {}, "table": {}}
     cached = read_json(path)
