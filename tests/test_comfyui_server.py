@@ -7,17 +7,15 @@ must keep serving. Skipped when ComfyUI is not installed (`python tests/comfyui/
 """
 
 import json
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.comfyui import comfy_env, install_comfyui, workflows  # noqa: E402
+from tests.comfyui import comfy_env, server_home, workflows  # noqa: E402
+from tests.comfyui.outputs import latent, psnr, succeeded  # noqa: E402
 from tests.comfyui.server import ComfyServer, execution_error  # noqa: E402
 
 REPO = comfy_env.REPO
@@ -48,16 +46,8 @@ def write_lora(path: Path) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     comfy_env.require_install()
-    base = tmp_path_factory.mktemp("comfyui_server")
-    models = base / "models" / "diffusion_models"
-    models.mkdir(parents=True)
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "viditq").symlink_to(REPO / "comfyui_nodes")
-    (base / "custom_nodes" / "viditq_test_fixtures").symlink_to(REPO / "tests" / "comfyui" / "fixture_nodes")
-    subprocess.run([str(install_comfyui.python()), "-m", "tests.comfyui.reference_pixart",
-                    str(models / workflows.FP_FILE)], cwd=REPO, env=comfy_env.env(), check=True)
-    shutil.copy(models / workflows.FP_FILE, models / "pixart_digits_fp_copy.safetensors")
-    (models / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json" * 8)
+    base = server_home.prepare(tmp_path_factory.mktemp("comfyui_server"))
+    (base / "models" / "diffusion_models" / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json" * 8)
     write_diffusers_plan(base / "diffusers_plan.json")
     write_lora(base / "models" / "loras" / "tiny_lora.safetensors")
     srv = ComfyServer(base).start()
@@ -66,20 +56,6 @@ def server(tmp_path_factory):
     finally:
         srv.stop()
         print(srv.log(3000))
-
-
-def latent(server, entry, node_id) -> torch.Tensor:
-    (item,) = entry["outputs"][node_id]["latents"]
-    return load_file(server.base_dir / "output" / item["subfolder"] / item["filename"])["latent_tensor"]
-
-
-def psnr(ref, x) -> float:
-    return float(10 * torch.log10((ref.max() - ref.min()) ** 2 / ((ref - x) ** 2).mean()))
-
-
-def succeeded(entry) -> dict:
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
-    return entry
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +89,7 @@ def test_workflow_a_images_and_w8a8_psnr(server, workflow_a):
 def test_fp_branch_is_untouched_by_quantize(server, workflow_a):
     """The FP branch of A equals the same FP model sampled alone (a copy of the file, so nothing is cached)."""
     alone = workflows.with_stand_ins(workflows.shipped("pixart_load_quantized_api.json"))
-    alone["1"]["inputs"]["model_name"] = "pixart_digits_fp_copy.safetensors"
+    alone["1"]["inputs"]["model_name"] = workflows.FP_COPY_FILE
     entry = succeeded(server.run(alone))
     assert torch.equal(latent(server, entry, "15"), latent(server, workflow_a, "15"))
 
@@ -178,3 +154,20 @@ def test_stock_lora_loader_on_quantized_model_is_never_silently_dropped(server, 
     without["9"]["inputs"]["model"] = ["100", 0]
     with_lora, without_lora = (latent(server, succeeded(server.run(flow)), "15") for flow in (before, without))
     assert not torch.equal(with_lora, without_lora)
+
+
+@pytest.fixture(scope="module")
+def lora_workflow(server):
+    return succeeded(server.run(workflows.with_stand_ins(workflows.shipped("pixart_quantized_lora_api.json"))))
+
+
+def test_viditq_lora_on_w8a8_follows_fp_with_stock_lora(server, lora_workflow):
+    """Shipped LoRA workflow with the reference LoRA (mirrors the digit): calibrate -> W8A8 -> ViDiT-Q LoRA,
+    next to FP -> stock LoraLoaderModelOnly and W8A8 without LoRA, on the same seed."""
+    for save_image in ("15", "18", "21"):
+        assert lora_workflow["outputs"][save_image]["images"], f"SaveImage {save_image} wrote no image"
+    fp_lora, w8, w8_lora = (latent(server, lora_workflow, n) for n in ("16", "19", "22"))
+    print(f"W8A8+LoRA vs FP+LoRA {psnr(fp_lora, w8_lora):.2f} dB; W8A8+LoRA vs W8A8 {psnr(w8, w8_lora):.2f} dB; "
+          f"W8A8 vs FP+LoRA {psnr(fp_lora, w8):.2f} dB")
+    assert psnr(w8, w8_lora) < 30  # the LoRA moves the latent far more than W8A8 does (measured 22.9 vs 54 dB)
+    assert psnr(fp_lora, w8_lora) >= 40

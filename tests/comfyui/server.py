@@ -22,8 +22,9 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, base_dir: Path, port: int | None = None):
-        self.base_dir, self.port = Path(base_dir), port or free_port()
+    def __init__(self, base_dir: Path, port: int | None = None, extra_args: tuple[str, ...] = ()):
+        """`extra_args`: more main.py options, e.g. ("--cache-none",) to re-run every node in every prompt."""
+        self.base_dir, self.port, self.extra_args = Path(base_dir), port or free_port(), tuple(extra_args)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.base_dir / "server.log"
         self.process = None
@@ -32,7 +33,7 @@ class ComfyServer:
         for sub in ("custom_nodes", "user", "input", "output", "models/diffusion_models"):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
         cmd = [str(install_comfyui.python()), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.base_dir)]
+               "--base-directory", str(self.base_dir), *self.extra_args]
         with open(self.log_path, "w") as log:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(cmd, cwd=install_comfyui.comfyui_dir(), env=comfy_env.env(),
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
