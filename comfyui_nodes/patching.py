@@ -21,8 +21,11 @@ from comfy.patcher_extension import CallbacksMP
 from viditq_diffusers.convert import quantized_layers
 from viditq_diffusers.quant.low_rank import add_low_rank
 
+from .families import check_family
+
 PREFIX = "diffusion_model."
 PLAN = "viditq_plan"  # key of the plan in ModelPatcher.attachments (copied by reference into clones)
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the quantizer reads weights from
 
 
 def loaded_tree(model):
@@ -41,14 +44,16 @@ def quantize_model(model, config):
     if plan_of(model) is not None:
         raise ValueError("this MODEL is already ViDiT-Q quantized; quantizing twice would re-round integer weights. "
                          "Connect the floating-point MODEL instead.")
-    tree = loaded_tree(model)
+    refuse_unsupported_dtype(model)
+    denoiser, model_class = type(model.model.diffusion_model).__name__, type(model.model).__name__
     plan = config.plan
-    if plan is not None and plan.get("model_class") not in (None, type(tree).__name__):
+    if plan is not None and plan.get("model_class") not in (None, denoiser):
         raise ValueError(f"the plan was made for {plan['model_class']}, but this MODEL's denoiser is "
-                         f"{type(tree).__name__} ({type(model.model).__name__}); use a plan made for this model "
-                         f"family, or a preset.")
+                         f"{denoiser} ({model_class}); use a plan made for this model family, or a preset.")
+    check_family(denoiser, model_class, plan is not None)
     if plan is not None:
         refuse_timestep_wise(plan)
+    tree = loaded_tree(model)
     plan, layers = quantized_layers(tree, config)
     quantized = model.clone()
     for name, layer in layers:  # kept on the offload device until the clone is loaded, like the FP weights
@@ -78,6 +83,16 @@ def refuse_weight_patches(model, *_) -> None:
                          f"layers (e.g. {hit[0]!r}), whose integer weights cannot take them. Use the ViDiT-Q LoRA node "
                          f"on the quantized MODEL instead (a float low-rank branch), or Apply the LoRA to "
                          f"the floating-point MODEL before ViDiT-Q Quantize: it is then quantized in.")
+
+
+def refuse_unsupported_dtype(model) -> None:
+    """fp16 / bf16 weights are quantized like fp32 ones (the layers then run in ComfyUI's compute dtype,
+    manual cast or not); float8 weights are already rounded, and the quantizer's checks cannot read them."""
+    dtype = model.model.get_dtype()
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"ViDiT-Q Quantize reads float32, float16 or bfloat16 weights, but this MODEL stores its "
+                         f"weights as {str(dtype).removeprefix('torch.')} (e.g. Load Diffusion Model with an fp8 "
+                         f"weight_dtype); load the model with weight_dtype 'default' before quantizing it.")
 
 
 def refuse_timestep_wise(plan: dict) -> None:

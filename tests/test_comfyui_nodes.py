@@ -26,6 +26,15 @@ else:
 
     torch.set_num_threads(1)
     STEPS, CFG, SEED = 12, 4.5, 0
+    PROMPT = "a thick handwritten digit 7"
+
+    def conditioning(text):
+        from tests.comfyui.fixture_nodes import DigitsTextEncode
+
+        return DigitsTextEncode().encode(text)[0]
+
+    def empty_latent():
+        return {"samples": torch.zeros(1, 4, 40, 40)}  # ComfyUI's PixArt position embedding needs >= 33 latent px
 
     @pytest.fixture(scope="module")
     def comfy(tmp_path_factory):
@@ -34,17 +43,14 @@ else:
         nodes_mod = inprocess.setup(base)
         import nodes as comfy_nodes
 
-        from tests.comfyui.fixture_nodes import DigitsTextEncode
-
         reference_pixart.write(str(base / "models" / "diffusion_models" / "pixart_digits_fp.safetensors"))
         fp = nodes_mod.Load.execute("pixart_digits_fp.safetensors").result[0]
-        pos, neg = (DigitsTextEncode().encode(t)[0] for t in ("a thick handwritten digit 7", ""))
-        latent = {"samples": torch.zeros(1, 4, 40, 40)}  # ComfyUI's PixArt position embedding needs >= 33 latent px
+        pos, neg, latent = conditioning(PROMPT), conditioning(""), empty_latent()
 
         def sample(model):
             return comfy_nodes.common_ksampler(model, SEED, STEPS, CFG, "euler", "normal", pos, neg, latent)[0]["samples"]
 
-        pos2 = DigitsTextEncode().encode("an italic handwritten digit 3")[0]  # a list: one sample per positive
+        pos2 = conditioning("an italic handwritten digit 3")  # a list: one sample per positive
         stats = nodes_mod.Calibrate.execute([fp], [pos, pos2], [neg], [latent], [SEED], [6], [CFG], ["euler"],
                                             ["normal"]).result[0]
         assert stats.settings["num_prompts"] == 2 and stats.settings["seeds"] == [SEED, SEED + 1]
@@ -220,3 +226,60 @@ else:
         assert psnr(before, w8_out) >= 45 and psnr(before, w4_out) >= 30
         nodes_mod.Save.execute(w4, f"{family}_w4a8")
         assert torch.equal(w4_out, sample(nodes_mod.Load.execute(f"{family}_w4a8.safetensors").result[0]))
+
+    @pytest.mark.parametrize("dtype, manual_cast, min_db", [
+        # measured (calibrated W8A8 vs the same MODEL's FP sample; fp32 gets 54 dB on the server):
+        (torch.bfloat16, torch.float32, 45),  # ComfyUI's CPU path for bf16 weights (fp32 manual cast): 56.1 dB
+        # the GPU path, bf16 compute: bf16 rounding alone puts the bf16 FP sample 46 dB from fp32; 47.7 dB
+        (torch.bfloat16, None, 42),
+        (torch.float16, None, 45),  # fp16 compute: 54.1 dB
+    ])
+    def test_half_precision_model_quantizes_close_to_its_own_fp(comfy, dtype, manual_cast, min_db):
+        """A MODEL with bf16 / fp16 weights (ComfyUI's weight dtype and manual cast): calibrate, quantize
+        W8A8, sample; finite, close to the same MODEL's FP sample, which stays bit-identical."""
+        from comfy.model_management import unet_manual_cast
+
+        from comfyui_nodes.patching import loaded_tree
+        from viditq_diffusers import ViDiTQLinear
+
+        nodes_mod, _, sample, _, _ = comfy
+        if manual_cast is not None:
+            assert unet_manual_cast(dtype, torch.device("cpu")) == manual_cast
+        fp = reference_pixart.patcher(dtype, manual_cast)
+        assert fp.model.get_dtype() == dtype and fp.model.manual_cast_dtype == manual_cast
+        stats = nodes_mod.Calibrate.execute([fp], [conditioning(PROMPT)], [conditioning("")], [empty_latent()],
+                                            [SEED], [6], [CFG], ["euler"], ["normal"]).result[0]
+        ref = sample(fp)
+        w8 = nodes_mod.Quantize.execute(fp, "w8a8", stats).result[0]
+        out = sample(w8)
+        assert isinstance(loaded_tree(w8).blocks[0].attn.qkv, ViDiTQLinear)
+        print(f"{dtype} (manual cast {manual_cast}): W8A8 vs FP {psnr(ref, out):.2f} dB")
+        assert torch.isfinite(out).all() and not torch.equal(ref, out)
+        assert psnr(ref, out) >= min_db
+        assert torch.equal(ref, sample(fp))
+        if manual_cast is not None:  # ViDiT-Q Load picks ComfyUI's manual cast for the file's dtype: this one
+            name = f"half_{str(dtype).removeprefix('torch.')}"
+            nodes_mod.Save.execute(w8, name)
+            reloaded = nodes_mod.Load.execute(f"{name}.safetensors").result[0]
+            assert reloaded.model.get_dtype() == dtype and torch.equal(out, sample(reloaded))
+
+    def test_float8_weights_are_refused_by_name(comfy):
+        nodes_mod = comfy[0]
+        fp8 = reference_pixart.patcher(torch.float8_e4m3fn, torch.float32)  # Load Diffusion Model, fp8_e4m3fn
+        with pytest.raises(ValueError, match="stores its weights as float8_e4m3fn.*weight_dtype 'default'"):
+            nodes_mod.Quantize.execute(fp8, "w8a8")
+
+    def test_family_outside_the_supported_list_is_refused_by_name(comfy):
+        """LTX-Video (ComfyUI's LTXV, built empty on the meta device): not in the pack's checked families."""
+        from comfy.model_patcher import ModelPatcher
+        from comfy.supported_models import LTXV
+
+        nodes_mod = comfy[0]
+        config = {"image_model": "ltxv", "num_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2,
+                  "cross_attention_dim": 16, "caption_channels": 16, "in_channels": 16}
+        model_config = LTXV(config)
+        model_config.set_inference_dtype(torch.float32, None)
+        cpu = torch.device("cpu")
+        ltxv = ModelPatcher(model_config.get_model({}, "", device="meta"), cpu, cpu)
+        with pytest.raises(ValueError, match=r"presets support PixArt .*this MODEL's denoiser is LTXVModel \(LTXV\)"):
+            nodes_mod.Quantize.execute(ltxv, "w8a8")

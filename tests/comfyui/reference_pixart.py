@@ -50,6 +50,21 @@ def comfy_state_dict(config: dict) -> dict[str, torch.Tensor]:
     return sd
 
 
+def patcher(dtype: torch.dtype, manual_cast: torch.dtype | None):
+    """The reference as a ComfyUI MODEL whose weights are stored in `dtype` and computed in `manual_cast`
+    (None: in `dtype`), built the way ComfyUI's own loader builds a denoiser for a weight dtype."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = unet_config()
+    model_config = comfy.supported_models.PixArtAlpha(config)
+    model_config.set_inference_dtype(dtype, manual_cast)
+    base = model_config.get_model({}, "")
+    base.diffusion_model.load_state_dict({k: t.to(dtype) for k, t in comfy_state_dict(config).items()})
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+
+
 def write(path: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from comfyui_nodes import file_format
