@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from viditq_diffusers.mixed_precision.allocation import allocate
+from viditq_diffusers.mixed_precision.allocation import allocate, allocate_best
 
 
 def table_of(seed, groups=7, timestep_wise=False):
@@ -73,3 +73,34 @@ def test_infeasible_requests_are_refused_with_the_reason():
         allocate(table, cheapest, {"psnr_drop": 1e-6})
     with pytest.raises(ValueError, match="does not have"):
         allocate(table, cheapest, {"fid": 1.0})
+
+
+def all_plans(table, budget):
+    """Every feasible plan's objective (metrics scaled by their largest degradation), best first."""
+    groups = list(table)
+    metrics = sorted({m for o in table.values() for v in o.values() for m in v["metrics"]})
+    scale = {m: max(v["metrics"].get(m, 0) for o in table.values() for v in o.values()) for m in metrics}
+    values = []
+    for combo in itertools.product(*(table[g] for g in groups)):
+        picked = [table[g][o] for g, o in zip(groups, combo)]
+        if sum(p["cost"] for p in picked) <= budget:
+            values.append(sum(sum(p["metrics"].get(m, 0) for p in picked) / scale[m] for m in metrics))
+    return sorted(values)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_k_best_are_the_brute_force_k_best_in_order_and_distinct(seed):
+    table = table_of(seed, groups=6)
+    total = sum(v["W4A8"]["cost"] for v in table.values()) / 4
+    best = allocate_best(table, 5.5 * total, k=5)
+    scale = {m: max(v["metrics"].get(m, 0) for o in table.values() for v in o.values()) for m in best[0].degradation}
+    values = [sum(a.degradation[m] / scale[m] for m in scale) for a in best]
+    assert values == pytest.approx(all_plans(table, 5.5 * total)[:5], rel=1e-9)
+    assert len({tuple(sorted(a.choice.items())) for a in best}) == 5
+    assert all(a.cost <= 5.5 * total for a in best)
+
+
+def test_k_best_stops_when_no_other_plan_fits():
+    table = table_of(0, groups=2)
+    cheapest = sum(v["W4A8"]["cost"] for v in table.values())
+    assert [a.choice for a in allocate_best(table, cheapest, k=3)] == [{g: "W4A8" for g in table}]

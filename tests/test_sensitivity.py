@@ -1,6 +1,7 @@
 """Sensitivity measurement on a real (tiny, random) PixArt pipeline: one run per group x option, costs in bits,
 degradations per metric, the eps proxy per family, and a resumable, settings-checked cache."""
 
+import copy
 import json
 
 import pytest
@@ -144,3 +145,24 @@ def test_two_processes_give_the_single_process_table(pipe, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert json.loads(out.read_text()) == json.loads(json.dumps(single))
+
+
+def test_search_confirms_candidates_whole_and_returns_the_best_measured(pipe, tmp_path):
+    from viditq_diffusers import ViDiTQConfig, quantize
+    from viditq_diffusers.evaluation import generate
+    from viditq_diffusers.mixed_precision.search import search
+    from viditq_diffusers.mixed_precision.sensitivity import with_transformer
+    from viditq_diffusers.plan import average_weight_bits
+
+    result = search(pipe, 6.0, PROMPTS, SEEDS, options=OPTIONS, block_ranges=2, candidates=3,
+                    cache=tmp_path / "cache.json", **CALL)
+    assert len(result.confirmed) == 3 and [c["chosen"] for c in result.confirmed].count(True) == 1
+    errors = [c["measured"][FIDELITY] for c in result.confirmed]
+    chosen = next(c for c in result.confirmed if c["chosen"])
+    assert chosen["measured"][FIDELITY] == min(errors) and len(set(errors)) > 1
+    assert average_weight_bits(result.plan) <= 6.0
+    # The returned plan is the candidate that measured best: generating with it gives that error again.
+    model = quantize(copy.deepcopy(pipe.transformer), ViDiTQConfig(plan=result.plan))
+    samples = generate(with_transformer(pipe, model), PROMPTS, SEEDS, **CALL)
+    assert metrics.relative_mse(samples, generate(pipe, PROMPTS, SEEDS, **CALL)) == pytest.approx(
+        chosen["measured"][FIDELITY], rel=1e-6)

@@ -177,6 +177,7 @@ def cmd_search(args) -> None:
     stats = CalibrationStats.load(args.calibration) if args.calibration else None
     result = search(pipe, args.budget_bits, prompts, [args.seed + i for i in range(len(prompts))],
                     block_ranges=args.block_ranges, calibration=stats, cache=args.cache or f"{args.out}.sensitivity.json",
+                    candidates=args.candidates,
                     num_inference_steps=args.steps, guidance_scale=args.guidance, **pipeline_call(pipe, args))
     write_json(args.out, result.plan)
     save_heatmap(result.table, f"{args.out}.heatmap.png")
@@ -186,6 +187,10 @@ def cmd_search(args) -> None:
     for group, options in result.table.items():
         drops = " | ".join(f"{entry['metrics']['fidelity']:.3g}" for entry in options.values())
         print(f"| {group} | {len(result.groups[group])} | {result.allocation.choice[group]} | {drops} |")
+    for i, candidate in enumerate(result.confirmed):
+        print(f"candidate {i + 1}: relative squared error predicted {candidate['predicted']['fidelity']:.3g}, "
+              f"measured whole {candidate['measured']['fidelity']:.3g}"
+              + (" (chosen)" if candidate["chosen"] else ""))
     print(f"average weight bits {result.average_bits:.2f} (budget {args.budget_bits}); plan saved to {args.out}, "
           f"sensitivity heatmap to {args.out}.heatmap.png")
     print(f"quantize with ViDiTQConfig(plan={args.out!r}" + (", calibration=stats)" if stats else ")"))
@@ -229,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="where to write the plan (JSON)")
     s.add_argument("--calibration", help="statistics from `viditq calibrate`: the options then balance channels")
     s.add_argument("--block-ranges", type=int, default=4, help="groups = layer role x this many block ranges")
+    s.add_argument("--candidates", type=int, default=8,
+                   help="the allocation's best N plans are generated whole and the best measured one kept (1: off)")
     s.add_argument("--cache", help="sensitivity cache (JSON; default OUT.sensitivity.json): reruns resume")
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--guidance", type=float, default=4.5)

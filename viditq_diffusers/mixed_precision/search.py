@@ -1,4 +1,10 @@
-"""The mixed-precision search end to end: groups -> sensitivity table -> allocation -> a plan.
+"""The mixed-precision search end to end: groups -> sensitivity table -> allocation -> confirmation -> a plan.
+
+The allocation adds up the degradations each group caused alone, a first-order model: errors of groups
+quantized together compound, and a table measured on a few prompts is noisy, so its few best plans are near
+ties it cannot order. As METHOD.md section 4 asks, the search therefore confirms with the task metrics: the
+`candidates` best allocations are each generated whole on the search prompts and scored, and the plan that
+measures best (metrics weighted as in the allocation) wins.
 
 The plan is an ordinary per-layer plan (`plan.py`): each layer's entry is what the chosen option's preset
 would have planned for it, so it saves, loads and quantizes like any other (`ViDiTQConfig(plan=...)`, with
@@ -7,14 +13,21 @@ the calibration statistics when an option balances channels).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
 
 from .. import metrics
 from ..config import ViDiTQConfig
+from ..convert import quantize
+from ..evaluation import generate
 from ..plan import average_weight_bits, build_plan
-from .allocation import Allocation, allocate
+from .allocation import Allocation, allocate_best, metric_scales
 from .roles import group_layers, quantized_by_default
-from .sensitivity import FIDELITY, group_role, measure
+from .sensitivity import FIDELITY, group_role, measure, with_transformer
 
 DEFAULT_OPTIONS = {"W4A8": {"preset": "w4a8"}, "W8A8": {"preset": "w8a8"}}
 
@@ -32,6 +45,7 @@ class SearchResult:
     groups: dict[str, list[str]]
     table: dict
     allocation: Allocation
+    confirmed: list[dict] = field(default_factory=list)  # per candidate: predicted and measured degradations
 
     @property
     def average_bits(self) -> float:
@@ -52,14 +66,50 @@ def plan_from_choice(model, groups: dict[str, list[str]], options: dict[str, dic
     return plan
 
 
+@torch.no_grad()
+def confirm(pipe, groups: dict[str, list[str]], options: dict[str, dict], table: dict, candidates: list[Allocation],
+            prompts: list[str], seeds: list[int], score, tolerances: dict[str, float] | None = None,
+            calibration=None, **call) -> tuple[int, list[dict]]:
+    """Generate each candidate plan whole on the prompts and score it. Returns the index of the one that
+    measures best (summed degradations weighted by `metric_scales`; candidates outside a tolerance lose to
+    any inside) and per candidate `{"predicted", "measured"}` degradations and whether it was `"chosen"`."""
+    reference = generate(pipe, prompts, seeds, **call)
+    fp_scores = score(reference, reference)
+    scales, tolerances = metric_scales(table, tolerances), tolerances or {}
+    report = []
+    for candidate in tqdm(candidates, desc="viditq confirm", unit="plan", disable=None):
+        plan = plan_from_choice(pipe.transformer, groups, options, candidate.choice, calibration)
+        model = quantize(copy.deepcopy(pipe.transformer), ViDiTQConfig(plan=plan, calibration=calibration))
+        scores = score(generate(with_transformer(pipe, model), prompts, seeds, **call), reference)
+        report.append({"predicted": candidate.degradation, "measured": {m: fp_scores[m] - scores[m] for m in scores},
+                       "chosen": False})
+
+    def rank(i):
+        measured = report[i]["measured"]
+        outside = any(measured.get(m, 0.0) > t for m, t in tolerances.items())
+        return outside, sum(measured.get(m, 0.0) / s for m, s in scales.items())
+
+    best = min(range(len(candidates)), key=rank)
+    report[best]["chosen"] = True
+    if rank(best)[0]:
+        warnings.warn(f"every candidate plan measures outside the tolerances {tolerances} on the search prompts "
+                      f"(best: {report[best]['measured']}); raise the budget or loosen the tolerances")
+    return best, report
+
+
 def search(pipe, budget_bits: float, prompts: list[str], seeds: list[int], score=fidelity_scorer,
            options: dict[str, dict] | None = None, block_ranges=4, tolerances: dict[str, float] | None = None,
-           calibration=None, cache=None, **call) -> SearchResult:
-    """Measure every group at every option, then pick per group under `budget_bits` average weight bits."""
+           calibration=None, cache=None, candidates: int = 8, **call) -> SearchResult:
+    """Measure every group at every option, allocate the `candidates` best plans under `budget_bits` average
+    weight bits and, when there are several, keep the one that measures best whole (`confirm`)."""
     options = dict(options or DEFAULT_OPTIONS)
     groups = quantizable_groups(pipe.transformer, block_ranges)
     table = measure(pipe, groups, options, prompts, seeds, score, calibration=calibration, cache=cache, **call)
     weights = sum(pipe.transformer.get_submodule(n).weight.numel() for names in groups.values() for n in names)
-    allocation = allocate(table, budget_bits * weights, tolerances)
-    plan = plan_from_choice(pipe.transformer, groups, options, allocation.choice, calibration)
-    return SearchResult(plan, groups, table, allocation)
+    found = allocate_best(table, budget_bits * weights, candidates, tolerances)
+    best, report = 0, []
+    if len(found) > 1:
+        best, report = confirm(pipe, groups, options, table, found, prompts, seeds, score, tolerances, calibration,
+                               **call)
+    plan = plan_from_choice(pipe.transformer, groups, options, found[best].choice, calibration)
+    return SearchResult(plan, groups, table, found[best], report)
