@@ -1,0 +1,187 @@
+"""The Gradio UI: FP / W8A8 / W4A8-MP side by side, calibrate, save and push. Logic lives in `variants.py`.
+
+    python -m gradio_app [--port 7860] [--threads N]      (or: viditq demo --ui)
+
+The page is served first; torch, the core and the default pipeline load right after, in the background
+(`variants` is imported on first use), and a request that comes earlier waits for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from a local demo
+
+import gradio as gr  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from .choices import BUNDLED, CALIBRATION_PROMPTS, CUSTOM, DEFAULT_SOURCE, STEPS_RANGE, VARIANTS  # noqa: E402
+
+DISPLAY_PX = 256  # the bundled pipelines make 32x32 samples: shown enlarged, pixels kept sharp
+OUTPUT_DIR = tempfile.mkdtemp(prefix="viditq-gradio-")
+
+
+TORCH_THREADS: int | None = None  # --threads
+
+
+def logic():
+    """The variants module (torch, the core, the model cache), imported on first use."""
+    from . import variants
+
+    if TORCH_THREADS and variants.torch.get_num_threads() != TORCH_THREADS:
+        variants.torch.set_num_threads(TORCH_THREADS)
+    return variants
+
+
+def user_error(fn):
+    """Run a handler; a ValueError / FileNotFoundError (bad input, explained by variants.py) becomes gr.Error."""
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError) as error:
+            raise gr.Error(str(error), print_exception=False) from error
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
+def to_display(samples) -> Image.Image | str:
+    """A PIL image for `[1, C, H, W]`; the path of a looping GIF for a video `[1, F, C, H, W]`."""
+    pixels = samples[0].clamp(-1, 1).add(1).mul(127.5).round().byte()
+    frames = pixels if pixels.ndim == 4 else pixels[None]
+    images = []
+    for frame in frames.permute(0, 2, 3, 1).numpy():
+        image = Image.fromarray(frame[..., 0] if frame.shape[-1] == 1 else frame)
+        scale = max(1, DISPLAY_PX // max(image.size))
+        images.append(image.resize((image.width * scale, image.height * scale), Image.NEAREST))
+    if len(images) == 1 and pixels.ndim == 3:
+        return images[0]
+    fd, path = tempfile.mkstemp(suffix=".gif", dir=OUTPUT_DIR)  # a fresh name nobody reads until we return it
+    with os.fdopen(fd, "wb") as f:
+        images[0].save(f, format="GIF", save_all=True, append_images=images[1:], duration=150, loop=0)
+    return path
+
+
+def metrics_markdown(result, fp) -> str:
+    """A variant's `variants.Result` as a table; `fp` is the FP result of the same request."""
+    mib = 2**20
+    rows = [("latency", f"{result.latency_s:.2f} s"),
+            ("transformer weights", f"{result.weight_bytes / mib:.2f} MiB"
+             + ("" if result is fp else f" ({result.weight_bytes / fp.weight_bytes:.2f}x FP)")),
+            ("peak memory", "n/a" if result.peak_bytes is None else
+             f"{result.peak_bytes / mib:.0f} MiB ({logic().peak_memory_kind()})"),
+            ("PSNR vs FP", "reference" if result.psnr is None else f"{result.psnr:.2f} dB"),
+            ("SSIM vs FP", "reference" if result.ssim is None else f"{result.ssim:.4f}")]
+    return f"**{result.label}**\n\n| metric | value |\n|---|---:|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+@user_error
+def run_generate(choice, custom, prompt, negative_prompt, seed, steps, guidance):
+    variants = logic()
+    steps, guidance, seed = variants.check_validity(prompt, steps, guidance, seed)
+    source = variants.resolve_source(choice, custom)
+    start = time.perf_counter()
+    results = variants.CACHE.get(source).generate(prompt.strip(), negative_prompt or "", seed, steps, guidance)
+    outputs = []
+    for result in results:
+        outputs += [gr.Image(value=to_display(result.samples), label=result.label),
+                    metrics_markdown(result, results[0])]
+    status = (f"Generated “{prompt.strip()}” (seed {seed}, {steps} steps, guidance {guidance:g}) with {source}: "
+              f"three variants in {time.perf_counter() - start:.1f} s.")
+    return [status] + outputs
+
+
+@user_error
+def run_calibrate(choice, custom, prompts, steps, guidance, progress=gr.Progress(track_tqdm=True)):
+    variants = logic()
+    steps, guidance, _ = variants.check_validity("calibration", steps, guidance, 0)
+    progress(0, desc="loading the pipeline")
+    return variants.CACHE.get(variants.resolve_source(choice, custom)).calibrate(prompts.splitlines(), steps, guidance)
+
+
+@user_error
+def run_save(choice, custom, variant, directory):
+    return logic().CACHE.get(logic().resolve_source(choice, custom)).save(variant, directory)
+
+
+@user_error
+def run_push(choice, custom, variant, repo_id, token):
+    return logic().CACHE.get(logic().resolve_source(choice, custom)).push(variant, repo_id, token)
+
+
+def build_app(concurrency: int = 1) -> gr.Blocks:
+    with gr.Blocks(title="ViDiT-Q: FP vs W8A8 vs W4A8-MP") as demo:
+        gr.Markdown("# ViDiT-Q quantization: FP vs W8A8 vs W4A8-MP\nThe same prompt and seed through the "
+                    "floating-point pipeline and two quantized transformers (text encoder and VAE stay FP).")
+        with gr.Row():
+            with gr.Column(scale=1):
+                choice = gr.Radio([*BUNDLED, CUSTOM], value=DEFAULT_SOURCE, label="Pipeline")
+                custom = gr.Textbox(label="Local directory or Hub id", elem_id="custom-source", placeholder="path/to/pipeline or owner/name",
+                                    info=f"used when the pipeline is “{CUSTOM}”")
+            with gr.Column(scale=2):
+                prompt = gr.Textbox(label="Prompt", value="a thick handwritten digit 7")
+                negative = gr.Textbox(label="Negative prompt")
+                with gr.Row():
+                    seed = gr.Number(label="Seed", value=0, precision=0)
+                    steps = gr.Number(label=f"Steps ({STEPS_RANGE[0]}-{STEPS_RANGE[1]})", value=20, precision=0)
+                    guidance = gr.Number(label="Guidance", value=4.5)
+                generate = gr.Button("Generate", variant="primary", elem_id="generate")
+        status = gr.Markdown(elem_id="status")
+        outputs = []
+        with gr.Row():
+            for name in VARIANTS:
+                with gr.Column():
+                    outputs += [gr.Image(label=name, elem_id=f"image-{name}", interactive=False, format="png"),
+                                gr.Markdown(elem_id=f"metrics-{name}")]
+        with gr.Accordion("Calibrate (pipelines without shipped statistics)", open=False):
+            calib_prompts = gr.Textbox(label="Calibration prompts (one per line)", lines=5,
+                                       value="\n".join(CALIBRATION_PROMPTS))
+            calibrate = gr.Button("Calibrate", elem_id="calibrate")
+            calib_status = gr.Markdown(elem_id="calibrate-status")
+        with gr.Accordion("Save or push a quantized variant", open=False):
+            variant = gr.Radio(list(VARIANTS[1:]), value=VARIANTS[1], label="Variant")
+            with gr.Row():
+                directory = gr.Textbox(label="Directory", placeholder="./pixart-w8a8")
+                save = gr.Button("Save", elem_id="save")
+            with gr.Row():
+                repo_id = gr.Textbox(label="Hub repo id", placeholder="you/pixart-w8a8")
+                token = gr.Textbox(label="Hub token", type="password", placeholder="hf_... (default: your login)")
+                push = gr.Button("Push to Hub", elem_id="push")
+            store_status = gr.Markdown(elem_id="store-status")
+        # One queue for everything that runs models, so calibration never competes with a timed generation
+        # (peak memory is per process on CPU) and shared models are built by one request at a time.
+        queue = dict(concurrency_id="models", concurrency_limit=concurrency)
+        generate.click(run_generate, [choice, custom, prompt, negative, seed, steps, guidance],
+                       [status, *outputs], api_name="generate", **queue)
+        calibrate.click(run_calibrate, [choice, custom, calib_prompts, steps, guidance], calib_status,
+                        api_name="calibrate", **queue)
+        save.click(run_save, [choice, custom, variant, directory], store_status, api_name="save", **queue)
+        push.click(run_push, [choice, custom, variant, repo_id, token], store_status, api_name="push", **queue)
+    return demo.queue()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gradio_app", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--concurrency", type=int, default=1, help="requests that run models at the same time")
+    parser.add_argument("--no-preload", action="store_true", help="load the default pipeline on first request")
+    args = parser.parse_args(argv)
+    global TORCH_THREADS
+    TORCH_THREADS = args.threads
+    demo = build_app(args.concurrency)
+    demo.launch(server_name=args.host, server_port=args.port, show_error=True, prevent_thread_lock=True,
+                allowed_paths=[OUTPUT_DIR])
+    print(f"serving on http://{args.host}:{args.port}", flush=True)
+    if not args.no_preload:  # the default pipeline and its variants, while the page is already up
+        def preload():
+            loaded = logic().CACHE.get(BUNDLED[DEFAULT_SOURCE])
+            for name in VARIANTS:
+                loaded.variant(name)
+            print("models ready", flush=True)
+        threading.Thread(target=preload, name="preload", daemon=True).start()
+    demo.block_thread()
