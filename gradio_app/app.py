@@ -89,7 +89,8 @@ def run_generate(choice, custom, prompt, negative_prompt, seed, steps, guidance)
     for result in results:
         outputs += [gr.Image(value=to_display(result.samples), label=result.label),
                     metrics_markdown(result, results[0])]
-    status = (f"Generated “{prompt.strip()}” (seed {seed}, {steps} steps, guidance {guidance:g}) with {source}: "
+    status = (f"Generated “{prompt.strip()}” (seed {seed}, {steps} steps, guidance {guidance:g}) with "
+              f"{choice if choice in BUNDLED else source}: "
               f"three variants in {time.perf_counter() - start:.1f} s.")
     return [status] + outputs
 
