@@ -114,7 +114,8 @@ def test_cli_search_writes_a_plan_that_quantizes_mixed(pipe, tmp_path):
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
     out = tmp_path / "plan.json"
     assert main(["search", str(path), "--budget-bits", "6", "--prompts", str(tmp_path / "prompts.txt"),
-                 "--out", str(out), "--steps", "2", "--height", "32", "--width", "32", "--block-ranges", "2"]) == 0
+                 "--out", str(out), "--steps", "2", "--height", "32", "--width", "32", "--block-ranges", "2",
+                 "--candidates", "2"]) == 0
     plan = json.loads(out.read_text())
     assert average_weight_bits(plan) <= 6
     model = quantize(DiffusionPipeline.from_pretrained(path).transformer, ViDiTQConfig(plan=str(out)))

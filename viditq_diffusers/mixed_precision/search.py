@@ -2,9 +2,11 @@
 
 The allocation adds up the degradations each group caused alone, a first-order model: errors of groups
 quantized together compound, and a table measured on a few prompts is noisy, so its few best plans are near
-ties it cannot order. As METHOD.md section 4 asks, the search therefore confirms with the task metrics: the
-`candidates` best allocations are each generated whole on the search prompts and scored, and the plan that
-measures best (metrics weighted as in the allocation) wins.
+ties it cannot order. As METHOD.md section 4 asks, the search can confirm with the task metrics: with
+`candidates=N` the N best allocations are each generated whole on the search prompts and scored, and the plan
+that measures best (metrics weighted as in the allocation) wins. It is off by default: on the reference
+pipelines the best plans' measured differences were prompt noise, and the pick did not carry over to other
+prompts (benchmarks/RESULTS.md, "Mixed precision"); it guards against a table whose sum misleads.
 
 The plan is an ordinary per-layer plan (`plan.py`): each layer's entry is what the chosen option's preset
 would have planned for it, so it saves, loads and quantizes like any other (`ViDiTQConfig(plan=...)`, with
@@ -99,7 +101,7 @@ def confirm(pipe, groups: dict[str, list[str]], options: dict[str, dict], table:
 
 def search(pipe, budget_bits: float, prompts: list[str], seeds: list[int], score=fidelity_scorer,
            options: dict[str, dict] | None = None, block_ranges=4, tolerances: dict[str, float] | None = None,
-           calibration=None, cache=None, candidates: int = 8, **call) -> SearchResult:
+           calibration=None, cache=None, candidates: int = 1, **call) -> SearchResult:
     """Measure every group at every option, allocate the `candidates` best plans under `budget_bits` average
     weight bits and, when there are several, keep the one that measures best whole (`confirm`)."""
     options = dict(options or DEFAULT_OPTIONS)
