@@ -9,6 +9,7 @@ The page is served first; torch, the core and the default pipeline load right af
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tempfile
 import threading
@@ -39,12 +40,12 @@ def logic():
 
 def user_error(fn):
     """Run a handler; a ValueError / FileNotFoundError (bad input, explained by variants.py) becomes gr.Error."""
+    @functools.wraps(fn)  # keeps the signature: Gradio finds gr.Progress parameters there
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError) as error:
             raise gr.Error(str(error), print_exception=False) from error
-    wrapped.__name__ = fn.__name__
     return wrapped
 
 

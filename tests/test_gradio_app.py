@@ -252,6 +252,8 @@ def test_hub_pipeline_calibrate_save_and_push(browser, app, hub, tmp_path, monke
     page.get_by_label("Steps (1-100)").fill("10")
     page.get_by_text("Calibrate (pipelines without shipped statistics)").click()
     page.click("#calibrate")
+    # gr.Progress follows the core's tqdm bar while the statistics are recorded
+    expect(page.locator("#calibrate-status")).to_contain_text("viditq calibrate", timeout=TIMEOUT_MS)
     expect(page.locator("#calibrate-status")).to_contain_text("Calibrated", timeout=TIMEOUT_MS)
     assert "5 prompts x 10 steps" in page.inner_text("#calibrate-status")
 
