@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--concurrency", type=int, default=1, help="requests that run models at the same time")
+    parser.add_argument("--concurrency", type=int, default=1, help="requests that run models at the same time (more than 1 mixes the peak memory readings on CPU)")
     parser.add_argument("--no-preload", action="store_true", help="load the default pipeline on first request")
     args = parser.parse_args(argv)
     global TORCH_THREADS
