@@ -72,6 +72,10 @@ DEMO_PROMPTS = ["a thick handwritten digit 7", "a thin handwritten digit 3", "an
 
 def cmd_demo(args) -> None:
     """Quantize the bundled trained PixArt pipeline, generate FP vs quantized, save a grid, print metrics."""
+    if args.ui:  # the Gradio app instead (gradio_app/, `pip install -e ".[gradio]"`); the core never imports it
+        from gradio_app.app import main as launch_app
+
+        return launch_app([])
     import torch
     from diffusers import DiffusionPipeline
 
@@ -225,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--presets", nargs="+", default=["w8a8"], choices=[p for p in PRESETS if p != "naive_w8a8"])
     d.add_argument("--steps", type=int, default=20)
     d.add_argument("--out", default="viditq-demo.png", help="where to save the grid PNG")
+    d.add_argument("--ui", action="store_true", help="launch the Gradio app (FP / W8A8 / W4A8-MP in the browser) instead")
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("search", help="search a mixed-precision plan (W4A8 / W8A8 per layer group) under a bit budget")
@@ -234,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="where to write the plan (JSON)")
     s.add_argument("--calibration", help="statistics from `viditq calibrate`: the options then balance channels")
     s.add_argument("--block-ranges", type=int, default=4, help="groups = layer role x this many block ranges")
-    s.add_argument("--candidates", type=int, default=8,
-                   help="the allocation's best N plans are generated whole and the best measured one kept (1: off)")
+    s.add_argument("--candidates", type=int, default=1,
+                   help="generate the allocation's best N plans whole and keep the best measured (default 1: off)")
     s.add_argument("--cache", help="sensitivity cache (JSON; default OUT.sensitivity.json): reruns resume")
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--guidance", type=float, default=4.5)
