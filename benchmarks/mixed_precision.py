@@ -10,7 +10,9 @@ Per pipeline (image, video and their stressed copies):
    errors of groups add up; dB do not), text alignment = the classifier's accuracy on the request, temporal
    consistency = minus the warp error relative to FP (video). Cached, so reruns resume;
 3. plans allocated at each budget among the single-precision options, and one among all of them
-   (`mixed_precision.allocate`, an exact integer program);
+   (`mixed_precision.allocate_best`, an exact integer program); with `--candidates N` its N best plans are
+   each generated whole on the confirmation prompts (the calibration prompts again, `--confirm-repeats` seeds
+   each, other seeds than the sensitivity's) and the best measured kept (`search.confirm`);
 4. every config evaluated on the evaluation prompts, as `quality.py` does.
 
 It prints a frontier table per pipeline, which groups each searched plan protected (W8), the proxy's rank
@@ -34,9 +36,9 @@ from reference.classifier import load_classifier  # noqa: E402
 from viditq_diffusers import metrics  # noqa: E402
 from viditq_diffusers.calibration import calibrate  # noqa: E402
 from viditq_diffusers.jsonio import write_json  # noqa: E402
-from viditq_diffusers.mixed_precision import allocate, rank_agreement  # noqa: E402
+from viditq_diffusers.mixed_precision import allocate_best, rank_agreement  # noqa: E402
 from viditq_diffusers.mixed_precision.heatmap import save_heatmap  # noqa: E402
-from viditq_diffusers.mixed_precision.search import plan_from_choice, quantizable_groups  # noqa: E402
+from viditq_diffusers.mixed_precision.search import confirm, plan_from_choice, quantizable_groups  # noqa: E402
 from viditq_diffusers.mixed_precision.sensitivity import FIDELITY, TEMPORAL, TEXT, measure  # noqa: E402
 from viditq_diffusers.stress import stress  # noqa: E402
 
@@ -65,13 +67,14 @@ def scorer(task, classifier, prompts_digits):
     return score
 
 
-def sensitivity_prompts(task):
-    """The calibration prompts (not the evaluation's) with what they ask for."""
+def sensitivity_prompts(task, repeats=1):
+    """The calibration prompts (not the evaluation's) with what they ask for, each `repeats` times."""
     if isinstance(task, VideoTask):
         from reference.video_data import DIRECTIONS
 
-        return task.calibration_prompts, ([d for d in range(10)], [DIRECTIONS[(d + 1) % 4] for d in range(10)])
-    return task.calibration_prompts, list(range(10))
+        return (task.calibration_prompts * repeats,
+                ([d for d in range(10)] * repeats, [DIRECTIONS[(d + 1) % 4] for d in range(10)] * repeats))
+    return task.calibration_prompts * repeats, list(range(10)) * repeats
 
 
 def main() -> None:
@@ -89,6 +92,9 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "mixed_precision"))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-proxy", action="store_true", help="skip the epsilon-error proxy (halves the search time)")
+    parser.add_argument("--candidates", type=int, default=1,
+                        help="plans per budget confirmed whole (default 1: none); the integer program's pick is a row too")
+    parser.add_argument("--confirm-repeats", type=int, default=3, help="confirmation: seeds per calibration prompt")
     parser.add_argument("--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS),
                         help="the precision options to measure and search among (default: all)")
     args = parser.parse_args()
@@ -125,14 +131,24 @@ def run_pipeline(slug, pipe, task, classifier, args) -> dict:
     weights = sum(pipe.transformer.get_submodule(n).weight.numel() for names in groups.values() for n in names)
     configs = {f"uniform {o}": dict(**OPTIONS[o], stats=True) for o in SINGLE if o in options}
     configs["W4A8-MP (paper heuristic)"] = dict(preset="w4a8_mp", stats=True)
-    protected = {}
+    protected, confirmed = {}, {}
+    confirm_prompts, confirm_asked = sensitivity_prompts(task, args.confirm_repeats)
+    confirm_seeds = list(range(3000, 3000 + len(confirm_prompts)))
     single_table = {g: {o: entries[o] for o in SINGLE if o in entries} for g, entries in table.items()}
     searches = [(f"searched, <= {b:g} bits", "searched", b, single_table) for b in args.budgets]
     if set(options) - set(SINGLE):
         searches.append((f"searched timestep-wise, <= {args.tw_budget:g} bits", "timestep-wise", args.tw_budget,
                          table))
     for label, name, budget, candidates in searches:
-        choice = allocate(candidates, budget * weights).choice
+        found = allocate_best(candidates, budget * weights, args.candidates)
+        best, confirmed[label] = 0, []
+        if len(found) > 1:
+            best, confirmed[label] = confirm(pipe, groups, options, candidates, found, confirm_prompts, confirm_seeds,
+                                             scorer(task, classifier, confirm_asked), calibration=stats, **task.call)
+        choice = found[best].choice
+        if best:  # the confirmation changed the pick: evaluate the integer program's own as well
+            configs[f"{label} (integer program's pick)"] = dict(
+                plan=plan_from_choice(pipe.transformer, groups, options, found[0].choice, stats), stats=True)
         plan = plan_from_choice(pipe.transformer, groups, options, choice, stats)
         configs[label] = dict(plan=plan, stats=True)
         write_json(os.path.join(args.out, f"{slug}-{name}-{budget:g}bits.plan.json"), plan)
@@ -148,8 +164,11 @@ def run_pipeline(slug, pipe, task, classifier, args) -> dict:
               + (f" {r['warp_ratio']:.3f} |" if video else ""))
     for label, kept in protected.items():
         print(f"{label} keeps above W4A8: {', '.join(kept) or 'nothing'}")
+        print("  confirmation, relative squared error of each candidate (predicted -> measured whole): " + ", ".join(
+            f"{c['predicted'][FIDELITY]:.2e} -> {c['measured'][FIDELITY]:.2e}{' (kept)' if c['chosen'] else ''}"
+            for c in confirmed[label]))
     print(f"proxy rank agreement (Spearman, W4A8): {rank_agreement(table, 'W4A8')}")
-    return {"rows": rows, "protected": protected,
+    return {"rows": rows, "protected": protected, "confirmed": confirmed,
             "rank_agreement": rank_agreement(table, "W4A8")}
 
 
