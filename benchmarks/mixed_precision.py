@@ -134,6 +134,7 @@ def run_pipeline(slug, pipe, task, classifier, args) -> dict:
     protected, confirmed = {}, {}
     confirm_prompts, confirm_asked = sensitivity_prompts(task, args.confirm_repeats)
     confirm_seeds = list(range(3000, 3000 + len(confirm_prompts)))
+    confirm_score = scorer(task, classifier, confirm_asked)
     single_table = {g: {o: entries[o] for o in SINGLE if o in entries} for g, entries in table.items()}
     searches = [(f"searched, <= {b:g} bits", "searched", b, single_table) for b in args.budgets]
     if set(options) - set(SINGLE):
@@ -144,7 +145,7 @@ def run_pipeline(slug, pipe, task, classifier, args) -> dict:
         best, confirmed[label] = 0, []
         if len(found) > 1:
             best, confirmed[label] = confirm(pipe, groups, options, candidates, found, confirm_prompts, confirm_seeds,
-                                             scorer(task, classifier, confirm_asked), calibration=stats, **task.call)
+                                             confirm_score, calibration=stats, **task.call)
         choice = found[best].choice
         if best:  # the confirmation changed the pick: evaluate the integer program's own as well
             configs[f"{label} (integer program's pick)"] = dict(

@@ -152,9 +152,10 @@ def apply_lora(model, lora_path: str, strength: float):
                              f"other adapters are not supported on ViDiT-Q layers).")
         up, down, alpha = weights[0].float(), weights[1].float(), weights[2]
         scaling = strength * ((alpha / down.shape[0]) if alpha is not None else 1.0)
-        base = out.object_patches.get(key[:-len(".weight")])  # a second LoRA wraps the first: branches stack
+        module = key.removesuffix(".weight")
+        base = out.object_patches.get(module)  # a second LoRA wraps the first: branches stack
         if base is None:
-            base = comfy.utils.get_attr(model.model, key[:-len(".weight")])
+            base = comfy.utils.get_attr(model.model, module)
         up = up.flatten(1)
         if rows is not None:  # a diffusers to_q / to_k / to_v LoRA on ComfyUI's fused qkv: its slice of rows
             _, offset, size = rows[0]
@@ -164,7 +165,7 @@ def apply_lora(model, lora_path: str, strength: float):
             full = torch.zeros(inner.out_features, up.shape[1], dtype=up.dtype)
             full[offset:offset + size] = up
             up = full
-        out.add_object_patch(key[:-len(".weight")], QuantizedLoraLinear(base, down.flatten(1), up, float(scaling)))
+        out.add_object_patch(module, QuantizedLoraLinear(base, down.flatten(1), up, float(scaling)))
     if plain:
         out.add_patches(plain, strength)
     return out

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import os
 import re
 import threading
@@ -28,6 +27,7 @@ import viditq_diffusers
 from viditq_diffusers import CalibrationStats, ViDiTQConfig, ViDiTQLinear, weight_bytes
 from viditq_diffusers.architectures import BLOCK_LISTS
 from viditq_diffusers.evaluation import compare_samples, generate
+from viditq_diffusers.jsonio import read_json
 
 from .choices import BUNDLED, CUSTOM, GUIDANCE_RANGE, STEPS_RANGE, VARIANTS
 
@@ -96,8 +96,7 @@ def check_supported(source: str, denoisers: dict[str, str]) -> None:
 
 def precheck_local(path: str) -> None:
     """Refuse an unsupported local pipeline from its model_index.json, before any weights load."""
-    with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
-        index = json.load(f)
+    index = read_json(os.path.join(path, "model_index.json"))
     denoisers = {name: index[name][1] for name in ("transformer", "unet")
                  if isinstance(index.get(name), list) and len(index[name]) == 2}
     check_supported(f"{path} ({index.get('_class_name')})", denoisers)
