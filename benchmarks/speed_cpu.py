@@ -54,7 +54,8 @@ def cpu_info() -> str:
     marks = " ".join(f"{f}{'+' if f in flags else '-'}" for f in FLAGS)
     return (f"CPU: {model}, {torch.get_num_threads()} threads; flags: {marks}\n"
             f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}; "
-            f"oneDNN int8 exact for W4: {onednn.exact_for(4)}, for W8: {onednn.exact_for(8)}")
+            f"oneDNN int8 exact for W4: {onednn.exact_for(4)}, for W8 direct: {onednn.exact_for(8)}, "
+            f"for W8 split in 4-bit halves: {onednn.exact_split()}")
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
@@ -133,10 +134,19 @@ def time_gemms(repeats: int) -> dict[tuple, dict[str, float]]:
             codes = layer.codes()
             row[f"int8 x int{bits} our int_mm (exact fp32 BLAS)"] = median_time(lambda: int_mm(x8, codes), repeats)
             if onednn.available():
-                packed, zero = onednn.packed_weight(layer.qweight, bits, k)
-                ones = torch.ones(n)
-                tag = "" if onednn.exact_for(bits) else " [saturates here: not used]"
-                row[f"int8 x int{bits} oneDNN{tag}"] = median_time(lambda: onednn.gemm(x8, packed, ones, zero), repeats)
+                if bits == 8:  # the direct route, exact only with VNNI / AMX
+                    direct, zeros = torch.ops.onednn.qlinear_prepack(codes, None), torch.zeros(n, dtype=torch.int64)
+                    tag = "" if onednn.exact_for(8) else " [saturates here: not used]"
+                    row[f"int8 x int8 oneDNN direct{tag}"] = median_time(
+                        lambda: onednn.gemm(x8, direct, torch.ones(n), zeros), repeats)
+                if onednn.use_split(bits, None):
+                    packed, zeros = onednn.packed_weight(layer.qweight, bits, k)  # 2N rows: both halves
+                    row["int8 x int8 oneDNN split (two 4-bit halves, one GEMM)"] = median_time(
+                        lambda: onednn.gemm(x8, packed, torch.ones(2 * n), zeros), repeats)
+                elif bits == 4:
+                    packed, zeros = onednn.packed_weight(layer.qweight, bits, k)
+                    row["int8 x int4 oneDNN"] = median_time(lambda: onednn.gemm(x8, packed, torch.ones(n), zeros),
+                                                            repeats)
             row[f"ViDiT-Q W{bits}A8 linear, as dispatched"] = median_time(
                 lambda: quantized_linear(x, layer.qweight, bits, layer.scales(), None, None, 8), repeats)
         results[(m, k, n)] = row

@@ -1,5 +1,5 @@
 """The oneDNN CPU path: bit-identical to the exact torch path wherever the dispatch takes it, and never
-taken where this CPU's oneDNN would saturate (8-bit weights on AVX2 without VNNI)."""
+fed what this CPU's oneDNN would saturate on (8-bit weights on AVX2 without VNNI go split in 4-bit halves)."""
 
 import pytest
 import torch
@@ -41,8 +41,36 @@ def test_w8_goes_through_onednn_only_where_it_is_exact():
     out = onednn.gemm(xq, torch.ops.onednn.qlinear_prepack(codes, None), torch.ones(64),
                       torch.zeros(64, dtype=torch.int64))
     assert torch.equal(out.double(), xq.double() @ codes.double().T) == onednn.exact_for(8)
-    x, scale = torch.randn(32, 512), torch.ones(64, 1)
-    assert use_onednn(x, 8, 8, scale, None) == onednn.exact_for(8)
+    assert onednn.use_split(8, None) == (not onednn.exact_for(8))  # where direct W8 saturates, W8 goes split
+    assert onednn.exact_split()  # 2 x 255 x 16 never saturates int16
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 64, 8), (7, 63, 5), (300, 1152, 96), (17, 4608, 24)])
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_w8_matches_the_exact_torch_path_bit_for_bit(m, k, n, per_tensor, symmetric):
+    codes, scale, zero, qweight = weights(8, n, k, k, per_tensor, symmetric)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 6, k)
+    assert use_onednn(x, 8, 8, scale, zero)
+    bias = torch.randn(n)
+    xq, x_scale = quantize_activation_per_token(x, 8)
+    out = onednn.linear_onednn(xq, x_scale, qweight, 8, scale, zero, bias, torch.float32)
+    assert torch.equal(out, linear_int(x, codes, scale, zero, bias, 8))
+
+
+def test_split_w8_is_exact_at_the_widest_codes():
+    """code - zero at -255 and +255 (halves -16 and 15), activations at +-127 and -128, K at the limit."""
+    k, g = onednn.SPLIT_MAX_K, torch.Generator().manual_seed(5)
+    codes = torch.where(torch.rand(6, k, generator=g) < 0.5, -128, 127).to(torch.int8)
+    zero = torch.tensor([[127], [-128], [127], [-128], [0], [5]], dtype=torch.int8)
+    xq = torch.where(torch.rand(5, k, generator=g) < 0.5, -127, 127).to(torch.int8)
+    xq[0] = -128
+    xq[1] = torch.where(codes[0] - zero[0, 0].to(torch.int16) < 0, -128, 127)  # the largest possible |sum|
+    x_scale, scale = torch.ones(5, 1), torch.ones(6, 1)
+    out = onednn.linear_onednn(xq, x_scale, codes, 8, scale, zero, None, torch.float32)
+    exact = (xq.double() @ (codes.double() - zero.double()).T).to(torch.int64)
+    assert exact.abs().max() > 2**26  # each half's sum near 2^24, where an fp32 sum of the halves would round
+    assert torch.equal(out, exact.to(torch.float32))  # the int32 accumulator, converted once (as the torch path)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -56,11 +84,14 @@ def test_module_forward_equals_the_torch_path(bits, symmetric, monkeypatch):
     assert torch.equal(fast, layer(x))
 
 
-def test_dispatch_keeps_groups_asymmetric_w8_and_a16_on_the_torch_path():
+def test_dispatch_keeps_groups_wide_split_w8_and_a16_on_the_torch_path():
     x, zero = torch.randn(20, 128), torch.zeros(8, 1, dtype=torch.int8)
     assert use_onednn(x, 4, 8, torch.ones(8, 1), None) and use_onednn(x, 4, 8, torch.ones(8, 1), zero)
+    assert use_onednn(x, 8, 8, torch.ones(8, 1), zero)  # split: code - zero does not fit int8
     assert not use_onednn(x, 4, 8, torch.ones(8, 2), None)  # group-wise scales
-    assert not use_onednn(x, 8, 8, torch.ones(8, 1), zero)  # code - zero does not fit int8
+    wide = torch.randn(2, onednn.SPLIT_MAX_K + 1)
+    assert not use_onednn(wide, 8, 8, torch.ones(8, 1), zero)  # split sums would round in fp32
+    assert use_onednn(wide, 4, 8, torch.ones(8, 1), zero)
     assert not use_onednn(x, 4, 16, torch.ones(8, 1), None)
 
 

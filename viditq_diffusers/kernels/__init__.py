@@ -2,12 +2,11 @@
 
 - CUDA tensors, A8 with dynamic per-token scales, more than 16 tokens, group sizes that are multiples of
   64: the fused Triton path (`triton_quant` + `triton_gemm`);
-- CPU tensors, A8, per-channel weights whose width oneDNN multiplies exactly on this CPU
-  (`onednn.exact_for`: W4 everywhere, W8 where the CPU has VNNI or AMX; W8 symmetric only): oneDNN's int8
-  GEMM (`onednn`);
+- CPU tensors, A8, per-channel weights: oneDNN's int8 GEMM (`onednn`), directly where it is exact on this
+  CPU (`onednn.exact_for`: W4 everywhere, symmetric W8 where the CPU has VNNI or AMX), else for W8 split in
+  two 4-bit halves (`onednn.use_split`, K <= `onednn.SPLIT_MAX_K`);
 - everything else (the adaLN / timestep layers on CUDA, static activation scales on CUDA, A16, groups,
-  asymmetric W8 on CPU, W8 on AVX2 CPUs without VNNI): the torch path (`torch_ops`: torch ops around an
-  exact integer GEMM).
+  W8 with K > SPLIT_MAX_K on CPU): the torch path (`torch_ops`: torch ops around an exact integer GEMM).
 
 `VIDITQ_KERNELS=torch` forces the torch path everywhere (debugging, A/B benchmarks).
 """
@@ -49,9 +48,13 @@ def use_triton(x: torch.Tensor, act_bits: int, act_scale, scale: torch.Tensor) -
 
 def use_onednn(x: torch.Tensor, weight_bits: int, act_bits: int, scale: torch.Tensor, zero) -> bool:
     """Whether `quantized_linear` takes the oneDNN path for this call."""
+    if onednn.use_split(weight_bits, zero):
+        exact = onednn.exact_split() and x.shape[1] <= onednn.SPLIT_MAX_K
+    else:
+        exact = onednn.exact_for(weight_bits)
     return (
-        x.device.type == "cpu" and act_bits == 8 and scale.shape[1] == 1 and (zero is None or weight_bits == 4)
-        and os.environ.get("VIDITQ_KERNELS", "auto") != "torch" and onednn.exact_for(weight_bits)
+        x.device.type == "cpu" and act_bits == 8 and scale.shape[1] == 1
+        and os.environ.get("VIDITQ_KERNELS", "auto") != "torch" and exact
     )
 
 
