@@ -16,7 +16,8 @@ Per pipeline (image, video and their stressed copies):
 4. every config evaluated on the evaluation prompts, as `quality.py` does.
 
 It prints a frontier table per pipeline, which groups each searched plan protected (W8), the proxy's rank
-agreement, and writes a sensitivity heatmap PNG, the calibration statistics and every searched plan (JSON, for
+agreement, the heuristic's fidelity loss as the sensitivity table predicts it with the budget from which a
+searched plan is predicted to match it, and writes a sensitivity heatmap PNG, the calibration statistics and every searched plan (JSON, for
 `ViDiTQConfig(plan=..., calibration=...)`) per pipeline into `--out`.
 
     python benchmarks/mixed_precision.py [--only image|video] [--budgets 6 5 4.5] [--block-ranges 2]
@@ -33,13 +34,14 @@ from diffusers import DiffusionPipeline
 
 from quality import ROOT, ImageTask, VideoTask, evaluate  # noqa: E402  (also puts the repo root on sys.path)
 from reference.classifier import load_classifier  # noqa: E402
-from viditq_diffusers import metrics  # noqa: E402
+from viditq_diffusers import ViDiTQConfig, metrics  # noqa: E402
 from viditq_diffusers.calibration import calibrate  # noqa: E402
 from viditq_diffusers.jsonio import write_json  # noqa: E402
 from viditq_diffusers.mixed_precision import allocate_best, rank_agreement  # noqa: E402
 from viditq_diffusers.mixed_precision.heatmap import save_heatmap  # noqa: E402
 from viditq_diffusers.mixed_precision.search import confirm, plan_from_choice, quantizable_groups  # noqa: E402
 from viditq_diffusers.mixed_precision.sensitivity import FIDELITY, TEMPORAL, TEXT, measure  # noqa: E402
+from viditq_diffusers.plan import build_plan  # noqa: E402
 from viditq_diffusers.stress import stress  # noqa: E402
 
 OPTIONS = {"W4A8": {"preset": "w4a8"}, "W8A8": {"preset": "w8a8"},
@@ -83,6 +85,7 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[6.0, 5.0, 4.5])
     parser.add_argument("--tw-budget", type=float, default=6.0, help="budget of the timestep-wise search")
     parser.add_argument("--block-ranges", type=int, default=2)
+    parser.add_argument("--per-layer", action="store_true", help="every layer its own group (finer, more runs)")
     parser.add_argument("--per-digit", type=int, default=3, help="image evaluation: prompts per digit")
     parser.add_argument("--per-pair", type=int, default=1, help="video evaluation: clips per (digit, direction)")
     parser.add_argument("--steps", type=int, default=20)
@@ -95,6 +98,8 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=1,
                         help="plans per budget confirmed whole (default 1: none); the integer program's pick is a row too")
     parser.add_argument("--confirm-repeats", type=int, default=3, help="confirmation: seeds per calibration prompt")
+    parser.add_argument("--sensitivity-repeats", type=int, default=1,
+                        help="sensitivity: seeds per calibration prompt (more = less sample noise; its own cache file)")
     parser.add_argument("--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS),
                         help="the precision options to measure and search among (default: all)")
     args = parser.parse_args()
@@ -116,17 +121,44 @@ def main() -> None:
             write_json(os.path.join(args.out, f"{slug}.json"), run_pipeline(slug, variant, task, classifier, args))
 
 
+def choice_of(plan: dict, option_plans: dict[str, dict], groups: dict[str, list[str]]) -> dict[str, str] | None:
+    """The option each group of `plan` uses (matched on bits, group size and timestep-wise bits), or None when a
+    group matches no option."""
+    def spec(p, name):
+        return tuple(p["layers"][name].get(k) for k in ("weight_bits", "group_size", "early_weight_bits"))
+
+    choice = {}
+    for group, layers in groups.items():
+        match = [o for o, p in option_plans.items() if all(spec(p, n) == spec(plan, n) for n in layers)]
+        if not match:
+            return None
+        choice[group] = match[0]
+    return choice
+
+
+def equal_fidelity_budget(table: dict, weights: int, target: float, step: float = 0.05) -> float | None:
+    """The smallest average weight-bit budget (in `step`s from 4) whose searched plan is predicted (the sum of
+    its groups' fidelity degradations) no worse than `target`."""
+    bits = 4.0
+    while bits <= 8.0:
+        if allocate_best(table, bits * weights, 1)[0].degradation[FIDELITY] <= target:
+            return bits
+        bits = round(bits + step, 6)
+    return None
+
+
 def run_pipeline(slug, pipe, task, classifier, args) -> dict:
     call = {k: v for k, v in task.call.items() if k not in ("num_inference_steps", "guidance_scale")}
     stats = calibrate(pipe, task.calibration_prompts, task.call["num_inference_steps"], task.call["guidance_scale"],
                       seeds=list(range(1000, 1000 + len(task.calibration_prompts))), **call)
     stats.save(os.path.join(args.out, f"{slug}-calibration.safetensors"))  # what the saved plans quantize with
-    prompts, asked = sensitivity_prompts(task)
-    groups = quantizable_groups(pipe.transformer, args.block_ranges)
+    prompts, asked = sensitivity_prompts(task, args.sensitivity_repeats)
+    cache = f"{slug}-sensitivity" + (f"-x{args.sensitivity_repeats}" if args.sensitivity_repeats > 1 else "") + ".json"
+    groups = quantizable_groups(pipe.transformer, args.block_ranges, args.per_layer)
     options = {label: OPTIONS[label] for label in args.options}
     table = measure(pipe, groups, options, prompts, list(range(2000, 2000 + len(prompts))),
                     scorer(task, classifier, asked), calibration=stats, proxy=not args.no_proxy,
-                    cache=os.path.join(args.out, f"{slug}-sensitivity.json"), **task.call)
+                    cache=os.path.join(args.out, cache), **task.call)
     save_heatmap(table, os.path.join(args.out, f"{slug}-sensitivity.png"), title=f"{slug}: degradation vs FP")
     weights = sum(pipe.transformer.get_submodule(n).weight.numel() for names in groups.values() for n in names)
     configs = {f"uniform {o}": dict(**OPTIONS[o], stats=True) for o in SINGLE if o in options}
@@ -154,6 +186,18 @@ def run_pipeline(slug, pipe, task, classifier, args) -> dict:
         configs[label] = dict(plan=plan, stats=True)
         write_json(os.path.join(args.out, f"{slug}-{name}-{budget:g}bits.plan.json"), plan)
         protected[label] = sorted(f"{g}: {o}" for g, o in choice.items() if o != "W4A8")
+    # The heuristic in the search's own terms: its predicted fidelity loss, and the budget at which a searched
+    # plan is predicted to match it.
+    option_plans = {o: build_plan(pipe.transformer, ViDiTQConfig(**OPTIONS[o], calibration=stats)) for o in options}
+    heuristic = choice_of(build_plan(pipe.transformer, ViDiTQConfig(preset="w4a8_mp", calibration=stats)),
+                          option_plans, groups)
+    matched = None
+    if heuristic is not None and set(heuristic.values()) <= set(SINGLE):
+        predicted = sum(table[g][o]["metrics"][FIDELITY] for g, o in heuristic.items())
+        matched = {"heuristic_predicted": predicted,
+                   "equal_fidelity_bits": equal_fidelity_budget(single_table, weights, predicted),
+                   "searched_predicted": {label: allocate_best(single_table, budget * weights, 1)[0].degradation[FIDELITY]
+                                          for label, _, budget, _ in searches[:len(args.budgets)]}}
     rows = evaluate(pipe, task, args, classifier, os.path.join(args.out, slug), configs)
     video = isinstance(task, VideoTask)
     print(f"\n{slug}\n| config | avg weight bits | weight bytes vs FP16 | PSNR dB | text alignment (accuracy) | FD |"
@@ -169,8 +213,13 @@ def run_pipeline(slug, pipe, task, classifier, args) -> dict:
             f"{c['predicted'][FIDELITY]:.2e} -> {c['measured'][FIDELITY]:.2e}{' (kept)' if c['chosen'] else ''}"
             for c in confirmed[label]))
     print(f"proxy rank agreement (Spearman, W4A8): {rank_agreement(table, 'W4A8')}")
+    if matched:
+        print("predicted fidelity loss (sum of the groups' relative squared errors): heuristic "
+              f"{matched['heuristic_predicted']:.3e}; " + ", ".join(
+                  f"{label}: {v:.3e}" for label, v in matched["searched_predicted"].items())
+              + f"; the search is predicted to match the heuristic from {matched['equal_fidelity_bits']} bits")
     return {"rows": rows, "protected": protected, "confirmed": confirmed,
-            "rank_agreement": rank_agreement(table, "W4A8")}
+            "rank_agreement": rank_agreement(table, "W4A8"), "heuristic_in_search_terms": matched}
 
 
 if __name__ == "__main__":

@@ -167,3 +167,15 @@ def test_search_confirms_candidates_whole_and_returns_the_best_measured(pipe, tm
     samples = generate(with_transformer(pipe, model), PROMPTS, SEEDS, **CALL)
     assert metrics.relative_mse(samples, generate(pipe, PROMPTS, SEEDS, **CALL)) == pytest.approx(
         chosen["measured"][FIDELITY], rel=1e-6)
+
+
+def test_per_layer_groups_split_every_group_into_its_layers(pipe):
+    from viditq_diffusers.mixed_precision.search import quantizable_groups
+
+    groups = quantizable_groups(pipe.transformer, 1)
+    layers = quantizable_groups(pipe.transformer, 1, per_layer=True)
+    assert sorted(n for names in layers.values() for n in names) == sorted(n for names in groups.values() for n in names)
+    assert all(len(names) == 1 for names in layers.values())
+    for name, (layer,) in layers.items():  # named after the group and the layer; the role still parses
+        group, _, rest = name.partition(":")
+        assert rest == layer and layer in groups[group] and group_role(name) == group_role(group)

@@ -10,7 +10,7 @@ The catch: without VNNI, AVX2 adds two u8 x s8 products in *saturating* int16. A
 `code + 128` (0..255), so 8-bit weights (|w| up to 128) can overflow and give silently wrong sums, while
 4-bit weights (|w| <= 15, zero point folded in) never can (2 x 255 x 15 < 2^15). :func:`exact_for` runs a
 worst-case probe once per weight width and answers whether this CPU's oneDNN path is exact; where it is
-not, the dispatch keeps the exact fp32-BLAS GEMM.
+not, 8-bit weights go in split (below).
 
 oneDNN ignores weight zero points (silently), so asymmetric 4-bit weights are packed as `code - zero`
 (which fits int8).

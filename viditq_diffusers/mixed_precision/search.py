@@ -54,8 +54,13 @@ class SearchResult:
         return average_weight_bits(self.plan)
 
 
-def quantizable_groups(model, block_ranges=4) -> dict[str, list[str]]:
-    return {g: names for g, names in group_layers(model, block_ranges).items() if quantized_by_default(group_role(g))}
+def quantizable_groups(model, block_ranges=4, per_layer: bool = False) -> dict[str, list[str]]:
+    """The quantized-by-default groups of `roles.group_layers`; with `per_layer`, every layer a group of its
+    own, named after its group and itself (`"self_attn[2-2]:transformer_blocks.2.attn1.to_q"`)."""
+    groups = {g: names for g, names in group_layers(model, block_ranges).items() if quantized_by_default(group_role(g))}
+    if per_layer:
+        groups = {f"{g}:{name}": [name] for g, names in groups.items() for name in names}
+    return groups
 
 
 def plan_from_choice(model, groups: dict[str, list[str]], options: dict[str, dict], choice: dict[str, str],
