@@ -115,12 +115,14 @@ def test_cli_search_writes_a_plan_that_quantizes_mixed(pipe, tmp_path):
     out = tmp_path / "plan.json"
     assert main(["search", str(path), "--budget-bits", "6", "--prompts", str(tmp_path / "prompts.txt"),
                  "--out", str(out), "--steps", "2", "--height", "32", "--width", "32", "--block-ranges", "2",
-                 "--candidates", "2"]) == 0
+                 "--candidates", "2", "--per-layer"]) == 0
     plan = json.loads(out.read_text())
     assert average_weight_bits(plan) <= 6
     model = quantize(DiffusionPipeline.from_pretrained(path).transformer, ViDiTQConfig(plan=str(out)))
     bits = {m.weight_bits for m in model.modules() if isinstance(m, ViDiTQLinear)}
     assert bits == {4, 8}
+    cached = json.loads((tmp_path / "plan.json.sensitivity.json").read_text())
+    assert all(len(layers) == 1 for layers in cached["groups"].values())  # --per-layer: one layer per group
     assert (tmp_path / "plan.json.sensitivity.json").exists() and (tmp_path / "plan.json.heatmap.png").exists()
 
 

@@ -181,7 +181,7 @@ def cmd_search(args) -> None:
     stats = CalibrationStats.load(args.calibration) if args.calibration else None
     result = search(pipe, args.budget_bits, prompts, [args.seed + i for i in range(len(prompts))],
                     block_ranges=args.block_ranges, calibration=stats, cache=args.cache or f"{args.out}.sensitivity.json",
-                    candidates=args.candidates,
+                    candidates=args.candidates, per_layer=args.per_layer,
                     num_inference_steps=args.steps, guidance_scale=args.guidance, **pipeline_call(pipe, args))
     write_json(args.out, result.plan)
     save_heatmap(result.table, f"{args.out}.heatmap.png")
@@ -239,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="where to write the plan (JSON)")
     s.add_argument("--calibration", help="statistics from `viditq calibrate`: the options then balance channels")
     s.add_argument("--block-ranges", type=int, default=4, help="groups = layer role x this many block ranges")
+    s.add_argument("--per-layer", action="store_true",
+                   help="every layer its own group: finer plans, one sensitivity run per layer and option")
     s.add_argument("--candidates", type=int, default=1,
                    help="generate the allocation's best N plans whole and keep the best measured (default 1: off)")
     s.add_argument("--cache", help="sensitivity cache (JSON; default OUT.sensitivity.json): reruns resume")

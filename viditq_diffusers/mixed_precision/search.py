@@ -106,11 +106,12 @@ def confirm(pipe, groups: dict[str, list[str]], options: dict[str, dict], table:
 
 def search(pipe, budget_bits: float, prompts: list[str], seeds: list[int], score=fidelity_scorer,
            options: dict[str, dict] | None = None, block_ranges=4, tolerances: dict[str, float] | None = None,
-           calibration=None, cache=None, candidates: int = 1, **call) -> SearchResult:
-    """Measure every group at every option, allocate the `candidates` best plans under `budget_bits` average
-    weight bits and, when there are several, keep the one that measures best whole (`confirm`)."""
+           calibration=None, cache=None, candidates: int = 1, per_layer: bool = False, **call) -> SearchResult:
+    """Measure every group (every layer, with `per_layer`) at every option, allocate the `candidates` best plans
+    under `budget_bits` average weight bits and, when there are several, keep the one that measures best whole
+    (`confirm`)."""
     options = dict(options or DEFAULT_OPTIONS)
-    groups = quantizable_groups(pipe.transformer, block_ranges)
+    groups = quantizable_groups(pipe.transformer, block_ranges, per_layer)
     table = measure(pipe, groups, options, prompts, seeds, score, calibration=calibration, cache=cache, **call)
     weights = sum(pipe.transformer.get_submodule(n).weight.numel() for names in groups.values() for n in names)
     found = allocate_best(table, budget_bits * weights, candidates, tolerances)
