@@ -163,7 +163,7 @@ def run_pipeline(slug, pipe, task, classifier, args) -> dict:
     weights = sum(pipe.transformer.get_submodule(n).weight.numel() for names in groups.values() for n in names)
     configs = {f"uniform {o}": dict(**OPTIONS[o], stats=True) for o in SINGLE if o in options}
     configs["W4A8-MP (paper heuristic)"] = dict(preset="w4a8_mp", stats=True)
-    protected, confirmed = {}, {}
+    protected, confirmed, predicted_loss = {}, {}, {}
     confirm_prompts, confirm_asked = sensitivity_prompts(task, args.confirm_repeats)
     confirm_seeds = list(range(3000, 3000 + len(confirm_prompts)))
     confirm_score = scorer(task, classifier, confirm_asked)
@@ -186,6 +186,8 @@ def run_pipeline(slug, pipe, task, classifier, args) -> dict:
         configs[label] = dict(plan=plan, stats=True)
         write_json(os.path.join(args.out, f"{slug}-{name}-{budget:g}bits.plan.json"), plan)
         protected[label] = sorted(f"{g}: {o}" for g, o in choice.items() if o != "W4A8")
+        if name == "searched":
+            predicted_loss[label] = found[best].degradation[FIDELITY]
     # The heuristic in the search's own terms: its predicted fidelity loss, and the budget at which a searched
     # plan is predicted to match it.
     option_plans = {o: build_plan(pipe.transformer, ViDiTQConfig(**OPTIONS[o], calibration=stats)) for o in options}
@@ -196,8 +198,7 @@ def run_pipeline(slug, pipe, task, classifier, args) -> dict:
         predicted = sum(table[g][o]["metrics"][FIDELITY] for g, o in heuristic.items())
         matched = {"heuristic_predicted": predicted,
                    "equal_fidelity_bits": equal_fidelity_budget(single_table, weights, predicted),
-                   "searched_predicted": {label: allocate_best(single_table, budget * weights, 1)[0].degradation[FIDELITY]
-                                          for label, _, budget, _ in searches[:len(args.budgets)]}}
+                   "searched_predicted": predicted_loss}
     rows = evaluate(pipe, task, args, classifier, os.path.join(args.out, slug), configs)
     video = isinstance(task, VideoTask)
     print(f"\n{slug}\n| config | avg weight bits | weight bytes vs FP16 | PSNR dB | text alignment (accuracy) | FD |"

@@ -139,14 +139,10 @@ def time_gemms(repeats: int) -> dict[tuple, dict[str, float]]:
                     tag = "" if onednn.exact_for(8) else " [saturates here: not used]"
                     row[f"int8 x int8 oneDNN direct{tag}"] = median_time(
                         lambda: onednn.gemm(x8, direct, torch.ones(n), zeros), repeats)
-                if onednn.use_split(bits, None):
-                    packed, zeros = onednn.packed_weight(layer.qweight, bits, k)  # 2N rows: both halves
-                    row["int8 x int8 oneDNN split (two 4-bit halves, one GEMM)"] = median_time(
-                        lambda: onednn.gemm(x8, packed, torch.ones(2 * n), zeros), repeats)
-                elif bits == 4:
+                if bits == 4 or onednn.use_split(bits, None):  # as dispatched (split: 2N rows, both halves)
                     packed, zeros = onednn.packed_weight(layer.qweight, bits, k)
-                    row["int8 x int4 oneDNN"] = median_time(lambda: onednn.gemm(x8, packed, torch.ones(n), zeros),
-                                                            repeats)
+                    label = "int8 x int4 oneDNN" if bits == 4 else "int8 x int8 oneDNN split (two 4-bit halves, one GEMM)"
+                    row[label] = median_time(lambda: onednn.gemm(x8, packed, torch.ones(len(zeros)), zeros), repeats)
             row[f"ViDiT-Q W{bits}A8 linear, as dispatched"] = median_time(
                 lambda: quantized_linear(x, layer.qweight, bits, layer.scales(), None, None, 8), repeats)
         results[(m, k, n)] = row
