@@ -13,6 +13,7 @@ from .diffusers_quantizer import ViDiTQQuantizer, register
 from .footprint import fp16_weight_bytes, weight_bytes
 from .hub import model_card, push_to_hub, save_pretrained
 from .nn import ViDiTQLinear
+from .recipe_refine import refine_recipes
 
 register()
 
@@ -24,5 +25,5 @@ if importlib.util.find_spec("peft") is not None:  # LoRA on quantized layers thr
 __version__ = "0.1.0"
 __all__ = [
     "PRESETS", "ViDiTQConfig", "CalibrationStats", "calibrate", "ViDiTQLinear", "ViDiTQQuantizer", "quantize", "save_pretrained",
-    "push_to_hub", "model_card", "weight_bytes", "fp16_weight_bytes",
+    "push_to_hub", "model_card", "weight_bytes", "fp16_weight_bytes", "refine_recipes",
 ]

@@ -76,7 +76,6 @@ def cmd_demo(args) -> None:
         from gradio_app.app import main as launch_app
 
         return launch_app([])
-    import torch
     from diffusers import DiffusionPipeline
 
     from .evaluation import compare_samples, epsilon_error, generate, save_grid
@@ -200,6 +199,39 @@ def cmd_search(args) -> None:
     print(f"quantize with ViDiTQConfig(plan={args.out!r}" + (", calibration=stats)" if stats else ")"))
 
 
+def cmd_refine(args) -> None:
+    """End-to-end recipe refinement: per layer, the balancing recipe that brings the whole denoiser closest to FP."""
+    from diffusers import DiffusionPipeline
+
+    from .config import ViDiTQConfig
+    from .jsonio import write_json
+    from .plan import summarize_recipes
+    from .recipe_refine import refine_recipes
+
+    prompts = read_prompts(args.prompts)
+    check_pipeline_dir(args.pipeline)
+    pipe = DiffusionPipeline.from_pretrained(args.pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    config = ViDiTQConfig(preset=args.preset, calibration=args.calibration, balance="search")
+    plan, trace = refine_recipes(pipe, config, prompts, [args.seed + i for i in range(len(prompts))],
+                                 objective=args.objective, num_inference_steps=args.steps,
+                                 guidance_scale=args.guidance, **pipeline_call(pipe, args))
+    write_json(args.out, plan)
+    mix = ", ".join(f"{k} {v}" for k, v in sorted(summarize_recipes(plan).items()))
+    print(f"{args.objective} error vs FP on {len(prompts)} prompts: {trace[0]:.4g} (per-layer search) -> "
+          f"{trace[-1]:.4g} (refined); layers chose: {mix}")
+    print(f"plan saved to {args.out}; quantize with ViDiTQConfig(plan={args.out!r}, calibration={args.calibration!r})")
+
+
+def add_generation_args(parser: argparse.ArgumentParser) -> None:
+    """How the commands that run the pipeline on prompts call it (see `pipeline_call`)."""
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=4.5)
+    parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed SEED + i")
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="viditq", description="ViDiT-Q quantization for diffusers DiTs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -244,23 +276,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--candidates", type=int, default=1,
                    help="generate the allocation's best N plans whole and keep the best measured (default 1: off)")
     s.add_argument("--cache", help="sensitivity cache (JSON; default OUT.sensitivity.json): reruns resume")
-    s.add_argument("--steps", type=int, default=20)
-    s.add_argument("--guidance", type=float, default=4.5)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--height", type=int)
-    s.add_argument("--width", type=int)
+    add_generation_args(s)
     s.set_defaults(func=cmd_search)
+
+    r = sub.add_parser("refine", help="choose each layer's balancing recipe by the whole denoiser's error (a plan)")
+    r.add_argument("pipeline", help="a diffusers pipeline directory (model_index.json) with a transformer")
+    r.add_argument("--calibration", required=True, help="statistics from `viditq calibrate` (.safetensors)")
+    r.add_argument("--prompts", required=True, help="text file, one prompt per line (seeds SEED, SEED+1, ...)")
+    r.add_argument("--out", required=True, help="where to write the plan (JSON)")
+    r.add_argument("--preset", default="w4a8", choices=["w8a8", "w4a8", "w4a8_mp"])
+    r.add_argument("--objective", default="eps", choices=["eps", "samples"],
+                   help="eps: teacher-forced denoiser error (default); samples: final-sample MSE")
+    add_generation_args(r)
+    r.set_defaults(func=cmd_refine)
 
     c = sub.add_parser("calibrate", help="record per-layer activation statistics (runs under accelerate launch too)")
     c.add_argument("pipeline", help="a diffusers pipeline directory (model_index.json) with a transformer")
     c.add_argument("--prompts", required=True, help="text file, one calibration prompt per line")
     c.add_argument("--out", required=True, help="where to write the statistics (.safetensors)")
-    c.add_argument("--steps", type=int, default=20)
-    c.add_argument("--guidance", type=float, default=4.5)
     c.add_argument("--buckets", type=int, default=4, help="timestep buckets")
-    c.add_argument("--seed", type=int, default=0, help="prompt i uses seed SEED + i")
-    c.add_argument("--height", type=int)
-    c.add_argument("--width", type=int)
+    add_generation_args(c)
     c.set_defaults(func=cmd_calibrate)
     return parser
 
