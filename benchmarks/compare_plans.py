@@ -28,9 +28,8 @@ from quality import ImageTask, VideoTask  # noqa: E402  (also puts the repo root
 from reference.classifier import load_classifier  # noqa: E402
 from viditq_diffusers import ViDiTQConfig, metrics, quantize  # noqa: E402
 from viditq_diffusers.calibration import CalibrationStats  # noqa: E402
-from viditq_diffusers.evaluation import generate  # noqa: E402
+from viditq_diffusers.evaluation import generate, with_transformer  # noqa: E402
 from viditq_diffusers.jsonio import read_json  # noqa: E402
-from viditq_diffusers.mixed_precision.sensitivity import with_transformer  # noqa: E402
 from viditq_diffusers.plan import average_weight_bits  # noqa: E402
 from viditq_diffusers.stress import stress  # noqa: E402
 

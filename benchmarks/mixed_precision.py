@@ -32,10 +32,9 @@ import sys
 import torch
 from diffusers import DiffusionPipeline
 
-from quality import ROOT, ImageTask, VideoTask, evaluate  # noqa: E402  (also puts the repo root on sys.path)
+from quality import ROOT, ImageTask, VideoTask, calibrate_task, evaluate  # noqa: E402  (also puts the repo root on sys.path)
 from reference.classifier import load_classifier  # noqa: E402
 from viditq_diffusers import ViDiTQConfig, metrics  # noqa: E402
-from viditq_diffusers.calibration import calibrate  # noqa: E402
 from viditq_diffusers.jsonio import write_json  # noqa: E402
 from viditq_diffusers.mixed_precision import allocate_best, rank_agreement  # noqa: E402
 from viditq_diffusers.mixed_precision.heatmap import save_heatmap  # noqa: E402
@@ -148,9 +147,7 @@ def equal_fidelity_budget(table: dict, weights: int, target: float, step: float 
 
 
 def run_pipeline(slug, pipe, task, classifier, args) -> dict:
-    call = {k: v for k, v in task.call.items() if k not in ("num_inference_steps", "guidance_scale")}
-    stats = calibrate(pipe, task.calibration_prompts, task.call["num_inference_steps"], task.call["guidance_scale"],
-                      seeds=list(range(1000, 1000 + len(task.calibration_prompts))), **call)
+    stats = calibrate_task(pipe, task)
     stats.save(os.path.join(args.out, f"{slug}-calibration.safetensors"))  # what the saved plans quantize with
     prompts, asked = sensitivity_prompts(task, args.sensitivity_repeats)
     cache = f"{slug}-sensitivity" + (f"-x{args.sensitivity_repeats}" if args.sensitivity_repeats > 1 else "") + ".json"

@@ -36,10 +36,11 @@ from reference.video_data import DIRECTIONS, recentre, video_prompt_for  # noqa:
 from viditq_diffusers import ViDiTQConfig, quantize  # noqa: E402
 from viditq_diffusers import metrics  # noqa: E402
 from viditq_diffusers.calibration import calibrate  # noqa: E402
-from viditq_diffusers.mixed_precision.sensitivity import with_transformer  # noqa: E402
 from viditq_diffusers.footprint import fp16_weight_bytes, weight_bytes  # noqa: E402
 from viditq_diffusers.plan import average_weight_bits, summarize_recipes  # noqa: E402
-from viditq_diffusers.evaluation import compare_samples, epsilon_error, generate, save_grid, save_video_grid  # noqa: E402
+from viditq_diffusers.evaluation import (  # noqa: E402
+    compare_samples, epsilon_error, generate, save_grid, save_video_grid, with_transformer,
+)
 from viditq_diffusers.stress import stress  # noqa: E402
 
 # "stats": the config takes the calibration statistics.
@@ -125,6 +126,14 @@ class VideoTask:
         save_video_grid(grid, path + ".gif")
 
 
+def calibrate_task(pipe, task):
+    """The benchmarks' calibration run: the task's calibration prompts (other prompts and seeds than the
+    evaluation's), seeds 1000, 1001, ..., the task's steps and guidance."""
+    call = {k: v for k, v in task.call.items() if k not in ("num_inference_steps", "guidance_scale")}
+    return calibrate(pipe, task.calibration_prompts, task.call["num_inference_steps"], task.call["guidance_scale"],
+                     seeds=list(range(1000, 1000 + len(task.calibration_prompts))), **call)
+
+
 @torch.no_grad()
 def evaluate(pipe, task, args, classifier, path, configs: dict | None = None):
     """Rows per config (`{label: ViDiTQConfig kwargs, "stats": uses the calibration}`; default: the suite's)."""
@@ -132,10 +141,7 @@ def evaluate(pipe, task, args, classifier, path, configs: dict | None = None):
     if configs is None:
         configs = {label: kwargs for label, kwargs in SUITES[args.suite].items()
                    if "alpha" not in kwargs or kwargs["alpha"] in args.alphas}
-    # Calibration: other prompts and seeds than the evaluation's.
-    call = {k: v for k, v in task.call.items() if k not in ("num_inference_steps", "guidance_scale")}
-    stats = calibrate(pipe, task.calibration_prompts, task.call["num_inference_steps"], task.call["guidance_scale"],
-                      seeds=list(range(1000, 1000 + len(task.calibration_prompts))), **call)
+    stats = calibrate_task(pipe, task)
     reference = generate(pipe, task.prompts, seeds, **task.call)
     ref_feats = task.features(classifier, reference)
     rows = {"FP": {"psnr": float("inf"), "ssim": 1.0, "eps_rel_mse": 0.0,

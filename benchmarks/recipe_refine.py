@@ -19,9 +19,9 @@ import time
 import torch
 from diffusers import DiffusionPipeline
 
-from quality import ALPHAS, ImageTask  # noqa: E402  (also puts the repo root on sys.path)
+from quality import ALPHAS, ImageTask, calibrate_task  # noqa: E402  (also puts the repo root on sys.path)
 from viditq_diffusers import ViDiTQConfig, quantize  # noqa: E402
-from viditq_diffusers.calibration import CalibrationStats, calibrate  # noqa: E402
+from viditq_diffusers.calibration import CalibrationStats  # noqa: E402
 from viditq_diffusers.jsonio import write_json  # noqa: E402
 from viditq_diffusers.plan import summarize_recipes  # noqa: E402
 from viditq_diffusers.recipe_refine import refine_recipes  # noqa: E402
@@ -57,19 +57,19 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     tag = f"{args.bits}-image" + (f"-stressed{args.stress:g}" if args.stress else "")
     stats_path = os.path.join(args.out, f"{tag}-calibration.safetensors")
-    call = {k: v for k, v in task.call.items() if k not in ("num_inference_steps", "guidance_scale")}
-    seeds = list(range(1000, 1000 + len(task.calibration_prompts)))  # as quality.py calibrates
     if os.path.exists(stats_path):
         stats = CalibrationStats.load(stats_path)
     else:
-        stats = calibrate(pipe, task.calibration_prompts, args.steps, args.guidance, seeds=seeds, **call)
+        stats = calibrate_task(pipe, task)
         stats.save(stats_path)
     for name, kwargs in fixed_recipes(args.bits).items():
         uses_stats = name not in ("plain", "rotation")  # plain: per-token only; rotation needs no statistics
-        model = quantize(copy.deepcopy(pipe.transformer), ViDiTQConfig(**kwargs, calibration=stats if uses_stats else None))
+        config = ViDiTQConfig(**kwargs, calibration=stats if uses_stats else None)
+        model = quantize(copy.deepcopy(pipe.transformer), config)
         write_json(os.path.join(args.out, f"{tag}-{name}.plan.json"), model.config.quantization_config.plan)
     t0 = time.time()
     # The refinement measures its objective on the calibration prompts and seeds, never on the evaluation's.
+    seeds = list(range(1000, 1000 + len(task.calibration_prompts)))  # as calibrate_task
     plan, trace = refine_recipes(pipe, ViDiTQConfig(preset=args.bits, calibration=stats), task.calibration_prompts,
                                  seeds, objective=args.objective, **task.call)
     path = os.path.join(args.out, f"{tag}-refined-{args.objective}.plan.json")

@@ -152,9 +152,8 @@ def test_two_processes_give_the_single_process_table(pipe, tmp_path):
 
 def test_search_confirms_candidates_whole_and_returns_the_best_measured(pipe, tmp_path):
     from viditq_diffusers import ViDiTQConfig, quantize
-    from viditq_diffusers.evaluation import generate
+    from viditq_diffusers.evaluation import generate, with_transformer
     from viditq_diffusers.mixed_precision.search import search
-    from viditq_diffusers.mixed_precision.sensitivity import with_transformer
     from viditq_diffusers.plan import average_weight_bits
 
     result = search(pipe, 6.0, PROMPTS, SEEDS, options=OPTIONS, block_ranges=2, candidates=3,

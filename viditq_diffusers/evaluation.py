@@ -13,6 +13,18 @@ import torch
 from . import metrics
 
 
+def denoiser_output(output) -> torch.Tensor:
+    """The prediction tensor of a diffusers denoiser's forward (a tuple with return_dict=False, else `.sample`)."""
+    return output[0] if isinstance(output, tuple) else output.sample
+
+
+def with_transformer(pipe, transformer):
+    """A copy of `pipe` with another transformer (e.g. a quantized one), progress bars off."""
+    new = type(pipe)(**{**pipe.components, "transformer": transformer})
+    new.set_progress_bar_config(disable=True)
+    return new
+
+
 def generate(pipe, prompts: list[str], seeds: list[int], **call) -> torch.Tensor:
     """Samples in [-1, 1] (`[N, C, H, W]`, or `[N, F, C, H, W]` for video), one seeded generator per prompt.
 
@@ -35,9 +47,7 @@ def epsilon_error(fp_pipe, quantized_denoiser, prompts: list[str], seeds: list[i
     errors = []
 
     def compare(module, args, kwargs, output):
-        fp_out = output[0] if isinstance(output, tuple) else output.sample
-        q_out = quantized_denoiser(*args, **kwargs)
-        q_out = q_out[0] if isinstance(q_out, tuple) else q_out.sample
+        fp_out, q_out = denoiser_output(output), denoiser_output(quantized_denoiser(*args, **kwargs))
         errors.append(metrics.relative_mse(q_out.float(), fp_out.float()))
 
     handle = denoiser.register_forward_hook(compare, with_kwargs=True)

@@ -26,17 +26,13 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .convert import quantize, quantized_layer, set_submodule
-from .evaluation import generate
+from .evaluation import denoiser_output, generate, with_transformer
 from .quant.hadamard import rotatable
 
 # (alpha or None, rotate?) pairs; a rotated candidate uses the seed the default plan gives the layer.
 CANDIDATES = ((None, False), (0.5, False), (0.75, False), (0.9, False),
               (None, True), (0.5, True), (0.75, True), (0.9, True))
 OBJECTIVES = ("eps", "samples")
-
-
-def _output(out) -> torch.Tensor:
-    return (out[0] if isinstance(out, tuple) else out.sample).float()
 
 
 class _EpsObjective:
@@ -46,7 +42,7 @@ class _EpsObjective:
         self.calls = []
 
         def record(module, args, kwargs, output):
-            self.calls.append((args, dict(kwargs), _output(output)))
+            self.calls.append((args, dict(kwargs), denoiser_output(output).float()))
 
         handle = pipe.transformer.register_forward_hook(record, with_kwargs=True)
         try:
@@ -56,7 +52,8 @@ class _EpsObjective:
 
     @torch.no_grad()
     def __call__(self, quantized_pipe) -> float:
-        errors = [metrics.relative_mse(_output(quantized_pipe.transformer(*a, **k)), ref) for a, k, ref in self.calls]
+        errors = [metrics.relative_mse(denoiser_output(quantized_pipe.transformer(*a, **k)).float(), ref)
+                  for a, k, ref in self.calls]
         return sum(errors) / len(errors)
 
 
@@ -69,6 +66,10 @@ class _SamplesObjective:
 
     def __call__(self, quantized_pipe) -> float:
         return float((generate(quantized_pipe, self.prompts, self.seeds, **self.call) - self.reference).square().mean())
+
+
+def _recipe(spec: dict) -> tuple:
+    return spec["smooth_alpha"], spec["rotation_seed"]
 
 
 def _candidate_spec(spec: dict, seed: int, alpha: float | None, rotate: bool) -> dict:
@@ -93,8 +94,6 @@ def refine_recipes(pipe, config, prompts: Sequence[str], seeds: Sequence[int], o
                          "ViDiTQConfig(..., calibration=viditq_diffusers.calibrate(pipe, prompts)).")
     if len(prompts) != len(seeds) or not prompts:
         raise ValueError(f"give one seed per prompt (got {len(prompts)} prompts, {len(seeds)} seeds).")
-    from .mixed_precision.sensitivity import with_transformer
-
     config = copy.deepcopy(config)  # also what quantized_layer builds each candidate with: statistics loaded
     if isinstance(config.calibration, str):
         config.calibration = CalibrationStats.load(config.calibration)
@@ -105,19 +104,19 @@ def refine_recipes(pipe, config, prompts: Sequence[str], seeds: Sequence[int], o
     best = score(quantized_pipe)
     trace = [best]
     names = [n for n, s in plan["layers"].items() if s["act_bits"] < 16 and s.get("act_scale") is None]
-    order = list(plan["layers"])
+    position = {name: i for i, name in enumerate(plan["layers"])}  # build_plan seeds layer i with rotation_seed + i
     for name in tqdm(names, desc="Refining recipes", unit="layer", disable=None):
         spec = plan["layers"][name]
         linear = pipe.transformer.get_submodule(name)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         seed = spec.get("rotation_seed")
-        seed = config.rotation_seed + order.index(name) if seed is None else seed  # the default plan's seed
+        seed = config.rotation_seed + position[name] if seed is None else seed
         chosen, chosen_layer = dict(spec), quantized.get_submodule(name)
         for alpha, rotate in candidates:
             if rotate and not rotatable(spec["in_features"]):
                 continue
             candidate = _candidate_spec(spec, seed, alpha, rotate)
-            if (candidate["smooth_alpha"], candidate["rotation_seed"]) == (chosen["smooth_alpha"], chosen["rotation_seed"]):
+            if _recipe(candidate) == _recipe(chosen):
                 continue
             layer = quantized_layer(name, linear.weight.detach(), bias, candidate, config)
             set_submodule(quantized, name, layer)

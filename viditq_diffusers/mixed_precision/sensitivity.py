@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .. import metrics
 from ..config import ViDiTQConfig
 from ..convert import quantize
-from ..evaluation import generate
+from ..evaluation import denoiser_output, generate, with_transformer
 from ..jsonio import read_json, write_json
 from ..plan import stored_weight_bits
 from .roles import Role
@@ -58,12 +58,6 @@ def stored_bits(plan: dict, layers: list[str]) -> float:
                for name, spec in plan["layers"].items() if name in layers)
 
 
-def with_transformer(pipe, transformer):
-    new = type(pipe)(**{**pipe.components, "transformer": transformer})
-    new.set_progress_bar_config(disable=True)
-    return new
-
-
 def quantize_only(transformer, layers: list[str], all_layers: list[str], options: dict, calibration=None):
     """A copy of `transformer` with only `layers` quantized (ViDiTQConfig kwargs `options`)."""
     others = sorted(set(all_layers) - set(layers))
@@ -85,9 +79,7 @@ def proxy_errors(pipe, quantized, prompts: list[str], seeds: list[int], **call) 
     sums: dict[str, list[float]] = {FIDELITY: [], TEXT: []}
 
     def compare(module, args, kwargs, output):
-        fp = output[0] if isinstance(output, tuple) else output.sample
-        q = quantized(*args, **kwargs)
-        q = q[0] if isinstance(q, tuple) else q.sample
+        fp, q = denoiser_output(output), denoiser_output(quantized(*args, **kwargs))
         (fp_u, fp_c), (q_u, q_c) = _split_cfg(fp), _split_cfg(q)
         sums[FIDELITY].append(metrics.relative_mse(q_c, fp_c))
         sums[TEXT].append(metrics.relative_mse(q_c - q_u, fp_c - fp_u))
