@@ -6,3 +6,11 @@ import torch
 # decorated, so it must be set before any test imports viditq_diffusers.kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_sessionstart(session):
+    """Build (or load) the int16 CPU kernel once, up front: W8A8 tests and the app servers they start load it
+    from the cache instead of each compiling it for about a minute inside a timed request."""
+    from viditq_diffusers.kernels import cpu_int16
+
+    cpu_int16.extension()

@@ -2,6 +2,8 @@
 
 - CUDA tensors, A8 with dynamic per-token scales, more than 16 tokens, group sizes that are multiples of
   64: the fused Triton path (`triton_quant` + `triton_gemm`);
+- CPU tensors, A8 with dynamic per-token scales, W8, where oneDNN's direct int8 GEMM is not exact (x86
+  without VNNI or AMX): our int16 kernel (`cpu_int16`), where it builds;
 - CPU tensors, A8, per-channel weights: oneDNN's int8 GEMM (`onednn`), directly where it is exact on this
   CPU (`onednn.exact_for`: W4 everywhere, symmetric W8 where the CPU has VNNI or AMX), else for W8 split in
   two 4-bit halves (`onednn.use_split`, K <= `onednn.SPLIT_MAX_K`);
@@ -20,7 +22,7 @@ import torch
 
 from ..quant.balance import balance_activation
 from ..quant.formats import unpack_int4
-from . import onednn
+from . import cpu_int16, onednn
 from .torch_ops import int_mm, linear_int, linear_reference, linear_weight_only, quantize_activations
 
 MIN_TRITON_ROWS = 17  # below this the GEMM is launch-bound and the torch path is as fast
@@ -43,6 +45,15 @@ def use_triton(x: torch.Tensor, act_bits: int, act_scale, scale: torch.Tensor) -
         x.is_cuda and act_bits == 8 and act_scale is None and x.shape[0] >= MIN_TRITON_ROWS
         and (groups == 1 or (x.shape[1] // groups) % TRITON_GROUP_MULTIPLE == 0)
         and os.environ.get("VIDITQ_KERNELS", "auto") != "torch" and triton_available()
+    )
+
+
+def use_cpu_int16(x: torch.Tensor, weight_bits: int, act_bits: int, act_scale, scale: torch.Tensor) -> bool:
+    """Whether `quantized_linear` takes the int16 CPU kernel for this call."""
+    return (
+        x.device.type == "cpu" and weight_bits == 8 and act_bits == 8 and act_scale is None
+        and scale.shape[1] == 1 and x.shape[1] <= cpu_int16.MAX_K and not onednn.exact_for(8)
+        and os.environ.get("VIDITQ_KERNELS", "auto") != "torch" and cpu_int16.available()
     )
 
 
@@ -76,6 +87,8 @@ def quantized_linear(x, qweight, weight_bits, scale, zero, bias, act_bits, act_s
     if use_triton(x, act_bits, act_scale, scale):
         return linear_triton(x, qweight, weight_bits, scale, zero, bias, smooth)
     x = balance_activation(x, smooth, None)  # the smoothing half of balancing (identity for None)
+    if use_cpu_int16(x, weight_bits, act_bits, act_scale, scale):
+        return cpu_int16.linear_int16(x, qweight, scale, zero, bias)
     if use_onednn(x, weight_bits, act_bits, scale, zero):
         xq, x_scale = quantize_activations(x, act_bits, act_scale)
         return onednn.linear_onednn(xq, x_scale, qweight, weight_bits, scale, zero, bias, x.dtype)
@@ -87,5 +100,5 @@ def quantized_linear(x, qweight, weight_bits, scale, zero, bias, act_bits, act_s
 
 __all__ = [
     "int_mm", "linear_int", "linear_reference", "linear_triton", "linear_weight_only", "quantized_linear",
-    "triton_available", "use_onednn", "use_triton",
+    "triton_available", "use_cpu_int16", "use_onednn", "use_triton",
 ]

@@ -31,13 +31,11 @@ split route).
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 
 from ..quant.formats import unpack_int4
-
-_packed: dict[int, tuple] = {}  # id(qweight) -> (weakref, version, packed weight, zero points)
+from . import weight_cache
 
 
 @functools.cache
@@ -93,21 +91,14 @@ def _exact_for_range(lo: int, hi: int) -> bool:
     return torch.equal(out.double(), (xq.double() @ codes.double().T))
 
 
-def _version(t: torch.Tensor) -> int | None:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors have no version counter
-        return None
-
-
 def packed_weight(qweight: torch.Tensor, weight_bits: int, in_features: int,
                   zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(oneDNN-packed int8 weight, its zero points: all 0) of `qweight` (int8 codes, or packed int4) and the
     per-channel `zero [N, 1]` or None; for the split route (`use_split`) the weight has 2N rows. Cached."""
-    key, version = id(qweight), (_version(qweight), None if zero is None else (id(zero), _version(zero)))
-    hit = _packed.get(key)
-    if hit is not None and hit[0]() is qweight and hit[1] == version:
-        return hit[2], hit[3]
+    return weight_cache.packed("onednn", qweight, zero, lambda: _pack(qweight, weight_bits, in_features, zero))
+
+
+def _pack(qweight, weight_bits, in_features, zero):
     codes = unpack_int4(qweight, in_features) if weight_bits == 4 else qweight
     if use_split(weight_bits, zero):  # 16 hi + lo, stacked along N
         d = codes.to(torch.int16) - (0 if zero is None else zero.to(torch.int16))
@@ -117,10 +108,8 @@ def packed_weight(qweight: torch.Tensor, weight_bits: int, in_features: int,
         if weight_bits != 4:
             raise ValueError("oneDNN packs 8-bit weights with zero points only split (use_split)")
         codes = (codes.to(torch.int16) - zero.to(torch.int16)).to(torch.int8)
-    entry = (torch.ops.onednn.qlinear_prepack(codes.contiguous(), None),
-             torch.zeros(codes.shape[0], dtype=torch.int64))
-    _packed[key] = (weakref.ref(qweight, lambda _, key=key: _packed.pop(key, None)), version, *entry)
-    return entry
+    return (torch.ops.onednn.qlinear_prepack(codes.contiguous(), None),
+            torch.zeros(codes.shape[0], dtype=torch.int64))
 
 
 def linear_onednn(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, weight_bits: int,

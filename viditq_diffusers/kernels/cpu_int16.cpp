@@ -1,0 +1,190 @@
+// The W8A8 linear for AVX2 CPUs without VNNI: per-token activation quantization, an exact integer GEMM on
+// `vpmaddwd`, and the fp32 epilogue, in one call (see cpu_int16.py for why this route).
+//
+// Codes are widened to int16 and packed so that one `vpmaddwd` multiplies a pair of K values of one
+// activation row (broadcast as an int32) with the same pair of 16 weight columns and adds the two products
+// in int32: exact for activation codes in [-128, 127] and weights `code - zero` in [-255, 255].
+//   weights:     [N/16 panels][K/2 pairs][16 columns][2]   (packed once per weight, zero points folded in)
+//   activations: [M/4 panels][K/2 pairs][4 rows][2]        (quantized and packed per call)
+// Per column panel, a 4 x 16 register tile (8 ymm accumulators) runs over K in blocks of KC_PAIRS pairs (the
+// weight block stays in L1 while every row panel passes), keeping partial sums per thread; the last block applies
+// the epilogue `((float)acc * w_scale[n]) * x_scale[m] + bias[n]`. Every float step is the one
+// quant.formats.quantize_activation_per_token and torch_ops.linear_int take, in their order (IEEE division,
+// round half to even, no FMA contraction: built with -ffp-contract=off), so the result is bit-identical.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t NR = 16;         // columns per weight panel
+constexpr int64_t MR = 4;          // rows per activation panel
+constexpr int64_t KC_PAIRS = 128;  // K pairs per block: the 16 x 256 int16 weight block (8 KiB) stays in L1
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+float row_absmax(const float* row, int64_t k) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(row + j)));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float absmax = 0.f;
+  for (float v : lanes) absmax = std::max(absmax, v);
+  for (; j < k; j++) absmax = std::max(absmax, std::fabs(row[j]));
+  return absmax;
+}
+
+// Row `row` of x quantized per token (scale absmax / 127, codes round(x / scale) clamped to int8) into
+// `codes` (K rounded up to even, the pad stays 0); returns the scale.
+float quantize_row(const float* row, int64_t k, int16_t* codes) {
+  const float scale = row_absmax(row, k) / 127.0f;
+  const float safe = scale > 0.f ? scale : 1.0f;  // a zero row: scale 0, codes 0, no NaN
+  const __m256 divisor = _mm256_set1_ps(safe), lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8) {
+    __m256 v = _mm256_div_ps(_mm256_loadu_ps(row + j), divisor);
+    v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // half to even, as torch.round
+    const __m256i q = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
+    const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + j), q16);
+  }
+  for (; j < k; j++) codes[j] = int16_t(std::min(127.f, std::max(-128.f, std::nearbyint(row[j] / safe))));
+  return scale;
+}
+
+// acc (8 vectors: row r, columns 8h..8h+7 at 2r + h) += the 4 x 16 tile product over `pairs` K pairs.
+// Named accumulators, not an array: GCC keeps them in registers.
+inline void tile_4x16(const int16_t* a, const int16_t* b, int64_t pairs, __m256i* acc) {
+  __m256i c0 = acc[0], c1 = acc[1], c2 = acc[2], c3 = acc[3], c4 = acc[4], c5 = acc[5], c6 = acc[6], c7 = acc[7];
+  for (int64_t i = 0; i < pairs; i++, a += MR * 2, b += NR * 2) {
+    const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(b));
+    const __m256i b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(b + 16));
+    // one pair of K values of row r, broadcast to every int32 lane (a single load uop, aliasing-safe)
+    __m256i x = _mm256_broadcastd_epi32(_mm_loadu_si32(a));
+    c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(x, b0));
+    c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(x, b1));
+    x = _mm256_broadcastd_epi32(_mm_loadu_si32(a + 2));
+    c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(x, b0));
+    c3 = _mm256_add_epi32(c3, _mm256_madd_epi16(x, b1));
+    x = _mm256_broadcastd_epi32(_mm_loadu_si32(a + 4));
+    c4 = _mm256_add_epi32(c4, _mm256_madd_epi16(x, b0));
+    c5 = _mm256_add_epi32(c5, _mm256_madd_epi16(x, b1));
+    x = _mm256_broadcastd_epi32(_mm_loadu_si32(a + 6));
+    c6 = _mm256_add_epi32(c6, _mm256_madd_epi16(x, b0));
+    c7 = _mm256_add_epi32(c7, _mm256_madd_epi16(x, b1));
+  }
+  acc[0] = c0, acc[1] = c1, acc[2] = c2, acc[3] = c3, acc[4] = c4, acc[5] = c5, acc[6] = c6, acc[7] = c7;
+}
+
+}  // namespace
+
+// codes int8 [N, K] (zero int8 [N] or None) -> int16 panels [ceil(N/16), ceil(K/2), 16, 2] of codes - zero.
+torch::Tensor pack_weight(torch::Tensor codes, c10::optional<torch::Tensor> zero) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt8, "pack_weight: int8 [N, K] codes");
+  codes = codes.contiguous();
+  const int64_t n = codes.size(0), k = codes.size(1), pairs = ceil_div(k, 2), panels = ceil_div(n, NR);
+  auto out = torch::zeros({panels, pairs, NR, 2}, torch::kInt16);
+  const int8_t* c = codes.data_ptr<int8_t>();
+  torch::Tensor z;
+  if (zero.has_value()) z = zero->to(torch::kInt8).contiguous().reshape({-1});
+  const int8_t* zp = z.defined() ? z.data_ptr<int8_t>() : nullptr;
+  int16_t* p = out.data_ptr<int16_t>();
+  for (int64_t col = 0; col < n; col++) {
+    const int16_t offset = zp ? zp[col] : 0;
+    int16_t* dst = p + (col / NR) * pairs * NR * 2 + (col % NR) * 2;
+    for (int64_t j = 0; j < k; j++) dst[(j / 2) * NR * 2 + (j % 2)] = int16_t(c[col * k + j]) - offset;
+  }
+  return out;
+}
+
+// fp32 x [M, K] -> ((float)(Q(x) @ (codes - zero)^T) * w_scale[n]) * x_scale[m] (+ bias[n]), fp32 [M, N].
+torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t n, torch::Tensor w_scale,
+                     c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "linear: fp32 [M, K] input");
+  x = x.contiguous();
+  const int64_t m = x.size(0), k = x.size(1), pairs = ceil_div(k, 2);
+  const int64_t m_panels = ceil_div(m, MR), n_panels = ceil_div(n, NR);
+  TORCH_CHECK(packed.scalar_type() == torch::kInt16 && packed.dim() == 4 && packed.size(0) == n_panels &&
+              packed.size(1) == pairs, "linear: the packed weight does not match the input or N");
+  auto out = torch::empty({m, n}, torch::kFloat32);
+  if (m == 0 || n == 0) return out;
+  const auto ws = w_scale.to(torch::kFloat32).contiguous().reshape({-1});
+  TORCH_CHECK(ws.numel() == n, "linear: w_scale must have N elements");
+  torch::Tensor bs;
+  if (bias.has_value()) bs = bias->to(torch::kFloat32).contiguous().reshape({-1});
+  const float* xp = x.data_ptr<float>();
+  const float* wsp = ws.data_ptr<float>();
+  const float* bsp = bs.defined() ? bs.data_ptr<float>() : nullptr;
+  float* o = out.data_ptr<float>();
+
+  auto apack = torch::zeros({m_panels, pairs, MR, 2}, torch::kInt16);
+  std::vector<float> x_scale(m_panels * MR, 0.f);
+  int16_t* a = apack.data_ptr<int16_t>();
+  at::parallel_for(0, m_panels, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<int16_t> codes(pairs * 2, 0);
+    int32_t* dst = reinterpret_cast<int32_t*>(a);  // one int32 = one K pair of one row
+    for (int64_t panel = p0; panel < p1; panel++) {
+      for (int64_t r = 0; r < MR && panel * MR + r < m; r++) {
+        x_scale[panel * MR + r] = quantize_row(xp + (panel * MR + r) * k, k, codes.data());
+        for (int64_t p = 0; p < pairs; p++) std::memcpy(dst + (panel * pairs + p) * MR + r, &codes[2 * p], 4);
+      }
+    }
+  });
+
+  const int16_t* b = packed.data_ptr<int16_t>();
+  at::parallel_for(0, n_panels, 1, [&](int64_t c0, int64_t c1) {
+    // int32 partial sums of one column panel between K blocks, one 4 x 16 tile per row panel (L2-sized)
+    std::vector<int32_t> partial(pairs > KC_PAIRS ? m_panels * MR * NR : 0);
+    for (int64_t cp = c0; cp < c1; cp++) {
+      alignas(32) float wcol[NR], bcol[NR];
+      for (int j = 0; j < NR; j++) {
+        const int64_t col = cp * NR + j;
+        wcol[j] = col < n ? wsp[col] : 0.f;
+        bcol[j] = bsp && col < n ? bsp[col] : 0.f;
+      }
+      for (int64_t k0 = 0; k0 < pairs; k0 += KC_PAIRS) {
+        const int64_t kp = std::min(KC_PAIRS, pairs - k0);
+        const bool first = k0 == 0, last = k0 + kp == pairs;
+        const int16_t* bp = b + (cp * pairs + k0) * NR * 2;  // this block of the panel stays in L1
+        for (int64_t rp = 0; rp < m_panels; rp++) {
+          __m256i acc[8];
+          int32_t* tile = partial.empty() ? nullptr : partial.data() + rp * MR * NR;
+          for (int i = 0; i < 8; i++)
+            acc[i] = first ? _mm256_setzero_si256()
+                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + 8 * i));
+          tile_4x16(a + (rp * pairs + k0) * MR * 2, bp, kp, acc);
+          if (!last) {
+            for (int i = 0; i < 8; i++) _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + 8 * i), acc[i]);
+            continue;
+          }
+          alignas(32) float vals[MR * NR];
+          for (int r = 0; r < MR; r++) {
+            const __m256 s = _mm256_set1_ps(x_scale[rp * MR + r]);
+            for (int h = 0; h < 2; h++) {
+              __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[2 * r + h]), _mm256_load_ps(wcol + 8 * h));
+              v = _mm256_mul_ps(v, s);
+              if (bsp) v = _mm256_add_ps(v, _mm256_load_ps(bcol + 8 * h));
+              _mm256_store_ps(vals + r * NR + 8 * h, v);
+            }
+          }
+          const int64_t cols = std::min(NR, n - cp * NR);
+          for (int r = 0; r < MR && rp * MR + r < m; r++)
+            std::memcpy(o + (rp * MR + r) * n + cp * NR, vals + r * NR, cols * sizeof(float));
+        }
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("pack_weight", &pack_weight, "int8 codes [N, K] (and zero points) -> int16 weight panels");
+  module.def("linear", &linear, "per-token int8 quantization, exact integer GEMM and fp32 epilogue");
+}

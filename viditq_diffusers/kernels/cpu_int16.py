@@ -1,0 +1,95 @@
+"""The W8A8 linear on x86 CPUs whose int8 instructions saturate (AVX2 without VNNI): `cpu_int16.cpp`.
+
+Why a kernel of our own: on such CPUs oneDNN's int8 GEMM adds two u8 x s8 products in saturating int16,
+which is wrong for 8-bit x 8-bit codes, so its exact route for W8 runs the GEMM twice (weights split in
+4-bit halves, `onednn.py`), and `torch._int_mm` has no fast CPU kernel at all. `vpmaddwd` multiplies int16
+pairs and adds them in int32, exactly; per instruction pair it does twice the multiply-adds of an fp32 FMA.
+`benchmarks/cpu_mac_peak.py` measures the bound of each route here (the int16 microkernel runs at about
+1.2-1.4x the fp32 one, the split at 0.9x) and `benchmarks/speed_cpu.py` the layers and the model.
+
+The kernel quantizes the activations per token, runs the GEMM and the fp32 epilogue in one call, bit for
+bit as the torch path (`torch_ops.linear_int`; tests/test_cpu_int16.py). Weights are packed once per
+weight tensor into int16 panels with the zero points folded in (2 bytes per weight, cached like oneDNN's
+packed copy, `weight_cache`).
+
+Built with `torch.utils.cpp_extension` on first use, once per machine and torch version (about a minute;
+kept in `~/.cache/viditq_diffusers/kernels`, or `$VIDITQ_KERNEL_CACHE`). Needs a C++ compiler and ninja;
+where the build fails, a warning names the reason and 8-bit weights stay on oneDNN's split route.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+import shutil
+import sys
+import sysconfig
+import warnings
+
+import torch
+
+from . import weight_cache
+
+logger = logging.getLogger(__name__)
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_int16.cpp")
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]  # no contraction: the epilogue rounds as torch
+MAX_K = (2**31 - 1) // (128 * 255)  # the int32 accumulator holds K products of |code| <= 128, |w - zero| <= 255
+
+
+def build_directory() -> str:
+    root = os.environ.get("VIDITQ_KERNEL_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "viditq_diffusers", "kernels")
+    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
+    return os.path.join(root, tag)
+
+
+@functools.cache
+def extension():
+    """The built extension module, or None where this CPU or machine cannot run or build it (warned once)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or \
+            torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    from torch.utils.cpp_extension import load
+
+    scripts = sysconfig.get_path("scripts")  # pip's `ninja` lands here, which is not on PATH without activation
+    if shutil.which("ninja") is None and shutil.which("ninja", path=scripts):
+        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+    directory = build_directory()
+    os.makedirs(directory, exist_ok=True)
+    if not any(name.endswith(".so") for name in os.listdir(directory)):
+        logger.warning("viditq: building the int16 CPU kernel for W8A8 (once per machine, about a minute) in %s",
+                       directory)
+    try:
+        return load(name="viditq_cpu_int16", sources=[SOURCE], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                    build_directory=directory)
+    except Exception as error:  # no compiler, no ninja, no Python headers: the oneDNN split route remains
+        first_line = str(error).splitlines()[0][:200] if str(error) else ""
+        warnings.warn(f"viditq: the int16 CPU kernel could not be built ({type(error).__name__}: {first_line}; "
+                      f"build files in {directory}); W8A8 on this CPU falls back to oneDNN's slower split route. "
+                      f"Install a C++ compiler and ninja to enable it, or set VIDITQ_KERNELS=torch.",
+                      RuntimeWarning, stacklevel=2)
+        return None
+
+
+def available() -> bool:
+    return extension() is not None
+
+
+def packed_weight(qweight: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """int16 panels of `qweight - zero` (int8 codes `[N, K]`; `zero [N, 1]`, `[1, 1]` or None), cached."""
+    def build():
+        z = None if zero is None else zero.reshape(-1).expand(qweight.shape[0]).contiguous()
+        return extension().pack_weight(qweight, z)
+    return weight_cache.packed("cpu_int16", qweight, zero, build)
+
+
+def linear_int16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """W8A8 with per-token activations on a 2-D `x [M, K]`, per-channel (`scale [N, 1]`) or per-tensor
+    (`[1, 1]`) weights: `torch_ops.linear_int(x, qweight, scale, zero, bias, 8)`, bit for bit, in x's dtype."""
+    n = qweight.shape[0]
+    y = extension().linear(x.to(torch.float32), packed_weight(qweight, zero), n,
+                           scale.reshape(-1).expand(n), bias)
+    return y.to(x.dtype)
