@@ -180,8 +180,13 @@ class LoadedPipeline:
 
     def config(self, name: str) -> tuple[str, ViDiTQConfig]:
         """(UI label, config) of a quantized variant, given what this pipeline has (shipped plan, calibration)."""
-        if name == "W8A8":
-            return "W8A8 (preset w8a8)", ViDiTQConfig(preset="w8a8")
+        if name == "W8A8":  # channel balancing needs statistics: the shipped ones, else those of Calibrate
+            if self.shipped:  # shipped statistics hold maxima only, no sampled tokens: a fixed recipe, not the search
+                return ("W8A8 (paper recipe, alpha 0.75, shipped calibration)",
+                        ViDiTQConfig(preset="paper_w8a8", alpha=0.75, calibration=self.shipped[1]))
+            if self.calibration is not None:
+                return "W8A8 (preset w8a8, calibrated)", ViDiTQConfig(preset="w8a8", calibration=self.calibration)
+            return "W8A8 (preset w8a8, not calibrated: press Calibrate)", ViDiTQConfig(preset="w8a8")
         if self.shipped:
             plan, stats = self.shipped
             return "W4A8-MP (shipped searched plan, <= 5 avg. weight bits)", ViDiTQConfig(plan=plan, calibration=stats)
@@ -242,12 +247,12 @@ class LoadedPipeline:
         return results
 
     def calibrate(self, prompts: list[str], steps: int, guidance: float) -> str:
-        """Record statistics once (cached on this pipeline) and rebuild W4A8-MP with them; returns a message."""
+        """Record statistics once (cached on this pipeline) and rebuild W8A8 and W4A8-MP with them; returns a message."""
         if self.shipped:
             return (f"{self.source} ships calibration statistics with its searched plan "
-                    f"({os.path.dirname(self.shipped[0])}); W4A8-MP uses them, nothing to calibrate.")
+                    f"({os.path.dirname(self.shipped[0])}); W8A8 and W4A8-MP use them, nothing to calibrate.")
         if self.calibration is not None:
-            return f"Already calibrated (cached for {self.source}); W4A8-MP uses these statistics."
+            return f"Already calibrated (cached for {self.source}); W8A8 and W4A8-MP use these statistics."
         prompts = [p.strip() for p in prompts if p.strip()]
         if not prompts:
             raise ValueError("No calibration prompts: write one prompt per line, like those you will generate.")
@@ -258,9 +263,10 @@ class LoadedPipeline:
                                            guidance_scale=guidance, seeds=list(range(len(prompts))), **call)
         with self.lock:
             self.calibration = stats
-            self.transformers.pop("W4A8-MP", None)  # rebuilt with the statistics on next use
+            for name in VARIANTS[1:]:
+                self.transformers.pop(name, None)  # rebuilt with the statistics on next use
         return (f"Calibrated {len(stats.layers)} layers of {stats.model_class} on {len(prompts)} prompts x {steps} "
-                f"steps; cached for this pipeline. W4A8-MP now uses channel balancing.")
+                f"steps; cached for this pipeline. W8A8 and W4A8-MP now use channel balancing.")
 
     def quantized_pipeline(self, name: str):
         """The pipeline with a quantized variant's transformer, for save / push."""

@@ -159,7 +159,7 @@ def test_generate_shows_three_images_with_their_metrics(browser, app):
     submit(page, "a thick handwritten digit 7", 1)
     result = wait_for_result(page, "a thick handwritten digit 7", 1)
     assert [label for label, _, _ in result.values()] == [
-        "FP32 (CPU)", "W8A8 (preset w8a8)", "W4A8-MP (shipped searched plan, <= 5 avg. weight bits)"]
+        "FP32 (CPU)", "W8A8 (paper recipe, alpha 0.75, shipped calibration)", "W4A8-MP (shipped searched plan, <= 5 avg. weight bits)"]
     for label, metrics, image in result.values():
         assert image.size == (256, 256) and max(image.convert("L").getextrema()) > 128  # a drawn digit, upscaled
         assert number(metrics, "latency") > 0 and number(metrics, "peak memory") > 100
@@ -260,6 +260,7 @@ def test_hub_pipeline_calibrate_save_and_push(browser, app, hub, tmp_path, monke
     submit(page, "a faint handwritten digit 0", 2, steps=10)
     result = wait_for_result(page, "a faint handwritten digit 0", 2)
     assert result["W4A8-MP"][0] == "W4A8-MP (preset w4a8_mp, calibrated)"
+    assert result["W8A8"][0] == "W8A8 (preset w8a8, calibrated)"
     assert number(result["W4A8-MP"][1], "PSNR vs FP") > 25
 
     page.get_by_text("Save or push a quantized variant").click()
