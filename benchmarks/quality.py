@@ -126,12 +126,17 @@ class VideoTask:
         save_video_grid(grid, path + ".gif")
 
 
+def calibration_seeds(task) -> list[int]:
+    """The seeds of the task's calibration prompts: 1000, 1001, ... (never the evaluation's)."""
+    return list(range(1000, 1000 + len(task.calibration_prompts)))
+
+
 def calibrate_task(pipe, task):
     """The benchmarks' calibration run: the task's calibration prompts (other prompts and seeds than the
-    evaluation's), seeds 1000, 1001, ..., the task's steps and guidance."""
+    evaluation's), `calibration_seeds`, the task's steps and guidance."""
     call = {k: v for k, v in task.call.items() if k not in ("num_inference_steps", "guidance_scale")}
     return calibrate(pipe, task.calibration_prompts, task.call["num_inference_steps"], task.call["guidance_scale"],
-                     seeds=list(range(1000, 1000 + len(task.calibration_prompts))), **call)
+                     seeds=calibration_seeds(task), **call)
 
 
 @torch.no_grad()

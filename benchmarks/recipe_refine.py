@@ -19,7 +19,7 @@ import time
 import torch
 from diffusers import DiffusionPipeline
 
-from quality import ALPHAS, ImageTask, calibrate_task  # noqa: E402  (also puts the repo root on sys.path)
+from quality import ALPHAS, ImageTask, calibrate_task, calibration_seeds  # noqa: E402  (also puts the repo root on sys.path)
 from viditq_diffusers import ViDiTQConfig, quantize  # noqa: E402
 from viditq_diffusers.calibration import CalibrationStats  # noqa: E402
 from viditq_diffusers.jsonio import write_json  # noqa: E402
@@ -69,7 +69,7 @@ def main() -> None:
         write_json(os.path.join(args.out, f"{tag}-{name}.plan.json"), model.config.quantization_config.plan)
     t0 = time.time()
     # The refinement measures its objective on the calibration prompts and seeds, never on the evaluation's.
-    seeds = list(range(1000, 1000 + len(task.calibration_prompts)))  # as calibrate_task
+    seeds = calibration_seeds(task)
     plan, trace = refine_recipes(pipe, ViDiTQConfig(preset=args.bits, calibration=stats), task.calibration_prompts,
                                  seeds, objective=args.objective, **task.call)
     path = os.path.join(args.out, f"{tag}-refined-{args.objective}.plan.json")

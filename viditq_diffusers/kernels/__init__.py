@@ -38,13 +38,18 @@ def triton_available() -> bool:
     return True
 
 
+def fast_kernels_allowed() -> bool:
+    """False when `VIDITQ_KERNELS=torch` forces the torch path everywhere."""
+    return os.environ.get("VIDITQ_KERNELS", "auto") != "torch"
+
+
 def use_triton(x: torch.Tensor, act_bits: int, act_scale, scale: torch.Tensor) -> bool:
     """Whether `quantized_linear` takes the Triton path for this call."""
     groups = scale.shape[1]
     return (
         x.is_cuda and act_bits == 8 and act_scale is None and x.shape[0] >= MIN_TRITON_ROWS
         and (groups == 1 or (x.shape[1] // groups) % TRITON_GROUP_MULTIPLE == 0)
-        and os.environ.get("VIDITQ_KERNELS", "auto") != "torch" and triton_available()
+        and fast_kernels_allowed() and triton_available()
     )
 
 
@@ -53,7 +58,7 @@ def use_cpu_int16(x: torch.Tensor, weight_bits: int, act_bits: int, act_scale, s
     return (
         x.device.type == "cpu" and weight_bits == 8 and act_bits == 8 and act_scale is None
         and scale.shape[1] == 1 and x.shape[1] <= cpu_int16.MAX_K and not onednn.exact_for(8)
-        and os.environ.get("VIDITQ_KERNELS", "auto") != "torch" and cpu_int16.available()
+        and fast_kernels_allowed() and cpu_int16.available()
     )
 
 
@@ -65,7 +70,7 @@ def use_onednn(x: torch.Tensor, weight_bits: int, act_bits: int, scale: torch.Te
         exact = onednn.exact_for(weight_bits)
     return (
         x.device.type == "cpu" and act_bits == 8 and scale.shape[1] == 1
-        and os.environ.get("VIDITQ_KERNELS", "auto") != "torch" and exact
+        and fast_kernels_allowed() and exact
     )
 
 
