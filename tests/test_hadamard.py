@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from viditq_diffusers.quant.hadamard import hadamard_matrix, random_signs, rotate, rotation_matrix
+from viditq_diffusers.quant.hadamard import hadamard_matrix, random_signs, rotate, rotate_kernel_order, rotation_matrix
 
 SMALL_ORDERS = [1, 2, 4, 8, 12, 20, 28, 36, 44, 60, 64, 96, 128, 144, 192, 256, 384, 768, 1152]
 # Too big for a full n^3 check within the time budget; see test_large_orders_are_hadamard.
@@ -107,3 +107,20 @@ def test_rotate_low_precision(dtype, tol):
     assert y.dtype == dtype
     ref = x.double() @ rotation_matrix(384, seed=5)
     assert ((y.double() - ref).abs().max() / ref.abs().max()) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rotate_kernel_order_is_rotate_for_powers_of_two(dtype):
+    """No dense factor: the fused kernel's order is the FWHT of `rotate`, bit for bit."""
+    x = (torch.randn(6, 256, generator=torch.Generator().manual_seed(1)) * 10).to(dtype)
+    assert torch.equal(rotate_kernel_order(x, 4), rotate(x, 4))
+
+
+@pytest.mark.parametrize("n", [12, 96, 1152])
+def test_rotate_kernel_order_matches_dense(n):
+    """With a dense factor the order of the sums changes, the rotation does not."""
+    x = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    assert torch.allclose(rotate_kernel_order(x, 7), x @ rotation_matrix(n, seed=7), rtol=0, atol=1e-12)
+    y = rotate_kernel_order(x.float(), 7)
+    assert y.dtype == torch.float32
+    assert torch.allclose(y.double(), x @ rotation_matrix(n, seed=7), rtol=0, atol=1e-5)

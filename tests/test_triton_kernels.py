@@ -11,8 +11,13 @@ from viditq_diffusers import ViDiTQLinear  # noqa: E402
 from viditq_diffusers.kernels import linear_triton, quantized_linear, use_triton  # noqa: E402
 from viditq_diffusers.kernels.torch_ops import linear_int  # noqa: E402
 from viditq_diffusers.kernels.triton_gemm import int_gemm  # noqa: E402
+from viditq_diffusers.kernels import triton_quant  # noqa: E402
 from viditq_diffusers.kernels.triton_quant import quantize_per_token  # noqa: E402
-from viditq_diffusers.quant.formats import pack_int4, quantize_activation_per_token, quantize_weight  # noqa: E402
+from viditq_diffusers.quant.balance import balance_activation  # noqa: E402
+from viditq_diffusers.quant.formats import (  # noqa: E402
+    pack_int4, quantize_activation_per_token, quantize_weight, unpack_int4,
+)
+from viditq_diffusers.quant.hadamard import rotate_kernel_order  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -39,6 +44,30 @@ def test_quantize_per_token_is_bit_exact(dtype, shape, smooth):
     ref_codes, ref_scale = quantize_activation_per_token(x if m is None else x * m.to(dtype))
     assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
     assert torch.equal(rowsum, ref_codes.sum(1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [64, 96, 1152])  # p = 1 (FWHT only), 12 x 8, 36 x 32 (dense factor + FWHT)
+@pytest.mark.parametrize("smooth", [False, True])
+def test_rotated_quantize_per_token_is_bit_exact(dtype, k, smooth):
+    g = torch.Generator().manual_seed(k)
+    x = (torch.randn(9, k, generator=g) * 3).to(dtype)
+    x[4, 5] = 60.0  # an outlier channel: what the rotation spreads
+    m = (torch.rand(k, generator=g) + 0.5) if smooth else None
+    x, m = x.to(DEVICE), None if m is None else m.to(DEVICE)
+    codes, scale, rowsum = quantize_per_token(x, 8, m, rotation_seed=5)
+    ref_codes, ref_scale = quantize_activation_per_token(rotate_kernel_order(x if m is None else x * m.to(dtype), 5))
+    assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
+    assert torch.equal(rowsum, ref_codes.sum(1, dtype=torch.int32))
+
+
+def test_rotation_beyond_the_tile_limit_runs_in_torch_first(monkeypatch):
+    monkeypatch.setattr(triton_quant, "MAX_ROTATED_TILE", 32)
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    m = (torch.rand(96, generator=torch.Generator().manual_seed(3)) + 0.5).to(DEVICE)
+    codes, scale, _ = quantize_per_token(x, 8, m, rotation_seed=1)
+    ref_codes, ref_scale = quantize_activation_per_token(balance_activation(x, m, 1))
+    assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
 
 
 def test_quantize_per_token_rounds_half_to_even():
@@ -101,6 +130,28 @@ def test_smoothed_layer_fused_path_matches_torch_path(bits, group):
                                   None if layer.weight_zero is None else layer.weight_zero.cpu(), layer.bias.cpu(),
                                   8, smooth=layer.smooth_factors().cpu())
     assert_within_one_ulp(fused.cpu(), torch_path)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rotated_layer_fused_path_matches_torch_path(bits):
+    """A smoothed and rotated ViDiTQLinear: the fused path (balancing inside the quantization kernel) gives
+    the torch path's output on the kernel-order rotation to one ulp, and the layer's torch path to float noise."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(192, 48).to(torch.bfloat16)  # 192 = 12 x 16: dense factor and FWHT
+    layer = ViDiTQLinear.from_linear(linear, bits, 8, smooth_vector=torch.rand(192) + 0.5,
+                                     rotation_seed=3).to(DEVICE)
+    x = torch.randn(40, 192, dtype=torch.bfloat16, device=DEVICE)
+    x[:, 7] *= 30
+    codes = layer.qweight if bits == 8 else unpack_int4(layer.qweight, 192)
+    fused = linear_triton(x, layer.qweight, bits, layer.scales(), layer.weight_zero, layer.bias,
+                          layer.smooth_factors(), layer.rotation_seed)
+    kernel_order = rotate_kernel_order(x * layer.smooth_factors().to(x.dtype), 3)
+    assert_within_one_ulp(fused, linear_int(kernel_order, codes, layer.scales(), layer.weight_zero, layer.bias, 8))
+    torch_path = quantized_linear(x.cpu(), layer.qweight.cpu(), bits, layer.scales().cpu(),
+                                  None if layer.weight_zero is None else layer.weight_zero.cpu(), layer.bias.cpu(),
+                                  8, smooth=layer.smooth_factors().cpu(), rotation_seed=3)
+    error = (fused.cpu().float() - torch_path.float()).abs().max() / torch_path.float().abs().max()
+    assert error < 0.02, f"fused vs torch path relative error {error:.4f}"
 
 
 def test_dispatch_rules():

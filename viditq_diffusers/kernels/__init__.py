@@ -1,7 +1,7 @@
 """Kernel dispatch: the one place that decides which implementation runs.
 
 - CUDA tensors, A8 with dynamic per-token scales, more than 16 tokens, group sizes that are multiples of
-  64: the fused Triton path (`triton_quant` + `triton_gemm`);
+  64: the fused Triton path (`triton_quant`, smoothing and rotation included, + `triton_gemm`);
 - CPU tensors, A8 with dynamic per-token scales, W8, where oneDNN's direct int8 GEMM is not exact (x86
   without VNNI or AMX): our int16 kernel (`cpu_int16`), where it builds;
 - CPU tensors, A8, per-channel weights: oneDNN's int8 GEMM (`onednn`), directly where it is exact on this
@@ -74,24 +74,27 @@ def use_onednn(x: torch.Tensor, weight_bits: int, act_bits: int, scale: torch.Te
     )
 
 
-def linear_triton(x, qweight, weight_bits, scale, zero, bias, smooth=None):
-    """The fused path: per-token quantization (smoothing folded in) then the integer GEMM with its epilogue."""
+def linear_triton(x, qweight, weight_bits, scale, zero, bias, smooth=None, rotation_seed=None):
+    """The fused path: per-token quantization (smoothing and rotation folded in) then the integer GEMM with
+    its epilogue."""
     from .triton_gemm import int_gemm
     from .triton_quant import quantize_per_token
 
-    xq, x_scale, rowsum = quantize_per_token(x, 8, smooth)
+    xq, x_scale, rowsum = quantize_per_token(x, 8, smooth, rotation_seed)
     return int_gemm(xq, x_scale, rowsum, qweight, weight_bits, scale, zero, bias, x.dtype)
 
 
-def quantized_linear(x, qweight, weight_bits, scale, zero, bias, act_bits, act_scale=None, smooth=None):
+def quantized_linear(x, qweight, weight_bits, scale, zero, bias, act_bits, act_scale=None, smooth=None,
+                     rotation_seed=None):
     """Dispatch a quantized linear on a 2-D input `x [M, K]`.
 
     `qweight`: int8 codes `[N, K]` (W8) or packed int4 `[N, ceil(K / 2)]` (W4); `smooth` `[K]`: channel
-    smoothing factors applied to `x` first (`x * smooth` in x's dtype), or None.
+    smoothing factors applied to `x` first (`x * smooth` in x's dtype), or None; `rotation_seed`: the
+    Hadamard rotation applied after smoothing (`quant.balance.balance_activation`), or None.
     """
     if use_triton(x, act_bits, act_scale, scale):
-        return linear_triton(x, qweight, weight_bits, scale, zero, bias, smooth)
-    x = balance_activation(x, smooth, None)  # the smoothing half of balancing (identity for None)
+        return linear_triton(x, qweight, weight_bits, scale, zero, bias, smooth, rotation_seed)
+    x = balance_activation(x, smooth, rotation_seed)  # identity where both are None
     if use_cpu_int16(x, weight_bits, act_bits, act_scale, scale):
         return cpu_int16.linear_int16(x, qweight, scale, zero, bias)
     if use_onednn(x, weight_bits, act_bits, scale, zero):

@@ -10,7 +10,6 @@ from typing import Optional
 
 import torch
 
-from ..quant.balance import balance_activation
 from . import quantized_linear
 
 
@@ -19,12 +18,8 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, weight_bits: int, scale: torc
            zero: Optional[torch.Tensor], bias: Optional[torch.Tensor], act_bits: int,
            act_scale: Optional[torch.Tensor], smooth: Optional[torch.Tensor],
            rotation_seed: Optional[int]) -> torch.Tensor:
-    """`Q(x diag(smooth) R) Q(W')^T + bias` on a 2-D `x [M, K]` -> `[M, N]` in x's dtype.
-
-    Smoothing alone is fused into the activation quantization; with a rotation both run first (FWHT)."""
-    if rotation_seed is not None:
-        x, smooth = balance_activation(x, smooth, rotation_seed), None
-    return quantized_linear(x, qweight, weight_bits, scale, zero, bias, act_bits, act_scale, smooth=smooth)
+    """`Q(x diag(smooth) R) Q(W')^T + bias` on a 2-D `x [M, K]` -> `[M, N]` in x's dtype."""
+    return quantized_linear(x, qweight, weight_bits, scale, zero, bias, act_bits, act_scale, smooth, rotation_seed)
 
 
 @linear.register_fake

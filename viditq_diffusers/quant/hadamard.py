@@ -197,6 +197,35 @@ def rotate(x: torch.Tensor, seed: int) -> torch.Tensor:
     return y.reshape(x.shape)
 
 
+def rotate_kernel_order(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """The rotation of :func:`rotate`, rounded as the fused Triton quantization kernel rounds it: its bit-exact
+    reference (`kernels/triton_quant.py`).
+
+    The kernel applies the dense factor `H_p` first, as a sequential fp32 sum over the `p` axis in index order
+    (rounded to x's dtype once), then the same FWHT as :func:`rotate`. For `p = 1` (power-of-two orders) this is
+    :func:`rotate` exactly; otherwise it differs from it (a matmul, order unspecified) by float rounding only.
+    """
+    n = x.shape[-1]
+    p, pow2 = _split_order(n)
+    scale, dense = _rotation_parts(n, seed, x.dtype, x.device)
+    y = (x * scale).reshape(*x.shape[:-1], p, pow2)
+    if dense is not None:
+        wide = torch.promote_types(x.dtype, torch.float32)  # the kernel's fp32 accumulator (float64 stays)
+        acc = torch.zeros(y.shape, dtype=wide, device=x.device)
+        for c in range(p):  # out[a] = sum_c H_p[c, a] y[c], c ascending, as the kernel's unrolled loop
+            acc = acc + dense[c, :, None].to(wide) * y[..., c : c + 1, :].to(wide)
+        y = acc.to(x.dtype)
+    return _fwht(y).reshape(x.shape)
+
+
+def rotation_factors(n: int, seed: int, dtype: torch.dtype, device: torch.device):
+    """`(pow2, scale, dense)` with `n = p * pow2`: the input scale `signs / sqrt(n)` `[n]` in `dtype` and
+    `H_p` `[p, p]` (None for `p = 1`). What a kernel needs to rotate in :func:`rotate_kernel_order`'s order."""
+    _, pow2 = _split_order(n)
+    scale, dense = _rotation_parts(n, seed, dtype, torch.device(device))
+    return pow2, scale, dense
+
+
 def check_order(n: int) -> None:
     """Raise the ValueError of :func:`hadamard_matrix` if no Hadamard matrix of order `n` can be built."""
     _split_order(n)
