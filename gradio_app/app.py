@@ -9,8 +9,10 @@ The page is served first; torch, the core and the default pipeline load right af
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -23,7 +25,9 @@ from PIL import Image  # noqa: E402
 from .choices import BUNDLED, CALIBRATION_PROMPTS, CUSTOM, DEFAULT_SOURCE, STEPS_RANGE, VARIANTS  # noqa: E402
 
 DISPLAY_PX = 256  # the bundled pipelines make 32x32 samples: shown enlarged, pixels kept sharp
-OUTPUT_DIR = tempfile.mkdtemp(prefix="viditq-gradio-")
+OUTPUT_DIR = tempfile.mkdtemp(prefix="viditq-gradio-")  # the GIFs of video results
+atexit.register(shutil.rmtree, OUTPUT_DIR, True)
+OUTPUT_MAX_AGE_S = 3600  # Gradio copies what a handler returns into its own cache; an hour-old GIF is long served
 
 
 TORCH_THREADS: int | None = None  # --threads
@@ -60,10 +64,19 @@ def to_display(samples) -> Image.Image | str:
         images.append(image.resize((image.width * scale, image.height * scale), Image.NEAREST))
     if len(images) == 1 and pixels.ndim == 3:
         return images[0]
+    prune_outputs()
     fd, path = tempfile.mkstemp(suffix=".gif", dir=OUTPUT_DIR)  # a fresh name nobody reads until we return it
     with os.fdopen(fd, "wb") as f:
         images[0].save(f, format="GIF", save_all=True, append_images=images[1:], duration=150, loop=0)
     return path
+
+
+def prune_outputs(max_age_s: float = OUTPUT_MAX_AGE_S) -> None:
+    """Delete the GIFs older than `max_age_s` (a long-running demo would otherwise fill the temp folder)."""
+    cutoff = time.time() - max_age_s
+    for entry in os.scandir(OUTPUT_DIR):
+        if entry.stat().st_mtime < cutoff:
+            os.remove(entry.path)
 
 
 def metrics_markdown(result, fp) -> str:
@@ -115,7 +128,8 @@ def run_push(choice, custom, variant, repo_id, token):
 
 
 def build_app(concurrency: int = 1) -> gr.Blocks:
-    with gr.Blocks(title="ViDiT-Q: FP vs W8A8 vs W4A8-MP") as demo:
+    # delete_cache: Gradio's copies of the results go after an hour too, checked every ten minutes
+    with gr.Blocks(title="ViDiT-Q: FP vs W8A8 vs W4A8-MP", delete_cache=(600, OUTPUT_MAX_AGE_S)) as demo:
         gr.Markdown("# ViDiT-Q quantization: FP vs W8A8 vs W4A8-MP\nThe same prompt and seed through the "
                     "floating-point pipeline and two quantized transformers (text encoder and VAE stay FP).")
         with gr.Row():

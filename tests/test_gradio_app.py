@@ -49,6 +49,20 @@ def test_requests_are_validated_with_messages_that_say_the_fix(tmp_path):
         variants.LoadedPipeline(str(unet))
 
 
+def test_video_results_are_gifs_and_old_ones_are_deleted():
+    import os
+    import time
+
+    from gradio_app import app as ui
+
+    stale = os.path.join(ui.OUTPUT_DIR, "stale.gif")
+    open(stale, "wb").close()
+    os.utime(stale, (time.time() - ui.OUTPUT_MAX_AGE_S - 60,) * 2)
+    fresh = ui.to_display(torch.zeros(1, 3, 1, 8, 8))  # [batch, frames, channels, height, width]
+    assert os.path.exists(fresh) and fresh.endswith(".gif") and not os.path.exists(stale)
+    assert os.path.exists(ui.to_display(torch.zeros(1, 3, 1, 8, 8))) and os.path.exists(fresh)  # recent ones stay
+
+
 def test_variants_are_built_once_shared_read_only_and_deterministic():
     torch.set_num_threads(1)
     loaded = variants.LoadedPipeline(PIXART)
