@@ -7,7 +7,8 @@
 //   weights:     [N/16 panels][K/2 pairs][16 columns][2]   (packed once per weight, zero points folded in)
 //   activations: [M/4 panels][K/2 pairs][4 rows][2]        (quantized and packed per call)
 // Per column panel, a 4 x 16 register tile (8 ymm accumulators) runs over K in blocks of KC_PAIRS pairs (the
-// weight block stays in L1 while every row panel passes), keeping partial sums per thread; the last block applies
+// weight block stays in L1 while every row panel passes; K = 1152 is two blocks), keeping partial sums per
+// thread between blocks; the last block applies
 // the epilogue `((float)acc * w_scale[n]) * x_scale[m] + bias[n]`. Every float step is the one
 // quant.formats.quantize_activation_per_token and torch_ops.linear_int take, in their order (IEEE division,
 // round half to even, no FMA contraction: built with -ffp-contract=off), so the result is bit-identical.
@@ -24,7 +25,7 @@ namespace {
 
 constexpr int64_t NR = 16;         // columns per weight panel
 constexpr int64_t MR = 4;          // rows per activation panel
-constexpr int64_t KC_PAIRS = 128;  // K pairs per block: the 16 x 256 int16 weight block (8 KiB) stays in L1
+constexpr int64_t KC_PAIRS = 288;  // K pairs per block: the 16 x 576 int16 weight block (18 KiB) stays in a 32 KiB L1
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -60,9 +61,11 @@ float quantize_row(const float* row, int64_t k, int16_t* codes) {
 }
 
 // acc (8 vectors: row r, columns 8h..8h+7 at 2r + h) += the 4 x 16 tile product over `pairs` K pairs.
-// Named accumulators, not an array: GCC keeps them in registers.
-inline void tile_4x16(const int16_t* a, const int16_t* b, int64_t pairs, __m256i* acc) {
+// Named accumulators, not an array: GCC keeps them in registers. Not inlined: compiled on its own, the loop
+// keeps every accumulator in place (inlined into the caller, GCC spills and copies them).
+__attribute__((noinline)) void tile_4x16(const int16_t* a, const int16_t* b, int64_t pairs, __m256i* acc) {
   __m256i c0 = acc[0], c1 = acc[1], c2 = acc[2], c3 = acc[3], c4 = acc[4], c5 = acc[5], c6 = acc[6], c7 = acc[7];
+#pragma GCC unroll 2  // unrolled, GCC adds in place instead of copying 8 accumulators per pair (vmovdqa)
   for (int64_t i = 0; i < pairs; i++, a += MR * 2, b += NR * 2) {
     const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(b));
     const __m256i b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(b + 16));
@@ -124,17 +127,38 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t n, torch::Te
   const float* bsp = bs.defined() ? bs.data_ptr<float>() : nullptr;
   float* o = out.data_ptr<float>();
 
-  auto apack = torch::zeros({m_panels, pairs, MR, 2}, torch::kInt16);
+  auto apack = torch::empty({m_panels, pairs, MR, 2}, torch::kInt16);  // every element is written below
   std::vector<float> x_scale(m_panels * MR, 0.f);
   int16_t* a = apack.data_ptr<int16_t>();
+  static_assert(MR == 4, "the interleave below is a 4 x 4 transpose");
   at::parallel_for(0, m_panels, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<int16_t> codes(pairs * 2, 0);
-    int32_t* dst = reinterpret_cast<int32_t*>(a);  // one int32 = one K pair of one row
+    const int64_t stride = pairs * 2;  // one row's codes, K rounded up to even (the pad code is 0)
+    std::vector<int16_t> rows(MR * stride, 0);
     for (int64_t panel = p0; panel < p1; panel++) {
-      for (int64_t r = 0; r < MR && panel * MR + r < m; r++) {
-        x_scale[panel * MR + r] = quantize_row(xp + (panel * MR + r) * k, k, codes.data());
-        for (int64_t p = 0; p < pairs; p++) std::memcpy(dst + (panel * pairs + p) * MR + r, &codes[2 * p], 4);
+      for (int64_t r = 0; r < MR; r++) {
+        int16_t* codes = rows.data() + r * stride;
+        if (panel * MR + r < m) {
+          x_scale[panel * MR + r] = quantize_row(xp + (panel * MR + r) * k, k, codes);
+        } else {
+          std::memset(codes, 0, stride * sizeof(int16_t));  // rows past M: codes 0
+        }
       }
+      // [4 rows][pairs] int32 (one int32 = one K pair of one row) -> [pairs][4 rows], 4 pairs at a time
+      int16_t* dst = a + panel * pairs * MR * 2;
+      int64_t p = 0;
+      for (; p + 4 <= pairs; p += 4) {
+        __m128 r0 = _mm_loadu_ps(reinterpret_cast<const float*>(rows.data() + 0 * stride + 2 * p));
+        __m128 r1 = _mm_loadu_ps(reinterpret_cast<const float*>(rows.data() + 1 * stride + 2 * p));
+        __m128 r2 = _mm_loadu_ps(reinterpret_cast<const float*>(rows.data() + 2 * stride + 2 * p));
+        __m128 r3 = _mm_loadu_ps(reinterpret_cast<const float*>(rows.data() + 3 * stride + 2 * p));
+        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);  // bit moves only (shuffles), no float arithmetic
+        _mm_storeu_ps(reinterpret_cast<float*>(dst + (p + 0) * MR * 2), r0);
+        _mm_storeu_ps(reinterpret_cast<float*>(dst + (p + 1) * MR * 2), r1);
+        _mm_storeu_ps(reinterpret_cast<float*>(dst + (p + 2) * MR * 2), r2);
+        _mm_storeu_ps(reinterpret_cast<float*>(dst + (p + 3) * MR * 2), r3);
+      }
+      for (; p < pairs; p++)
+        for (int64_t r = 0; r < MR; r++) std::memcpy(dst + (p * MR + r) * 2, rows.data() + r * stride + 2 * p, 4);
     }
   });
 
@@ -164,16 +188,21 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t n, torch::Te
             for (int i = 0; i < 8; i++) _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + 8 * i), acc[i]);
             continue;
           }
+          // a whole tile goes straight to the output rows, a ragged one through `vals`
+          const bool whole = cp * NR + NR <= n && rp * MR + MR <= m;
           alignas(32) float vals[MR * NR];
+          float* dst = whole ? o + rp * MR * n + cp * NR : vals;
+          const int64_t ld = whole ? n : NR;
           for (int r = 0; r < MR; r++) {
             const __m256 s = _mm256_set1_ps(x_scale[rp * MR + r]);
             for (int h = 0; h < 2; h++) {
               __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[2 * r + h]), _mm256_load_ps(wcol + 8 * h));
               v = _mm256_mul_ps(v, s);
               if (bsp) v = _mm256_add_ps(v, _mm256_load_ps(bcol + 8 * h));
-              _mm256_store_ps(vals + r * NR + 8 * h, v);
+              _mm256_storeu_ps(dst + r * ld + 8 * h, v);
             }
           }
+          if (whole) continue;
           const int64_t cols = std::min(NR, n - cp * NR);
           for (int r = 0; r < MR && rp * MR + r < m; r++)
             std::memcpy(o + (rp * MR + r) * n + cp * NR, vals + r * NR, cols * sizeof(float));
