@@ -92,6 +92,9 @@ def variants(with_peers: bool) -> dict:
         "ViDiT-Q W8A8": (torch.float32, ours(ViDiTQConfig(preset="w8a8"))),
         "ViDiT-Q W4A8": (torch.float32, ours(ViDiTQConfig(preset="w4a8"))),
         "ViDiT-Q W4A8 g64": (torch.float32, ours(ViDiTQConfig(preset="w4a8", group_size=64))),
+        # the same quantized layers in a bf16 model: attention, norms and GELU run in bf16, as in bf16 eager
+        "ViDiT-Q W8A8 (bf16 activations)": (torch.bfloat16, ours(ViDiTQConfig(preset="w8a8"))),
+        "ViDiT-Q W4A8 (bf16 activations)": (torch.bfloat16, ours(ViDiTQConfig(preset="w4a8"))),
         "ViDiT-Q W8A8 (torch.compile)": (torch.float32, ours(ViDiTQConfig(preset="w8a8"), compiled=True)),
         "ViDiT-Q W4A8 (torch.compile)": (torch.float32, ours(ViDiTQConfig(preset="w4a8"), compiled=True)),
     }
@@ -143,8 +146,11 @@ def time_gemms(repeats: int) -> dict[tuple, dict[str, float]]:
                     packed, zeros = onednn.packed_weight(layer.qweight, bits, k)
                     label = "int8 x int4 oneDNN" if bits == 4 else "int8 x int8 oneDNN split (two 4-bit halves, one GEMM)"
                     row[label] = median_time(lambda: onednn.gemm(x8, packed, torch.ones(len(zeros)), zeros), repeats)
-            row[f"ViDiT-Q W{bits}A8 linear, as dispatched"] = median_time(
-                lambda: quantized_linear(x, layer.qweight, bits, layer.scales(), None, None, 8), repeats)
+            default = ViDiTQLinear.from_linear(torch.nn.Linear(k, n, bias=False), bits, 8)  # asymmetric weights
+            for label, activation in (("", x), (", bf16 input", xb)):
+                row[f"ViDiT-Q W{bits}A8 linear, as dispatched{label}"] = median_time(
+                    lambda: quantized_linear(activation, default.qweight, bits, default.scales(), default.weight_zero,
+                                             None, 8), repeats)
         results[(m, k, n)] = row
     return results
 

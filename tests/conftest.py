@@ -9,8 +9,9 @@ if not torch.cuda.is_available():
 
 
 def pytest_sessionstart(session):
-    """Build (or load) the int16 CPU kernel once, up front: W8A8 tests and the app servers they start load it
-    from the cache instead of each compiling it for about a minute inside a timed request."""
-    from viditq_diffusers.kernels import cpu_int16
+    """Build (or load) the C++ CPU kernels once, up front: the tests and the app servers they start load them
+    from the cache instead of each compiling them for about a minute inside a timed request."""
+    from viditq_diffusers.kernels import cpu_direct, cpu_int16
 
     cpu_int16.extension()
+    cpu_direct.extension()

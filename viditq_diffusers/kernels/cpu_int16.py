@@ -12,65 +12,23 @@ bit as the torch path (`torch_ops.linear_int`; tests/test_cpu_int16.py). Weights
 weight tensor into int16 panels with the zero points folded in (2 bytes per weight, cached like oneDNN's
 packed copy, `weight_cache`).
 
-Built with `torch.utils.cpp_extension` on first use, once per machine and torch version (about a minute;
-kept in `~/.cache/viditq_diffusers/kernels`, or `$VIDITQ_KERNEL_CACHE`). Needs a C++ compiler and ninja;
-where the build fails, a warning names the reason and 8-bit weights stay on oneDNN's split route.
+Built on first use (`cpu_build`: once per machine and torch version, about a minute). Needs a C++ compiler and
+ninja; where the build fails, a warning names the reason and 8-bit weights stay on oneDNN's split route.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
-import platform
-import shutil
-import sys
-import sysconfig
-import warnings
-
 import torch
 
-from . import weight_cache
+from . import cpu_build, weight_cache
 
-logger = logging.getLogger(__name__)
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_int16.cpp")
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]  # no contraction: the epilogue rounds as torch
 MAX_K = (2**31 - 1) // (128 * 255)  # the int32 accumulator holds K products of |code| <= 128, |w - zero| <= 255
 
 
-def build_directory() -> str:
-    root = os.environ.get("VIDITQ_KERNEL_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "viditq_diffusers", "kernels")
-    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
-    return os.path.join(root, tag)
-
-
-@functools.cache
 def extension():
     """The built extension module, or None where this CPU or machine cannot run or build it (warned once)."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or \
-            torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None
-    from torch.utils.cpp_extension import load
-
-    scripts = sysconfig.get_path("scripts")  # pip's `ninja` lands here, which is not on PATH without activation
-    if shutil.which("ninja") is None and shutil.which("ninja", path=scripts):
-        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
-    directory = build_directory()
-    os.makedirs(directory, exist_ok=True)
-    if not any(name.endswith(".so") for name in os.listdir(directory)):
-        logger.warning("viditq: building the int16 CPU kernel for W8A8 (once per machine, about a minute) in %s",
-                       directory)
-    try:
-        return load(name="viditq_cpu_int16", sources=[SOURCE], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-                    build_directory=directory)
-    except Exception as error:  # no compiler, no ninja, no Python headers: the oneDNN split route remains
-        first_line = str(error).splitlines()[0][:200] if str(error) else ""
-        warnings.warn(f"viditq: the int16 CPU kernel could not be built ({type(error).__name__}: {first_line}; "
-                      f"build files in {directory}); W8A8 on this CPU falls back to oneDNN's slower split route. "
-                      f"Install a C++ compiler and ninja to enable it, or set VIDITQ_KERNELS=torch.",
-                      RuntimeWarning, stacklevel=2)
-        return None
+    return cpu_build.extension("viditq_cpu_int16", "cpu_int16.cpp", "the int16 CPU kernel for W8A8",
+                               "W8A8 on this CPU falls back to oneDNN's slower split route")
 
 
 def available() -> bool:

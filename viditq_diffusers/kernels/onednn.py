@@ -53,6 +53,20 @@ def gemm(xq: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, w_zero: 
         xu, 1.0, 128, packed, w_scale, w_zero, None, 1.0, 0, torch.float32, "none", [], "")
 
 
+def gemm_u8(xu: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """`float(acc)` fp32 `[M, N]` for offset-binary u8 activations `xu` (code + 128) and the packed raw codes
+    (`packed_codes`, N rows): scales 1, so each output is the integer sum converted to fp32."""
+    return torch.ops.onednn.qlinear_pointwise(
+        xu, 1.0, 128, packed, torch.ones(n), torch.zeros(n, dtype=torch.int64), None, 1.0, 0, torch.float32,
+        "none", [], "")
+
+
+def packed_codes(qweight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's packing of the int8 codes `[N, K]` as they are (zero points left to the caller), cached."""
+    return weight_cache.packed("onednn_codes", qweight, None,
+                               lambda: torch.ops.onednn.qlinear_prepack(qweight.contiguous(), None))
+
+
 SPLIT_MAX_K = 2**24 // (128 * 16)  # |acc_hi| <= 128 * 16 * K must convert to fp32 exactly
 
 
