@@ -1,4 +1,4 @@
-// The glue of oneDNN's direct int8 route on CPUs with VNNI or AMX (see cpu_direct.py): per-token quantization
+// The glue of oneDNN's direct int8 route, where that GEMM is exact (see cpu_direct.py): per-token quantization
 // to the offset-binary u8 oneDNN takes, with the row sums the zero points need, and the epilogue that folds the
 // zero points back in, each one pass over the data, fp32 or bf16 in and out.
 #include <torch/extension.h>
@@ -115,9 +115,9 @@ std::vector<torch::Tensor> quantize_u8(torch::Tensor x) {
 // rounded one cannot come out below 2^24), so rows without such a value are exact: the difference is formed
 // exactly before its one rounding (in fp32 where rowsum * 128 < 2^24, else in double), which then equals the
 // int32 accumulator's conversion. `rounded` marks the other rows, for the caller to recompute.
-std::vector<torch::Tensor> zero_point_epilogue(torch::Tensor acc, torch::Tensor rowsum, c10::optional<torch::Tensor> zero,
-                                  torch::Tensor w_scale, torch::Tensor x_scale, c10::optional<torch::Tensor> bias,
-                                  bool bf16) {
+std::vector<torch::Tensor> zero_point_epilogue(torch::Tensor acc, torch::Tensor rowsum,
+                                               c10::optional<torch::Tensor> zero, torch::Tensor w_scale,
+                                               torch::Tensor x_scale, c10::optional<torch::Tensor> bias, bool bf16) {
   TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == torch::kFloat32, "zero_point_epilogue: fp32 [M, N] acc");
   acc = acc.contiguous();
   const int64_t m = acc.size(0), n = acc.size(1);

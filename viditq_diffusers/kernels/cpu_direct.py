@@ -1,7 +1,7 @@
-"""W8A8 and W4A8 on x86 CPUs with VNNI or AMX: oneDNN's direct int8 GEMM between our C++ quantization and
-epilogue, three calls in all.
+"""W4A8 on x86 CPUs, and W8A8 on those with VNNI or AMX: oneDNN's direct int8 GEMM between our C++
+quantization and epilogue, three calls in all.
 
-There oneDNN's u8 x s8 GEMM accumulates exactly in int32 (`onednn.exact_for(8)`), but it ignores weight zero
+There oneDNN's u8 x s8 GEMM accumulates exactly in int32 (`onednn.exact_for`), but it ignores weight zero
 points, and asymmetric 8-bit weights (the default) do not fit int8 once the zero point is folded in. So the
 GEMM runs on the raw codes and the zero points come back in the epilogue, with the row sums of the activation
 codes: `acc - rowsum[m] * zero[n]`. This replaces oneDNN's split route (two 4-bit halves, twice the GEMM)
@@ -31,7 +31,8 @@ from .torch_ops import linear_int
 def extension():
     """The built extension module, or None where this CPU or machine cannot run or build it (warned once)."""
     return cpu_build.extension("viditq_cpu_direct", "cpu_direct.cpp", "the quantization and epilogue of oneDNN's "
-                               "direct W8A8 route", "W8A8 on this CPU stays on oneDNN's slower split route")
+                               "direct int8 route", "quantized layers on this CPU keep torch ops around oneDNN's "
+                               "GEMM (8-bit weights its slower split route)")
 
 
 def available() -> bool:
@@ -44,8 +45,8 @@ def linear_direct(x: torch.Tensor, qweight: torch.Tensor, weight_bits: int, scal
     (`[1, 1]`) weights, symmetric or not: `torch_ops.linear_int` on the codes, bit for bit, in x's dtype."""
     n = qweight.shape[0]
     ext = extension()
-    wide = x.dtype not in (torch.float32, torch.bfloat16)
-    xu, x_scale, rowsum = ext.quantize_u8(x.float() if wide else x)
+    via_fp32 = x.dtype not in (torch.float32, torch.bfloat16)  # the C++ passes read and write these two
+    xu, x_scale, rowsum = ext.quantize_u8(x.float() if via_fp32 else x)
     if weight_bits == 8:  # raw codes; the zero points come back in the epilogue
         packed, epilogue_zero = onednn.packed_codes(qweight), zero
     else:  # `code - zero` fits int8 for W4: oneDNN's packing folds it in
@@ -57,4 +58,4 @@ def linear_direct(x: torch.Tensor, qweight: torch.Tensor, weight_bits: int, scal
     if bool(rounded.any()):  # a sum of 2^24 or more: oneDNN's fp32 value may have rounded
         codes = unpack_int4(qweight, x.shape[1]) if weight_bits == 4 else qweight
         y[rounded] = linear_int(x[rounded], codes, scale, zero, bias, 8).to(y.dtype)
-    return y.to(x.dtype) if wide else y
+    return y.to(x.dtype) if via_fp32 else y
