@@ -212,7 +212,7 @@ def rotate_kernel_order(x: torch.Tensor, seed: int) -> torch.Tensor:
     if dense is not None:
         wide = torch.promote_types(x.dtype, torch.float32)  # the kernel's fp32 accumulator (float64 stays)
         acc = torch.zeros(y.shape, dtype=wide, device=x.device)
-        for c in range(p):  # out[a] = sum_c H_p[c, a] y[c], c ascending, as the kernel's unrolled loop
+        for c in range(p):  # out[a] = sum_c H_p[c, a] y[c], c ascending, as the kernel's loop
             acc = acc + dense[c, :, None].to(wide) * y[..., c : c + 1, :].to(wide)
         y = acc.to(x.dtype)
     return _fwht(y).reshape(x.shape)
