@@ -7,9 +7,10 @@
   epilogue (`cpu_direct`), where it builds;
 - CPU tensors, A8 with dynamic per-token scales, W8, where oneDNN's direct int8 GEMM is not exact (x86
   without VNNI or AMX): our int16 kernel (`cpu_int16`), where it builds;
-- CPU tensors, A8, per-channel weights: oneDNN's int8 GEMM (`onednn`), directly where it is exact on this
-  CPU (`onednn.exact_for`: W4 everywhere, symmetric W8 where the CPU has VNNI or AMX), else for W8 split in
-  two 4-bit halves (`onednn.use_split`, K <= `onednn.SPLIT_MAX_K`);
+- CPU tensors, A8, per-channel weights, where those C++ kernels do not build (or static activation
+  scales): oneDNN's int8 GEMM (`onednn`) with torch ops around it, directly where it is exact on this CPU
+  (`onednn.exact_for`: W4 everywhere, symmetric W8 where the CPU has VNNI or AMX), else for W8 split in two
+  4-bit halves (`onednn.use_split`, K <= `onednn.SPLIT_MAX_K`);
 - everything else (the adaLN / timestep layers on CUDA, static activation scales on CUDA, A16, groups,
   W8 with K > SPLIT_MAX_K on CPU): the torch path (`torch_ops`: torch ops around an exact integer GEMM).
 

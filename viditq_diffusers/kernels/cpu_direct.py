@@ -51,7 +51,7 @@ def linear_direct(x: torch.Tensor, qweight: torch.Tensor, weight_bits: int, scal
         packed, epilogue_zero = onednn.packed_codes(qweight), zero
     else:  # `code - zero` fits int8 for W4: oneDNN's packing folds it in
         packed, epilogue_zero = onednn.packed_weight(qweight, 4, x.shape[1], zero)[0], None
-    acc = onednn.gemm_u8(xu, packed, n)
+    acc = onednn.gemm_u8(xu, packed, torch.ones(n), torch.zeros(n, dtype=torch.int64))  # scales 1: exact sums
     z = None if epilogue_zero is None else epilogue_zero.reshape(-1).expand(n)
     y, rounded = ext.zero_point_epilogue(acc, rowsum, z, scale.reshape(-1).expand(n), x_scale, bias,
                                          x.dtype == torch.bfloat16)

@@ -49,16 +49,14 @@ def available() -> bool:
 def gemm(xq: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor) -> torch.Tensor:
     """`float(xq @ codes^T) * w_scale` in fp32, for int8 codes `xq [M, K]` (made u8 with zero point 128)."""
     xu = xq.contiguous().view(torch.uint8).bitwise_xor(128)  # two's complement -> offset binary: code + 128
+    return gemm_u8(xu, packed, w_scale, w_zero)
+
+
+def gemm_u8(xu: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor) -> torch.Tensor:
+    """`gemm` for activations already in offset binary (`xu` u8 = code + 128). With `w_scale` all ones each
+    output is the integer sum converted to fp32."""
     return torch.ops.onednn.qlinear_pointwise(
         xu, 1.0, 128, packed, w_scale, w_zero, None, 1.0, 0, torch.float32, "none", [], "")
-
-
-def gemm_u8(xu: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
-    """`float(acc)` fp32 `[M, N]` for offset-binary u8 activations `xu` (code + 128) and the packed raw codes
-    (`packed_codes`, N rows): scales 1, so each output is the integer sum converted to fp32."""
-    return torch.ops.onednn.qlinear_pointwise(
-        xu, 1.0, 128, packed, torch.ones(n), torch.zeros(n, dtype=torch.int64), None, 1.0, 0, torch.float32,
-        "none", [], "")
 
 
 def packed_codes(qweight: torch.Tensor) -> torch.Tensor:
