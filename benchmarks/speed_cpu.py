@@ -1,9 +1,10 @@
 """CPU forward latency of the PixArt-alpha 512 transformer: fp32, bf16, our W8A8 / W4A8, and the peers.
 
 One forward = batch 2 (CFG), latent 32x32 (256 image tokens), 120 T5 tokens (4096 channels), timestep [2].
-Each variant is built fresh (random init, seed 0), quantized from fp32 where it is quantized, then timed:
-1 warm-up forward (it compiles, for compiled variants), then the median of N timed forwards under
-`torch.inference_mode()`, with torch threads = the cores this process may use. Every row also shows the
+Each variant is built (random init, seed 0), quantized from fp32 where it is quantized, and run once (it
+compiles, for compiled variants, and packs weights); then all are timed together in N interleaved rounds (each
+round runs every variant once, under `torch.inference_mode()`, with torch threads = the cores this process may
+use) and the median per variant is reported: a slower phase of a shared machine slows every variant alike. Every row also shows the
 weight bytes as stored and the PSNR of its output against the fp32 output (data range = the fp32 output's).
 
 Peers (`pip install -e ".[bench]"`, never imported by the package): see `peers.py`. A peer that is not
@@ -14,7 +15,7 @@ kernels with their operands already quantized, and the whole quantized linear (a
 GEMM, epilogue) as the dispatch runs it. The CPU's int8-relevant flags are printed first: they decide which
 integer kernels are fast, and exact, here (`viditq_diffusers/kernels/onednn.py`).
 
-    python benchmarks/speed_cpu.py [--layers 28] [--repeats 3] [--no-peers] [--skip g64 compile]
+    python benchmarks/speed_cpu.py [--layers 28] [--repeats 5] [--no-peers] [--skip g64 compile]
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from pixart_alpha import build, inputs
 from viditq_diffusers import ViDiTQConfig, ViDiTQLinear, quantize
 from viditq_diffusers.footprint import weight_bytes
-from viditq_diffusers.kernels import int_mm, onednn, quantized_linear
+from viditq_diffusers.kernels import cpu_amx, int_mm, onednn, quantized_linear
 from viditq_diffusers.metrics import psnr
 
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
@@ -108,17 +109,27 @@ def variants(with_peers: bool) -> dict:
     return table
 
 
-def run_variant(dtype, make, layers: int, repeats: int, reference: torch.Tensor | None):
+def prepare_variant(dtype, make, layers: int) -> dict:
+    """A variant built, warmed up (compiled, weights packed) and kept for timing, with its output and weight bytes."""
     model, kwargs = build(dtype, layers), inputs(dtype)
     model, grad_context, count_bytes = make(model, kwargs)
     with grad_context():
-        seconds = median_time(lambda: model(**kwargs), repeats)
         out = model(**kwargs)[0].float()
-    nbytes = count_bytes(model)
-    del model
     gc.collect()
-    quality = float("inf") if reference is None else psnr(out, reference, float(reference.max() - reference.min()))
-    return seconds, nbytes, quality, out
+    return dict(model=model, kwargs=kwargs, grad_context=grad_context, nbytes=count_bytes(model), out=out)
+
+
+def time_interleaved(prepared: dict[str, dict], rounds: int) -> dict[str, float]:
+    """Median seconds per forward; each round runs every variant once, so a slow phase of a shared machine
+    slows every variant alike instead of the ones that happened to run then."""
+    times = {label: [] for label in prepared}
+    for _ in range(rounds):
+        for label, variant in prepared.items():
+            with variant["grad_context"]():
+                start = time.perf_counter()
+                variant["model"](**variant["kwargs"])
+                times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(seconds) for label, seconds in times.items()}
 
 
 def time_gemms(repeats: int) -> dict[tuple, dict[str, float]]:
@@ -146,6 +157,12 @@ def time_gemms(repeats: int) -> dict[tuple, dict[str, float]]:
                     packed, zeros = onednn.packed_weight(layer.qweight, bits, k)
                     label = "int8 x int4 oneDNN" if bits == 4 else "int8 x int8 oneDNN split (two 4-bit halves, one GEMM)"
                     row[label] = median_time(lambda: onednn.gemm(x8, packed, torch.ones(len(zeros)), zeros), repeats)
+            if cpu_amx.available():
+                xq, x_scale, rowsum = cpu_amx.extension().quantize_s8(x)
+                tiles = cpu_amx.packed_weight(layer.qweight, bits, k)
+                row[f"int8 x int{bits} our AMX GEMM, epilogue fused"] = median_time(
+                    lambda: cpu_amx.extension().gemm(xq, x_scale, rowsum, tiles, n, None, layer.scales(), None, False),
+                    repeats)
             default = ViDiTQLinear.from_linear(torch.nn.Linear(k, n, bias=False), bits, 8)  # asymmetric weights
             for label, activation in (("", x), (", bf16 input", xb)):
                 row[f"ViDiT-Q W{bits}A8 linear, as dispatched{label}"] = median_time(
@@ -158,7 +175,7 @@ def time_gemms(repeats: int) -> dict[tuple, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=28, help="transformer blocks (28 = PixArt-alpha)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed forwards per variant")
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per variant (interleaved rounds)")
     parser.add_argument("--gemm-repeats", type=int, default=10)
     parser.add_argument("--no-peers", action="store_true", help="skip the peer libraries")
     parser.add_argument("--skip", nargs="*", default=[], help="skip variants whose label contains any of these")
@@ -167,21 +184,29 @@ def main() -> None:
     print(cpu_info())
     print(f"load average at start: {os.getloadavg()[0]:.1f}")
     print(f"PixArt-alpha 512 transformer, {args.layers} blocks; batch 2, 256 image tokens, 120 text tokens; "
-          f"1 warm-up, median of {args.repeats} forwards", flush=True)
+          f"1 warm-up, median of {args.repeats} interleaved forwards", flush=True)
 
-    rows, reference = {}, None
+    prepared, rows = {}, {}
     for label, (dtype, make) in variants(not args.no_peers).items():
         if any(word in label for word in args.skip) and label not in ("fp32 eager", "bf16 eager"):
             continue
         try:
-            seconds, nbytes, quality, out = run_variant(dtype, make, args.layers, args.repeats, reference)
+            prepared[label] = prepare_variant(dtype, make, args.layers)
         except Exception as err:  # a peer that does not run here is reported, not fatal
             rows[label] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
             print(f"  {label}: failed: {rows[label]}", flush=True)
             continue
-        reference = out if reference is None else reference
-        rows[label] = (seconds, nbytes, quality)
-        print(f"  {label}: {seconds:.2f} s (load average {os.getloadavg()[0]:.1f})", flush=True)
+        print(f"  {label}: built and warmed up", flush=True)
+    print(f"timing {len(prepared)} variants in {args.repeats} interleaved rounds "
+          f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+    seconds = time_interleaved(prepared, args.repeats)
+    reference = prepared["fp32 eager"]["out"]
+    data_range = float(reference.max() - reference.min())
+    for label, variant in prepared.items():
+        rows[label] = (seconds[label], variant["nbytes"], psnr(variant["out"], reference, data_range))
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    del prepared
+    gc.collect()
 
     fp32, bf16 = rows["fp32 eager"][0], rows["bf16 eager"][0]
     print("\n| variant | median s | speed-up vs fp32 | speed-up vs bf16 | weight MiB | PSNR vs fp32 dB |")

@@ -90,11 +90,12 @@ def test_dispatch_rules(monkeypatch):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_layer_forward_equals_the_torch_path(bits, monkeypatch):
+    """Through the dispatch: the AMX kernel on CPUs with AMX, this route elsewhere."""
     torch.manual_seed(0)
     layer = ViDiTQLinear.from_linear(torch.nn.Linear(256, 96).to(torch.bfloat16), bits, 8)
     x = torch.randn(2, 50, 256, dtype=torch.bfloat16)
     fast = layer(x)
-    layer.qweight[:4] = layer.qweight[4:8].clone()  # in place: the cached packed weight must follow
+    layer.qweight[:4] = layer.qweight[4:8].clone()  # in place: the cached weight layout must follow
     changed = layer(x)
     assert not torch.equal(changed, fast)
     monkeypatch.setenv("VIDITQ_KERNELS", "torch")

@@ -2,8 +2,9 @@
 
 - CUDA tensors, A8 with dynamic per-token scales, more than 16 tokens, group sizes that are multiples of
   64: the fused Triton path (`triton_quant`, smoothing and rotation included, + `triton_gemm`);
-- CPU tensors, A8 with dynamic per-token scales, per-channel weights, where oneDNN's direct int8 GEMM is
-  exact (W4 everywhere, W8 on x86 with VNNI or AMX): that GEMM between our C++ quantization and zero-point
+- CPU tensors, A8 with dynamic per-token scales, per-channel weights, on Intel CPUs with AMX: our AMX int8
+  GEMM with its epilogue fused (`cpu_amx`), where it builds;
+- the same elsewhere, where oneDNN's direct int8 GEMM is exact (W4 everywhere, W8 on x86 with VNNI or AMX): that GEMM between our C++ quantization and zero-point
   epilogue (`cpu_direct`), where it builds;
 - CPU tensors, A8 with dynamic per-token scales, W8, where oneDNN's direct int8 GEMM is not exact (x86
   without VNNI or AMX): our int16 kernel (`cpu_int16`), where it builds;
@@ -26,7 +27,7 @@ import torch
 
 from ..quant.balance import balance_activation
 from ..quant.formats import unpack_int4
-from . import cpu_direct, cpu_int16, onednn
+from . import cpu_amx, cpu_direct, cpu_int16, onednn
 from .torch_ops import int_mm, linear_int, linear_reference, linear_weight_only, quantize_activations
 
 MIN_TRITON_ROWS = 17  # below this the GEMM is launch-bound and the torch path is as fast
@@ -54,6 +55,14 @@ def use_triton(x: torch.Tensor, act_bits: int, act_scale, scale: torch.Tensor) -
         x.is_cuda and act_bits == 8 and act_scale is None and x.shape[0] >= MIN_TRITON_ROWS
         and (groups == 1 or (x.shape[1] // groups) % TRITON_GROUP_MULTIPLE == 0)
         and fast_kernels_allowed() and triton_available()
+    )
+
+
+def use_cpu_amx(x: torch.Tensor, act_bits: int, act_scale, scale: torch.Tensor) -> bool:
+    """Whether `quantized_linear` takes the AMX kernel (W8 and W4 alike) for this call."""
+    return (
+        x.device.type == "cpu" and act_bits == 8 and act_scale is None and scale.shape[1] == 1
+        and fast_kernels_allowed() and cpu_amx.available()
     )
 
 
@@ -107,6 +116,8 @@ def quantized_linear(x, qweight, weight_bits, scale, zero, bias, act_bits, act_s
     if use_triton(x, act_bits, act_scale, scale):
         return linear_triton(x, qweight, weight_bits, scale, zero, bias, smooth, rotation_seed)
     x = balance_activation(x, smooth, rotation_seed)  # identity where both are None
+    if use_cpu_amx(x, act_bits, act_scale, scale):
+        return cpu_amx.linear_amx(x, qweight, weight_bits, scale, zero, bias)
     if use_cpu_direct(x, weight_bits, act_bits, act_scale, scale):
         return cpu_direct.linear_direct(x, qweight, weight_bits, scale, zero, bias)
     if use_cpu_int16(x, weight_bits, act_bits, act_scale, scale):
@@ -122,5 +133,5 @@ def quantized_linear(x, qweight, weight_bits, scale, zero, bias, act_bits, act_s
 
 __all__ = [
     "int_mm", "linear_int", "linear_reference", "linear_triton", "linear_weight_only", "quantized_linear",
-    "triton_available", "use_cpu_direct", "use_cpu_int16", "use_onednn", "use_triton",
+    "triton_available", "use_cpu_amx", "use_cpu_direct", "use_cpu_int16", "use_onednn", "use_triton",
 ]

@@ -16,13 +16,6 @@ namespace {
 
 constexpr int64_t EXACT_FP32 = int64_t(1) << 24;  // integers up to here are fp32 numbers
 
-float bf16_to_float(uint16_t bits) {
-  uint32_t u = uint32_t(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 uint16_t float_to_bf16(float f) {  // round to nearest even, as torch's conversion
   uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -91,17 +84,7 @@ std::vector<torch::Tensor> quantize_u8(torch::Tensor x) {
     std::vector<int16_t> row(k + 1);
     std::vector<float> wide(bf16 ? k : 0);
     for (int64_t r = r0; r < r1; r++) {
-      const float* src = xf + r * k;
-      if (bf16) {  // bf16 -> fp32 is a 16-bit shift, exact
-        int64_t j = 0;
-        for (; j + 8 <= k; j += 8) {
-          const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + r * k + j));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(wide.data() + j),
-                              _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-        }
-        for (; j < k; j++) wide[j] = bf16_to_float(xb[r * k + j]);
-        src = wide.data();
-      }
+      const float* src = bf16 ? viditq::widen_bf16(xb + r * k, k, wide.data()) : xf + r * k;
       sp[r] = viditq::quantize_row(src, k, row.data());
       rp[r] = to_offset_binary(row.data(), k, cp + r * k);
     }

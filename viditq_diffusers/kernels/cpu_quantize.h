@@ -8,8 +8,23 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace viditq {
+
+// bf16 [k] -> fp32 into `wide` (a 16-bit shift: exact); returns `wide`.
+inline const float* widen_bf16(const uint16_t* src, int64_t k, float* wide) {
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(wide + j), _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  for (; j < k; j++) {
+    const uint32_t bits = uint32_t(src[j]) << 16;
+    std::memcpy(wide + j, &bits, 4);
+  }
+  return wide;
+}
 
 inline float row_absmax(const float* row, int64_t k) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
