@@ -12,15 +12,9 @@ import torch
 
 from viditq_diffusers.kernels import cpu_amx, use_cpu_amx
 from viditq_diffusers.kernels.torch_ops import linear_int
-from viditq_diffusers.quant.formats import pack_int4, quantize_weight
+from quantized_weights import random_weights
 
 pytestmark = pytest.mark.skipif(not cpu_amx.cpu_has_amx(), reason="this CPU has no AMX-INT8 (or this is not Linux)")
-
-
-def weights(bits, n, k, seed=0, symmetric=False, per_tensor=False):
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) + (0 if symmetric else 0.7)
-    codes, scale, zero = quantize_weight(w, bits, None, symmetric, per_tensor)
-    return codes, (pack_int4(codes) if bits == 4 else codes), scale, zero
 
 
 def activations(m, k, dtype=torch.float32, seed=1):
@@ -40,7 +34,7 @@ def test_the_kernel_builds_and_may_use_the_tiles_here():
                                    (33, 130, 47), (64, 128, 64)])
 @pytest.mark.parametrize("symmetric,per_tensor", [(False, False), (True, False), (False, True)])
 def test_matches_the_exact_torch_path_bit_for_bit(bits, m, k, n, symmetric, per_tensor):
-    codes, qweight, scale, zero = weights(bits, n, k, k, symmetric, per_tensor)
+    codes, qweight, scale, zero = random_weights(bits, n, k, k, symmetric, per_tensor)
     x = activations(m, k)
     for bias in (torch.randn(n), None):
         assert torch.equal(cpu_amx.linear_amx(x, qweight, bits, scale, zero, bias),
@@ -50,7 +44,7 @@ def test_matches_the_exact_torch_path_bit_for_bit(bits, m, k, n, symmetric, per_
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_half_precision_inputs_match_the_torch_path(dtype, bits):
-    codes, qweight, scale, zero = weights(bits, 40, 1152)
+    codes, qweight, scale, zero = random_weights(bits, 40, 1152)
     x, bias = activations(33, 1152, dtype, seed=2), torch.randn(40).to(dtype)
     out = cpu_amx.linear_amx(x, qweight, bits, scale, zero, bias)
     assert out.dtype == dtype
@@ -80,7 +74,7 @@ def test_dispatch_rules(monkeypatch):
 
 def test_mismatched_operands_are_refused_with_the_reason():
     ext = cpu_amx.extension()
-    codes, _, scale, zero = weights(8, 40, 256)
+    codes, _, scale, zero = random_weights(8, 40, 256)
     xq, x_scale, rowsum = ext.quantize_s8(torch.randn(8, 320))
     with pytest.raises(RuntimeError, match="K or N does not match"):
         ext.gemm(xq, x_scale, rowsum, ext.pack_weight(codes), 40, zero, scale, None, False)

@@ -13,7 +13,7 @@ import torch
 from viditq_diffusers import ViDiTQLinear
 from viditq_diffusers.kernels import cpu_direct, onednn, use_cpu_direct
 from viditq_diffusers.kernels.torch_ops import linear_int
-from viditq_diffusers.quant.formats import pack_int4, quantize_weight
+from quantized_weights import random_weights
 
 pytestmark = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64")
@@ -28,12 +28,6 @@ def exact_here(bits: int):
                     "W8 runs the int16 kernel instead (test_cpu_int16.py)")
 
 
-def weights(bits, n, k, seed=0, symmetric=False, per_tensor=False):
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) + (0 if symmetric else 0.7)
-    codes, scale, zero = quantize_weight(w, bits, None, symmetric, per_tensor)
-    return codes, (pack_int4(codes) if bits == 4 else codes), scale, zero
-
-
 def test_the_glue_builds_here():
     assert cpu_direct.available()
 
@@ -43,7 +37,7 @@ def test_the_glue_builds_here():
 @pytest.mark.parametrize("symmetric,per_tensor", [(False, False), (True, False), (False, True)])
 def test_matches_the_exact_torch_path_bit_for_bit(bits, m, k, n, symmetric, per_tensor):
     exact_here(bits)
-    codes, qweight, scale, zero = weights(bits, n, k, k, symmetric, per_tensor)
+    codes, qweight, scale, zero = random_weights(bits, n, k, k, symmetric, per_tensor)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 6, k)
     x[0, :5] = 0.0
     bias = torch.randn(n)
@@ -56,7 +50,7 @@ def test_matches_the_exact_torch_path_bit_for_bit(bits, m, k, n, symmetric, per_
 @pytest.mark.parametrize("bits", [8, 4])
 def test_half_precision_inputs_match_the_torch_path(dtype, bits):
     exact_here(bits)
-    codes, qweight, scale, zero = weights(bits, 40, 1152)
+    codes, qweight, scale, zero = random_weights(bits, 40, 1152)
     x = (torch.randn(33, 1152, generator=torch.Generator().manual_seed(2)) * 3).to(dtype)
     x[3] = 0.0  # a zero row: scale 0, output the bias
     bias = torch.randn(40)

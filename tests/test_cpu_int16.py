@@ -12,19 +12,13 @@ import torch
 from viditq_diffusers import ViDiTQLinear
 from viditq_diffusers.kernels import cpu_int16, onednn, use_cpu_int16
 from viditq_diffusers.kernels.torch_ops import linear_int
-from viditq_diffusers.quant.formats import quantize_weight
+from quantized_weights import random_weights
 
 pytestmark = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64")
     or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
     reason="the int16 kernel is for x86 CPUs with AVX2",
 )
-
-
-def weights(n, k, seed=0, per_tensor=False, symmetric=False):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) + (0 if symmetric else 0.7)  # shifted: zero points far from 0
-    return quantize_weight(w, 8, None, symmetric, per_tensor)
 
 
 def test_the_kernel_builds_here():
@@ -35,7 +29,7 @@ def test_the_kernel_builds_here():
 @pytest.mark.parametrize("per_tensor", [False, True])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_matches_the_exact_torch_path_bit_for_bit(m, k, n, per_tensor, symmetric):
-    codes, scale, zero = weights(n, k, k, per_tensor, symmetric)
+    codes, _, scale, zero = random_weights(8, n, k, k, symmetric, per_tensor)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 6, k)
     x[0, :5] = 0.0  # exact zeros and a half-way code: round half to even as torch
     bias = torch.randn(n)
@@ -45,7 +39,7 @@ def test_matches_the_exact_torch_path_bit_for_bit(m, k, n, per_tensor, symmetric
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs_match_the_torch_path(dtype):
-    codes, scale, zero = weights(40, 256)
+    codes, _, scale, zero = random_weights(8, 40, 256)
     x = (torch.randn(9, 256, generator=torch.Generator().manual_seed(2)) * 3).to(dtype)
     bias = torch.randn(40)
     out = cpu_int16.linear_int16(x, codes, scale, zero, bias)
@@ -69,7 +63,7 @@ def test_exact_at_the_widest_codes():
 
 
 def test_a_zero_row_gives_the_bias():
-    codes, scale, zero = weights(16, 96)
+    codes, _, scale, zero = random_weights(8, 16, 96)
     bias = torch.randn(16)
     out = cpu_int16.linear_int16(torch.zeros(3, 96), codes, scale, zero, bias)
     assert torch.equal(out, bias.expand(3, 16))
@@ -96,7 +90,7 @@ def test_module_forward_equals_the_torch_path(monkeypatch):
 
 
 def test_the_packed_weight_follows_in_place_changes():
-    codes, scale, zero = weights(16, 64)
+    codes, _, scale, zero = random_weights(8, 16, 64)
     x = torch.randn(9, 64)
     first = cpu_int16.linear_int16(x, codes, scale, zero, None)
     codes.neg_()  # e.g. load_state_dict into an existing layer
