@@ -96,6 +96,9 @@ def variants(with_peers: bool) -> dict:
         # the same quantized layers in a bf16 model: attention, norms and GELU run in bf16, as in bf16 eager
         "ViDiT-Q W8A8 (bf16 activations)": (torch.bfloat16, ours(ViDiTQConfig(preset="w8a8"))),
         "ViDiT-Q W4A8 (bf16 activations)": (torch.bfloat16, ours(ViDiTQConfig(preset="w4a8"))),
+        # every layer Hadamard-rotated (balance="rotate"), as calibrated plans rotate many layers
+        "ViDiT-Q W8A8 rotated (preset rotate_w8a8)": (torch.float32, ours(ViDiTQConfig(preset="rotate_w8a8"))),
+        "ViDiT-Q W8A8 rotated (bf16 activations)": (torch.bfloat16, ours(ViDiTQConfig(preset="rotate_w8a8"))),
         "ViDiT-Q W8A8 (torch.compile)": (torch.float32, ours(ViDiTQConfig(preset="w8a8"), compiled=True)),
         "ViDiT-Q W4A8 (torch.compile)": (torch.float32, ours(ViDiTQConfig(preset="w4a8"), compiled=True)),
     }

@@ -15,6 +15,9 @@
 - everything else (the adaLN / timestep layers on CUDA, static activation scales on CUDA, A16, groups,
   W8 with K > SPLIT_MAX_K on CPU): the torch path (`torch_ops`: torch ops around an exact integer GEMM).
 
+Channel balancing before a CPU kernel (smoothing, then the Hadamard rotation) is `quant.balance`'s, with the
+rotation's elementwise part in C++ where it builds (`cpu_balance`, same bits).
+
 `VIDITQ_KERNELS=torch` forces the torch path everywhere (debugging, A/B benchmarks).
 """
 
@@ -27,7 +30,7 @@ import torch
 
 from ..quant.balance import balance_activation
 from ..quant.formats import unpack_int4
-from . import cpu_amx, cpu_direct, cpu_int16, onednn
+from . import cpu_amx, cpu_balance, cpu_direct, cpu_int16, onednn
 from .torch_ops import int_mm, linear_int, linear_reference, linear_weight_only, quantize_activations
 
 MIN_TRITON_ROWS = 17  # below this the GEMM is launch-bound and the torch path is as fast
@@ -55,6 +58,14 @@ def use_triton(x: torch.Tensor, act_bits: int, act_scale, scale: torch.Tensor) -
         x.is_cuda and act_bits == 8 and act_scale is None and x.shape[0] >= MIN_TRITON_ROWS
         and (groups == 1 or (x.shape[1] // groups) % TRITON_GROUP_MULTIPLE == 0)
         and fast_kernels_allowed() and triton_available()
+    )
+
+
+def use_cpu_balance(x: torch.Tensor, rotation_seed) -> bool:
+    """Whether the channel balancing before a CPU kernel rotates in C++ (`cpu_balance`) for this call."""
+    return (
+        rotation_seed is not None and x.device.type == "cpu" and x.dim() == 2
+        and x.dtype in (torch.float32, torch.bfloat16) and fast_kernels_allowed() and cpu_balance.available()
     )
 
 
@@ -115,7 +126,10 @@ def quantized_linear(x, qweight, weight_bits, scale, zero, bias, act_bits, act_s
     """
     if use_triton(x, act_bits, act_scale, scale):
         return linear_triton(x, qweight, weight_bits, scale, zero, bias, smooth, rotation_seed)
-    x = balance_activation(x, smooth, rotation_seed)  # identity where both are None
+    if use_cpu_balance(x, rotation_seed):
+        x = cpu_balance.balance_activation(x, smooth, rotation_seed)
+    else:
+        x = balance_activation(x, smooth, rotation_seed)  # identity where both are None
     if use_cpu_amx(x, act_bits, act_scale, scale):
         return cpu_amx.linear_amx(x, qweight, weight_bits, scale, zero, bias)
     if use_cpu_direct(x, weight_bits, act_bits, act_scale, scale):
@@ -133,5 +147,5 @@ def quantized_linear(x, qweight, weight_bits, scale, zero, bias, act_bits, act_s
 
 __all__ = [
     "int_mm", "linear_int", "linear_reference", "linear_triton", "linear_weight_only", "quantized_linear",
-    "triton_available", "use_cpu_amx", "use_cpu_direct", "use_cpu_int16", "use_onednn", "use_triton",
+    "triton_available", "use_cpu_amx", "use_cpu_balance", "use_cpu_direct", "use_cpu_int16", "use_onednn", "use_triton",
 ]

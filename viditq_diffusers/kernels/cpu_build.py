@@ -1,4 +1,5 @@
-"""Building the C++ CPU kernels (`cpu_int16.cpp`, `cpu_direct.cpp`) with `torch.utils.cpp_extension` on first use.
+"""Building the C++ CPU kernels (`cpu_int16.cpp`, `cpu_direct.cpp`, `cpu_amx.cpp`, `cpu_balance.cpp`) with
+`torch.utils.cpp_extension` on first use.
 
 Each is compiled once per machine and torch version (about a minute) into its own folder under
 `~/.cache/viditq_diffusers/kernels` (or `$VIDITQ_KERNEL_CACHE`). Needs a C++ compiler and ninja (a
