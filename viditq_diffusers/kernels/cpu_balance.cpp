@@ -4,6 +4,7 @@
 // computed in fp32, rounded to nearest even), in quant.hadamard.rotate's order, so the bits are its bits.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <cstring>
 #include <vector>
@@ -24,34 +25,61 @@ inline float to_dtype(float f) { return BF16 ? round_bf16(f) : f; }
 
 // One row in place (fp32 values that are exact in the dtype): w * scale, then the butterflies of
 // hadamard._fwht, pairs (i, i + h) -> (a + b, a - b) for h = 1, 2, ..., pow2 / 2 within each run of pow2.
-// Stages h < 8 run per 8 values in registers; the wider ones are contiguous and vectorize.
 template <bool BF16>
 void rotate_row(float* w, const float* scale, int64_t k, int64_t pow2) {
   for (int64_t j = 0; j < k; j++) w[j] = to_dtype<BF16>(w[j] * scale[j]);
-  const int64_t narrow = pow2 < 8 ? pow2 : 8;
-  for (int64_t base = 0; base < k; base += narrow) {
-    float v[8];
-    for (int64_t i = 0; i < narrow; i++) v[i] = w[base + i];
-    for (int64_t h = 1; h < narrow; h *= 2)
-      for (int64_t block = 0; block < narrow; block += 2 * h)
-        for (int64_t j = block; j < block + h; j++) {
-          const float a = v[j], b = v[j + h];
-          v[j] = to_dtype<BF16>(a + b);
-          v[j + h] = to_dtype<BF16>(a - b);
-        }
-    for (int64_t i = 0; i < narrow; i++) w[base + i] = v[i];
+  for (int64_t h = 1; h < pow2; h *= 2)
+    for (int64_t block = 0; block < k; block += 2 * h)
+      for (int64_t j = block; j < block + h; j++) {
+        const float a = w[j], b = w[j + h];
+        w[j] = to_dtype<BF16>(a + b);
+        w[j + h] = to_dtype<BF16>(a - b);
+      }
+}
+
+// The same on 8 lanes (AVX2): bf16 rounding by integer ops, NaN lanes kept.
+template <bool BF16>
+inline __m256 to_dtype8(__m256 v) {
+  if (!BF16) return v;
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb),
+                                           _mm256_set1_epi32(int(0xffff0000u)));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+// One butterfly stage inside 8 lanes: `swapped` holds each lane's partner; the lanes in `upper` (the b of each
+// pair) take a - b = swapped - v, the others a + b = v + swapped (addition commutes exactly).
+template <bool BF16, int UPPER>
+inline __m256 butterfly8(__m256 v, __m256 swapped) {
+  return to_dtype8<BF16>(_mm256_blend_ps(_mm256_add_ps(v, swapped), _mm256_sub_ps(swapped, v), UPPER));
+}
+
+// rotate_row for pow2 >= 8 on 8 lanes: the stages h = 1, 2, 4 by lane permutes, the wider ones on whole vectors.
+template <bool BF16>
+void rotate_row8(float* w, const float* scale, int64_t k, int64_t pow2) {
+  for (int64_t j = 0; j < k; j += 8) {
+    __m256 v = to_dtype8<BF16>(_mm256_mul_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(scale + j)));
+    v = butterfly8<BF16, 0xAA>(v, _mm256_permute_ps(v, 0xB1));             // h = 1: swap neighbours
+    v = butterfly8<BF16, 0xCC>(v, _mm256_permute_ps(v, 0x4E));             // h = 2: swap pairs
+    v = butterfly8<BF16, 0xF0>(v, _mm256_permute2f128_ps(v, v, 0x01));     // h = 4: swap halves
+    _mm256_storeu_ps(w + j, v);
   }
   for (int64_t h = 8; h < pow2; h *= 2)
-    for (int64_t block = 0; block < k; block += 2 * h) {
-      float* lo = w + block;
-      float* hi = w + block + h;
-#pragma GCC ivdep
-      for (int64_t j = 0; j < h; j++) {
-        const float a = lo[j], b = hi[j];
-        lo[j] = to_dtype<BF16>(a + b);
-        hi[j] = to_dtype<BF16>(a - b);
+    for (int64_t block = 0; block < k; block += 2 * h)
+      for (int64_t j = block; j < block + h; j += 8) {
+        const __m256 a = _mm256_loadu_ps(w + j), b = _mm256_loadu_ps(w + j + h);
+        _mm256_storeu_ps(w + j, to_dtype8<BF16>(_mm256_add_ps(a, b)));
+        _mm256_storeu_ps(w + j + h, to_dtype8<BF16>(_mm256_sub_ps(a, b)));
       }
-    }
+}
+
+template <bool BF16>
+void rotate(float* w, const float* scale, int64_t k, int64_t pow2) {
+  if (pow2 >= 8)
+    rotate_row8<BF16>(w, scale, k, pow2);
+  else
+    rotate_row<BF16>(w, scale, k, pow2);
 }
 
 // x fp32 or bf16 [M, K], scale [K] in x's dtype, pow2 dividing K -> the FWHT of x * scale, in x's dtype.
@@ -71,9 +99,9 @@ torch::Tensor scale_and_fwht(torch::Tensor x, torch::Tensor scale, int64_t pow2)
     for (int64_t r = r0; r < r1; r++) {
       std::memcpy(dst + r * k, src + r * k, k * sizeof(float));
       if (bf16)
-        rotate_row<true>(dst + r * k, sp, k, pow2);
+        rotate<true>(dst + r * k, sp, k, pow2);
       else
-        rotate_row<false>(dst + r * k, sp, k, pow2);
+        rotate<false>(dst + r * k, sp, k, pow2);
     }
   });
   return bf16 ? out.to(torch::kBFloat16) : out;  // the values are bf16 numbers: the cast is exact
