@@ -4,8 +4,8 @@
   64: the fused Triton path (`triton_quant`, smoothing and rotation included, + `triton_gemm`);
 - CPU tensors, A8 with dynamic per-token scales, per-channel weights, on Intel CPUs with AMX: our AMX int8
   GEMM with its epilogue fused (`cpu_amx`), where it builds;
-- the same elsewhere, where oneDNN's direct int8 GEMM is exact (W4 everywhere, W8 on x86 with VNNI or AMX): that GEMM between our C++ quantization and zero-point
-  epilogue (`cpu_direct`), where it builds;
+- the same elsewhere, where oneDNN's direct int8 GEMM is exact (W4 everywhere, W8 on x86 with VNNI): that
+  GEMM between our C++ quantization and zero-point epilogue (`cpu_direct`), where it builds;
 - CPU tensors, A8 with dynamic per-token scales, W8, where oneDNN's direct int8 GEMM is not exact (x86
   without VNNI or AMX): our int16 kernel (`cpu_int16`), where it builds;
 - CPU tensors, A8, per-channel weights, where those C++ kernels do not build (or static activation
@@ -147,5 +147,6 @@ def quantized_linear(x, qweight, weight_bits, scale, zero, bias, act_bits, act_s
 
 __all__ = [
     "int_mm", "linear_int", "linear_reference", "linear_triton", "linear_weight_only", "quantized_linear",
-    "triton_available", "use_cpu_amx", "use_cpu_balance", "use_cpu_direct", "use_cpu_int16", "use_onednn", "use_triton",
+    "triton_available", "use_cpu_amx", "use_cpu_balance", "use_cpu_direct", "use_cpu_int16", "use_onednn",
+    "use_triton",
 ]
