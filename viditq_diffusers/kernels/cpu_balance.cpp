@@ -7,21 +7,18 @@
 #include <immintrin.h>
 
 #include <cstring>
-#include <vector>
+
+#include "cpu_bf16.h"
 
 namespace {
 
-inline float round_bf16(float f) {  // to the nearest bf16, ties to even, as torch's conversion (NaN stays NaN)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-  u = (u & 0x7fffffffu) > 0x7f800000u ? u : rounded;  // a select, not a branch: the loops stay vectorized
-  std::memcpy(&f, &u, 4);
+template <bool BF16>
+inline float to_dtype(float f) {  // rounded to x's dtype, as torch rounds (cpu_bf16.h)
+  if (!BF16) return f;
+  const uint32_t bits = viditq::bf16_rounded_bits(f);
+  std::memcpy(&f, &bits, 4);
   return f;
 }
-
-template <bool BF16>
-inline float to_dtype(float f) { return BF16 ? round_bf16(f) : f; }
 
 // One row in place (fp32 values that are exact in the dtype): w * scale, then the butterflies of
 // hadamard._fwht, pairs (i, i + h) -> (a + b, a - b) for h = 1, 2, ..., pow2 / 2 within each run of pow2.
@@ -37,16 +34,9 @@ void rotate_row(float* w, const float* scale, int64_t k, int64_t pow2) {
       }
 }
 
-// The same on 8 lanes (AVX2): bf16 rounding by integer ops, NaN lanes kept.
+// The same on 8 lanes (AVX2).
 template <bool BF16>
-inline __m256 to_dtype8(__m256 v) {
-  if (!BF16) return v;
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb),
-                                           _mm256_set1_epi32(int(0xffff0000u)));
-  return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-}
+inline __m256 to_dtype8(__m256 v) { return BF16 ? _mm256_castsi256_ps(viditq::bf16_rounded_bits8(v)) : v; }
 
 // One butterfly stage inside 8 lanes: `swapped` holds each lane's partner; the lanes in `upper` (the b of each
 // pair) take a - b = swapped - v, the others a + b = v + swapped (addition commutes exactly).

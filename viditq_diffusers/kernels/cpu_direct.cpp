@@ -10,33 +10,22 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_bf16.h"
 #include "cpu_quantize.h"
 
 namespace {
 
 constexpr int64_t EXACT_FP32 = int64_t(1) << 24;  // integers up to here are fp32 numbers
 
-uint16_t float_to_bf16(float f) {  // round to nearest even, as torch's conversion
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
-  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-// fp32 [n] -> bf16 [n], round to nearest even (NaN -> quiet NaN), as torch's conversion.
+// fp32 [n] -> bf16 [n], as torch's conversion (cpu_bf16.h).
 void to_bf16(const float* src, int64_t n, uint16_t* dst) {
-  const __m256i round_bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1), nan = _mm256_set1_epi32(0x7fc0);
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) {
-    const __m256 v = _mm256_loadu_ps(src + c);
-    const __m256i u = _mm256_castps_si256(v);
-    __m256i h = _mm256_srli_epi32(
-        _mm256_add_epi32(_mm256_add_epi32(u, round_bias), _mm256_and_si256(_mm256_srli_epi32(u, 16), one)), 16);
-    h = _mm256_blendv_epi8(h, nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    const __m256i h = _mm256_srli_epi32(viditq::bf16_rounded_bits8(_mm256_loadu_ps(src + c)), 16);
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c), _mm256_castsi256_si128(packed));
   }
-  for (; c < n; c++) dst[c] = float_to_bf16(src[c]);
+  for (; c < n; c++) dst[c] = uint16_t(viditq::bf16_rounded_bits(src[c]) >> 16);
 }
 
 // int16 codes [k] -> u8 `code + 128` into `dst`; returns the sum of the codes (|sum| <= 128 k: int32 for every
