@@ -17,7 +17,7 @@ from viditq_diffusers.mixed_precision import (
 from viditq_diffusers.mixed_precision.roles import _match
 from viditq_diffusers.zoo import ZOO
 
-# Variants named in shared/DIT_ZOO.md (and real checkpoints) that add linears the zoo defaults lack.
+# Variants of released checkpoints (SD3.5, Flux, Wan I2V, ...) that add linears the zoo defaults lack.
 VARIANTS = {
     "SD3.5 dual attention": ("SD3Transformer2DModel", dict(dual_attention_layers=(0,), qk_norm="rms_norm")),
     "HunyuanDiT skip_linear": ("HunyuanDiT2DModel", dict(num_layers=3)),

@@ -1,7 +1,7 @@
 """Per-architecture knowledge: which linear layers are quantized by default.
 
 ViDiT-Q quantizes the attention and feed-forward linears inside the transformer blocks and
-keeps the rest in floating point (METHOD.md section 2): patch/timestep/caption/text
+keeps the rest in floating point (docs/method.md, section 2): patch/timestep/caption/text
 embedders, adaLN / modulation projections (`norm*.linear`, `*_mod.*`), the output
 projection (`proj_out`, `norm_out`), the model's own `_keep_in_fp32_modules`, and every
 non-Linear layer (convs, norms). The rule is declarative: a block list name, then a

@@ -1,6 +1,6 @@
 """Calibration: activation statistics recorded through forward hooks while the pipeline runs.
 
-DiT activations vary along four axes at once (METHOD.md section 1): token-wise, CFG-wise
+DiT activations vary along four axes at once (docs/method.md, section 1): token-wise, CFG-wise
 (unconditional vs conditional half of the batch), timestep-wise, and channel-wise. Per-token
 dynamic quantization handles the first two at run time; the static channel balancing of
 section 3 needs, per quantized linear layer, the input statistics below. `calibrate` drives a

@@ -1,7 +1,7 @@
 """End-to-end recipe refinement: per layer, the balancing recipe that makes the whole denoiser closest to FP.
 
 The load-time search (`balance="search"`, :func:`balancing.search_recipe`) scores each layer alone, by its
-own output error on FP inputs. That error does not rank recipes end to end (benchmarks/RESULTS.md: rotation
+own output error on FP inputs. That error does not rank recipes end to end (benchmarks/archive/: rotation
 raises the W4A8 layer error by a third on average, yet rotated models are not worse). This refines a plan
 by greedy coordinate descent on the quantity that matters: layer after layer, each candidate recipe
 (smoothing off / on at a few alphas x rotation off / on) is swapped into the quantized denoiser and scored

@@ -4,7 +4,7 @@ Used by tests to exercise quantization on every supported transformer class on C
 
 * ``ZOO[cls_name]`` is a :class:`ZooEntry`: ``entry.build(seed)`` -> model in eval mode,
   ``entry.make_inputs(seed)`` -> forward kwargs, ``run(model, inputs)`` -> output sample tensor.
-* Configs start from the verified tiny kwargs in ``shared/DIT_ZOO.md`` but are widened so that the
+* Configs start from known-good tiny kwargs for each diffusers class but are widened so that the
   main-block Linears have ``in_features`` that are multiples of 32 (inner dim 32, 64 or 96; cross-attention /
   caption / text dims 32), so group-size-32 weight quantization applies to them. Every widened entry still
   builds in a few ms and forwards in well under 0.5 s on CPU. Changes are commented per entry.

@@ -1,4 +1,4 @@
-"""Metric-decoupled mixed precision (METHOD.md section 4). So far: layer roles and role x block-range groups,
+"""Metric-decoupled mixed precision (docs/mixed-precision.md). So far: layer roles and role x block-range groups,
 the paper's reference heuristic (`w4a8_mp`), per-group sensitivity with a cheap proxy, and the budgeted
 allocation."""
 

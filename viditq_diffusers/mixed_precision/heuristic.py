@@ -1,4 +1,4 @@
-"""The paper's reference W4A8-MP heuristic (ViDiT-Q, METHOD.md section 4), as the `w4a8_mp` preset applies it.
+"""The paper's reference W4A8-MP heuristic (ViDiT-Q; docs/method.md, section 5), as the `w4a8_mp` preset applies it.
 
 W8 for every FFN linear (image, text-stream and temporal FFNs, and the single-stream blocks' FFN halves,
 `proj_mlp` and the fused `proj_out`) and for every linear of the first and last block of each block list;

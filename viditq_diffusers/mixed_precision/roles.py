@@ -1,6 +1,6 @@
 """Layer roles: what each linear layer of a diffusers DiT does, so mixed precision can treat families alike.
 
-ViDiT-Q-MP (METHOD.md section 4) scores a layer group with the metric that group dominates:
+ViDiT-Q-MP (docs/method.md, section 5) scores a layer group with the metric that group dominates:
 cross-attention drives text alignment, FFN and spatial self-attention drive visual quality, temporal
 attention drives temporal consistency. A role names such a family; groups are role x block range.
 

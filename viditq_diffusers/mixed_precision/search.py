@@ -2,11 +2,12 @@
 
 The allocation adds up the degradations each group caused alone, a first-order model: errors of groups
 quantized together compound, and a table measured on a few prompts is noisy, so its few best plans are near
-ties it cannot order. As METHOD.md section 4 asks, the search can confirm with the task metrics: with
+ties it cannot order. So the search can confirm with the task metrics (docs/mixed-precision.md): with
 `candidates=N` the N best allocations are each generated whole on the search prompts and scored, and the plan
 that measures best (metrics weighted as in the allocation) wins. It is off by default: on the stressed
 reference image pipeline the best plans' measured differences were sample noise, and the pick did not carry
-over to other prompts (benchmarks/RESULTS.md, "Mixed precision"); it guards against a table whose sum misleads.
+over to other prompts (benchmarks/archive/RESULTS-2026-11.md, "Mixed precision"); it guards against a table
+whose sum misleads.
 
 The plan is an ordinary per-layer plan (`plan.py`): each layer's entry is what the chosen option's preset
 would have planned for it, so it saves, loads and quantizes like any other (`ViDiTQConfig(plan=...)`, with

@@ -1,4 +1,4 @@
-"""Static-dynamic channel balancing (METHOD.md section 3): pure float functions.
+"""Static-dynamic channel balancing (docs/method.md, section 3): pure float functions.
 
 For a linear layer `y = x W^T + b` with `W` of shape `[out, in]`:
 - smoothing ("static" part): a per-input-channel scale `m` moves magnitude

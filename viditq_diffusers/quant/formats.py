@@ -1,6 +1,6 @@
 """Integer formats: pure tensor functions, no modules.
 
-Conventions (METHOD.md section 2):
+Conventions (docs/method.md, section 2):
 - weights: static min-max, one scale per output channel (or per group of `group_size`
   input channels); asymmetric by default. Codes are signed (`[-2^(b-1), 2^(b-1)-1]`)
   with an integer zero point in the same range, so `W ~= scale * (code - zero)` and

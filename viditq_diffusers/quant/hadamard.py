@@ -1,7 +1,7 @@
 """Hadamard matrices and the seeded orthogonal rotation of channel balancing.
 
 A Hadamard matrix `H` of order `n` has entries +-1 and `H H^T = n I`, so
-`R = D H / sqrt(n)` with `D` a random +-1 diagonal is orthogonal (METHOD.md
+`R = D H / sqrt(n)` with `D` a random +-1 diagonal is orthogonal (docs/method.md,
 section 3). Rotating the input channels of a linear layer spreads an outlier
 channel over all channels, which is what makes per-token activation
 quantization work at low bit widths.
