@@ -16,12 +16,72 @@ import pytest
 import torch
 from diffusers import PixArtTransformer2DModel
 
-from viditq_diffusers import ViDiTQConfig, quantize
+from viditq_diffusers import ViDiTQConfig, ViDiTQLinear, quantize
 from viditq_diffusers.calibration import CalibrationStats
+from viditq_diffusers.layer_spec import LayerSpec
+from viditq_diffusers.plan import plan_from_json, plan_to_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPELINE = os.path.join(ROOT, "reference_models", "pixart_digits")
 PLANS = os.path.join(PIPELINE, "viditq_plans")
+
+
+SHIPPED_PLANS = sorted(glob.glob(os.path.join(ROOT, "reference_models", "*", "viditq_plans", "*.json"))
+                       + glob.glob(os.path.join(ROOT, "benchmarks", "**", "*.plan.json"), recursive=True))
+W4 = {"weight_bits": 4, "act_bits": 8, "group_size": 64, "symmetric": False, "method": "minmax", "in_features": 128,
+      "out_features": 96, "bias": True}
+
+
+def test_plans_are_shipped():
+    assert len(SHIPPED_PLANS) > 20  # the reference pipelines' and the benchmarks' plans
+
+
+@pytest.mark.parametrize("path", SHIPPED_PLANS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_shipped_plan_round_trips_to_the_same_bytes(path):
+    with open(path) as f:
+        text = f.read()
+    data = json.loads(text)
+    back = plan_to_json(plan_from_json(data))
+    assert back == data and json.dumps(back) == json.dumps(data)  # same keys, values and key order
+    assert json.dumps(back, indent=1, sort_keys=True) == text  # jsonio.write_json writes the file byte for byte
+
+
+def test_to_json_writes_optional_keys_that_differ_from_their_default_or_were_written():
+    spec = LayerSpec.from_json(W4)
+    assert spec.to_json() == W4 and list(spec.to_json()) == list(W4)
+    assert LayerSpec(**W4, rotation_seed=3).to_json() == {**W4, "rotation_seed": 3}
+    # the recipe search records "decided against" as null, and a file's null keys stay written
+    decided = LayerSpec(**W4, smooth_alpha="search").with_recipe(None, None)
+    assert decided.to_json() == {**W4, "smooth_alpha": None, "rotation_seed": None}
+    assert LayerSpec.from_json(decided.to_json()).to_json() == decided.to_json()
+    # a key added later goes last, as it did when the entry was a dict
+    late = replace(LayerSpec.from_json({**W4, "smooth_alpha": 0.5}), act_scale=0.25)
+    assert list(late.to_json())[-2:] == ["smooth_alpha", "act_scale"]
+    assert decided == LayerSpec(**W4)  # json_keys is not part of equality: the same layer either way
+
+
+def test_from_json_names_unknown_and_missing_keys():
+    with pytest.raises(ValueError, match=r"plan entry 'blocks.0': unknown keys \['alpha'\] / missing keys \['bias'\]"):
+        LayerSpec.from_json({**{k: v for k, v in W4.items() if k != "bias"}, "alpha": 0.5}, "blocks.0")
+    with pytest.raises(ValueError, match="unknown method 'gptq'"):
+        LayerSpec.from_json({**W4, "method": "gptq"})
+    with pytest.raises(ValueError, match="smooth_alpha must be"):
+        LayerSpec(**W4, smooth_alpha="maybe")
+
+
+def test_label():
+    assert LayerSpec(**W4).label() == "W4A8-g64"
+    naive = LayerSpec(**{**W4, "group_size": None}, weight_per_tensor=True, act_scale=0.1)
+    assert naive.label() == "W4A8-tensor-static"
+    assert LayerSpec(**W4, early_weight_bits=8, early_timestep=750.0).label() == "W4A8-g64 (W8 while t >= 750)"
+
+
+def test_a_layer_needs_a_decided_spec():
+    linear = torch.nn.Linear(128, 96)
+    with pytest.raises(ValueError, match="smooth_alpha is still 'search'"):
+        ViDiTQLinear.from_linear(linear, LayerSpec.for_linear(linear, 4, smooth_alpha="search"))
+    layer = ViDiTQLinear.from_linear(linear, LayerSpec.for_linear(linear, 4, group_size=64))
+    assert (layer.weight_bits, layer.group_size, layer.in_features, layer.spec.label()) == (4, 64, 128, "W4A8-g64")
 
 
 def sha256(data: bytes) -> str:
@@ -66,7 +126,8 @@ def stats_with_tokens() -> CalibrationStats:
     """The shipped (slim) statistics plus seeded random input rows, so the recipe search runs deterministically."""
     stats = CalibrationStats.load(os.path.join(PLANS, "calibration.safetensors"))
     g = torch.Generator().manual_seed(0)
-    tokens = {name: torch.randn(48, len(a), generator=g) * a.float() for name, a in sorted(stats.channel_absmax.items())}
+    tokens = {name: torch.randn(48, len(a), generator=g) * a.float()
+              for name, a in sorted(stats.channel_absmax.items())}
     return replace(stats, sample_tokens=tokens)
 
 
