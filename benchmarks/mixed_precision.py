@@ -124,7 +124,8 @@ def choice_of(plan: dict, option_plans: dict[str, dict], groups: dict[str, list[
     """The option each group of `plan` uses (matched on bits, group size and timestep-wise bits), or None when a
     group matches no option."""
     def spec(p, name):
-        return tuple(p["layers"][name].get(k) for k in ("weight_bits", "group_size", "early_weight_bits"))
+        entry = p["layers"][name]
+        return entry.weight_bits, entry.group_size, entry.early_weight_bits
 
     choice = {}
     for group, layers in groups.items():

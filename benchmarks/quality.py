@@ -164,7 +164,7 @@ def evaluate(pipe, task, args, classifier, path, configs: dict | None = None):
             quantized = with_transformer(pipe, quantize(copy.deepcopy(pipe.transformer), config))
             plan = quantized.transformer.config.quantization_config.plan
             samples = generate(quantized, task.prompts, seeds, **task.call)
-            alphas = [s["smooth_alpha"] for s in plan["layers"].values() if s.get("smooth_alpha") is not None]
+            alphas = [s.smooth_alpha for s in plan["layers"].values() if s.smooth_alpha is not None]
             runs.append({
                 **compare_samples(samples, reference),
                 "eps_rel_mse": epsilon_error(pipe, quantized.transformer, task.prompts[:10], seeds[:10], **task.call),
@@ -179,7 +179,7 @@ def evaluate(pipe, task, args, classifier, path, configs: dict | None = None):
             })
             if seed == args.rotation_seeds[0]:
                 grid[label] = samples[: args.grid]
-            if not any(spec.get("rotation_seed") is not None for spec in plan["layers"].values()):
+            if not any(spec.rotation_seed is not None for spec in plan["layers"].values()):
                 break  # no layer rotates: the seed changes nothing
         rows[label] = mean_row(runs)
         print(f"  {label}: {time.time() - t0:.0f} s", file=sys.stderr)

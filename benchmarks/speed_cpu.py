@@ -34,6 +34,7 @@ from pixart_alpha import build, inputs
 from viditq_diffusers import ViDiTQConfig, ViDiTQLinear, quantize
 from viditq_diffusers.footprint import weight_bytes
 from viditq_diffusers.kernels import cpu_amx, int_mm, onednn, quantized_linear
+from viditq_diffusers.layer_spec import LayerSpec
 from viditq_diffusers.metrics import psnr
 
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
@@ -147,7 +148,8 @@ def time_gemms(repeats: int) -> dict[tuple, dict[str, float]]:
                "bf16 F.linear": median_time(lambda: F.linear(xb, wb), repeats),
                "int8 torch._int_mm": median_time(lambda: torch._int_mm(x8, w8.t()), repeats)}
         for bits in (8, 4):
-            layer = ViDiTQLinear.from_linear(torch.nn.Linear(k, n, bias=False), bits, 8, None, symmetric=True)
+            linear = torch.nn.Linear(k, n, bias=False)
+            layer = ViDiTQLinear.from_linear(linear, LayerSpec.for_linear(linear, bits, 8, symmetric=True))
             codes = layer.codes()
             row[f"int8 x int{bits} our int_mm (exact fp32 BLAS)"] = median_time(lambda: int_mm(x8, codes), repeats)
             if onednn.available():
@@ -166,7 +168,8 @@ def time_gemms(repeats: int) -> dict[tuple, dict[str, float]]:
                 row[f"int8 x int{bits} our AMX GEMM, epilogue fused"] = median_time(
                     lambda: cpu_amx.extension().gemm(xq, x_scale, rowsum, tiles, n, None, layer.scales(), None, False),
                     repeats)
-            default = ViDiTQLinear.from_linear(torch.nn.Linear(k, n, bias=False), bits, 8)  # asymmetric weights
+            linear = torch.nn.Linear(k, n, bias=False)
+            default = ViDiTQLinear.from_linear(linear, LayerSpec.for_linear(linear, bits, 8))  # asymmetric weights
             for label, activation in (("", x), (", bf16 input", xb)):
                 row[f"ViDiT-Q W{bits}A8 linear, as dispatched{label}"] = median_time(
                     lambda: quantized_linear(activation, default.qweight, bits, default.scales(), default.weight_zero,

@@ -16,6 +16,8 @@ import uuid
 
 import torch
 
+from viditq_diffusers.plan import plan_to_json
+
 METADATA_KEY = "viditq_comfyui"
 FORMAT_VERSION = 1
 
@@ -41,7 +43,7 @@ def describe(base_model, plan: dict | None) -> dict:
         "model_class": type(model_config).__name__,
         "unet_config": json_safe(model_config.unet_config),
         "dtype": str(base_model.get_dtype()).removeprefix("torch."),
-        "plan": plan,
+        "plan": None if plan is None else plan_to_json(plan),
     }
 
 

@@ -13,8 +13,9 @@ import comfy.model_patcher
 import comfy.supported_models
 import torch
 
-from viditq_diffusers.convert import layer_from_spec, own_aligned_memory, set_submodule
-from viditq_diffusers.plan import validate_plan
+from viditq_diffusers.convert import own_aligned_memory, set_submodule
+from viditq_diffusers.nn import ViDiTQLinear
+from viditq_diffusers.plan import plan_from_json, validate_plan
 
 from .patching import mark_quantized, refuse_timestep_wise
 
@@ -38,10 +39,11 @@ def build_model(meta: dict, tensors: dict[str, torch.Tensor]):
     tree = base.diffusion_model
     plan = meta.get("plan")
     if plan:
+        plan = plan_from_json(plan)
         refuse_timestep_wise(plan)
         validate_plan(tree, plan)
         for name, spec in plan["layers"].items():
-            set_submodule(tree, name, layer_from_spec(spec, device="meta", dtype=dtype))
+            set_submodule(tree, name, ViDiTQLinear(spec, device="meta", dtype=dtype))
     missing, unexpected = tree.load_state_dict(tensors, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"the file's tensors do not match its {meta['model_class']} config: missing "

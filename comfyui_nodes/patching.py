@@ -98,7 +98,7 @@ def refuse_unsupported_dtype(model) -> None:
 def refuse_timestep_wise(plan: dict) -> None:
     """Timestep-wise layers (an early weight copy) need a clock hook on the denoiser's forward, which would
     stay on the module tree that the FP MODEL shares; not wired into ComfyUI yet."""
-    timed = [name for name, spec in plan["layers"].items() if spec.get("early_weight_bits") is not None]
+    timed = [name for name, spec in plan["layers"].items() if spec.early_weight_bits is not None]
     if timed:
         raise ValueError(f"the plan has {len(timed)} timestep-wise layer(s) (e.g. {timed[0]!r}: early_weight_bits), "
                          f"which the ComfyUI nodes do not support yet; use a plan without early_weight_bits.")

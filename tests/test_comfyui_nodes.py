@@ -104,9 +104,10 @@ else:
 
     def test_timestep_wise_plan_is_refused(comfy, tmp_path):
         from comfyui_nodes.patching import plan_of
+        from viditq_diffusers.plan import plan_to_json
 
         nodes_mod, fp, _, _, _ = comfy
-        plan = plan_of(nodes_mod.Quantize.execute(fp, "w8a8").result[0])
+        plan = plan_to_json(plan_of(nodes_mod.Quantize.execute(fp, "w8a8").result[0]))
         next(iter(plan["layers"].values())).update(early_weight_bits=8, early_timestep=500.0)
         (tmp_path / "plan.json").write_text(json.dumps(plan))
         with pytest.raises(ValueError, match="timestep-wise layer"):

@@ -26,10 +26,10 @@ def write_diffusers_plan(path: Path) -> None:
     from diffusers import PixArtTransformer2DModel
 
     from viditq_diffusers import ViDiTQConfig
-    from viditq_diffusers.plan import build_plan
+    from viditq_diffusers.plan import build_plan, plan_to_json
 
     model = PixArtTransformer2DModel.from_pretrained(REPO / "reference_models" / "pixart_digits" / "transformer")
-    path.write_text(json.dumps(build_plan(model, ViDiTQConfig(preset="w8a8"))))
+    path.write_text(json.dumps(plan_to_json(build_plan(model, ViDiTQConfig(preset="w8a8")))))
 
 
 def write_lora(path: Path) -> None:

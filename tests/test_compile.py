@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from viditq_diffusers import ViDiTQConfig, ViDiTQLinear, quantize
+from viditq_diffusers.layer_spec import LayerSpec
 from viditq_diffusers.zoo import ZOO, run
 
 
@@ -43,7 +44,8 @@ def test_inductor_compiles_a_quantized_model():
 
 def test_the_op_checks_its_fake_implementation():
     """torch.library's own consistency check of the fake (meta) kernel against the real one."""
-    layer = ViDiTQLinear.from_linear(torch.nn.Linear(64, 24), 4, 8)
+    linear = torch.nn.Linear(64, 24)
+    layer = ViDiTQLinear.from_linear(linear, LayerSpec.for_linear(linear, 4, 8))
     x = torch.randn(5, 64)
     args = (x, layer.qweight, 4, layer.scales(), layer.weight_zero, layer.bias, 8, None, None, None)
     torch.library.opcheck(torch.ops.viditq.linear.default, args, test_utils=("test_schema", "test_faketensor"))

@@ -1,4 +1,4 @@
-"""The CPU rotation (`kernels/cpu_balance.py`): `quant.balance.balance_activation` bit for bit, with and without
+"""The CPU rotation (`kernels/cpu_balance.py`): `quant.channel_balance.balance_activation` bit for bit, with and without
 smoothing, for powers of two and orders with a dense Paley factor, fp32 and bf16; and a rotated layer's forward
 through the dispatch equals the torch path.
 
@@ -12,7 +12,8 @@ import torch
 
 from viditq_diffusers import ViDiTQLinear
 from viditq_diffusers.kernels import cpu_balance, use_cpu_balance
-from viditq_diffusers.quant.balance import balance_activation
+from viditq_diffusers.layer_spec import LayerSpec
+from viditq_diffusers.quant.channel_balance import balance_activation
 
 pytestmark = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64")
@@ -55,8 +56,9 @@ def test_dispatch_rules(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_rotated_layer_equals_the_torch_path(dtype, monkeypatch):
     torch.manual_seed(0)
-    layer = ViDiTQLinear.from_linear(torch.nn.Linear(1152, 96).to(dtype), 8, 8, rotation_seed=3,
-                                     smooth_vector=torch.rand(1152) + 0.5)
+    linear = torch.nn.Linear(1152, 96).to(dtype)
+    spec = LayerSpec.for_linear(linear, 8, 8, smooth_alpha=0.5, rotation_seed=3)
+    layer = ViDiTQLinear.from_linear(linear, spec, torch.rand(1152) + 0.5)
     assert layer.rotation_seed == 3 and layer.act_smooth is not None
     x = torch.randn(2, 40, 1152, dtype=dtype)
     fast = layer(x)

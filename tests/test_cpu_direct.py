@@ -13,6 +13,7 @@ import torch
 from viditq_diffusers import ViDiTQLinear
 from viditq_diffusers.kernels import cpu_direct, onednn, use_cpu_direct
 from viditq_diffusers.kernels.torch_ops import linear_int
+from viditq_diffusers.layer_spec import LayerSpec
 from quantized_weights import random_weights
 
 pytestmark = pytest.mark.skipif(
@@ -86,7 +87,8 @@ def test_dispatch_rules(monkeypatch):
 def test_layer_forward_equals_the_torch_path(bits, monkeypatch):
     """Through the dispatch: the AMX kernel on CPUs with AMX, this route elsewhere."""
     torch.manual_seed(0)
-    layer = ViDiTQLinear.from_linear(torch.nn.Linear(256, 96).to(torch.bfloat16), bits, 8)
+    linear = torch.nn.Linear(256, 96).to(torch.bfloat16)
+    layer = ViDiTQLinear.from_linear(linear, LayerSpec.for_linear(linear, bits, 8))
     x = torch.randn(2, 50, 256, dtype=torch.bfloat16)
     fast = layer(x)
     layer.qweight[:4] = layer.qweight[4:8].clone()  # in place: the cached weight layout must follow

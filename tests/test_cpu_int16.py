@@ -12,6 +12,7 @@ import torch
 from viditq_diffusers import ViDiTQLinear
 from viditq_diffusers.kernels import cpu_int16, onednn, use_cpu_int16
 from viditq_diffusers.kernels.torch_ops import linear_int
+from viditq_diffusers.layer_spec import LayerSpec
 from quantized_weights import random_weights
 
 pytestmark = pytest.mark.skipif(
@@ -81,7 +82,8 @@ def test_dispatch():
 
 def test_module_forward_equals_the_torch_path(monkeypatch):
     torch.manual_seed(0)
-    layer = ViDiTQLinear.from_linear(torch.nn.Linear(96, 40), 8, 8, None)
+    linear = torch.nn.Linear(96, 40)
+    layer = ViDiTQLinear.from_linear(linear, LayerSpec.for_linear(linear, 8, 8))
     x = torch.randn(2, 21, 96) * torch.linspace(0.2, 4, 96)
     fast = layer(x)
     monkeypatch.setenv("VIDITQ_KERNELS", "torch")

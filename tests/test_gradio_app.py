@@ -70,7 +70,7 @@ def test_variants_are_built_once_shared_read_only_and_deterministic():
     assert loaded.variant("W8A8")[1] is w8  # not re-quantized per request
     mp_label, mp = loaded.variant("W4A8-MP")
     assert "shipped searched plan" in mp_label
-    assert {spec["weight_bits"] for spec in mp.config.quantization_config.plan["layers"].values()} == {4, 8}
+    assert {spec.weight_bits for spec in mp.config.quantization_config.plan["layers"].values()} == {4, 8}
     assert not any(isinstance(m, variants.ViDiTQLinear) for m in loaded.fp.transformer.modules())  # FP untouched
 
     call = ("a thick handwritten digit 7", "", 3, 8, 4.5)

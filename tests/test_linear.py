@@ -6,6 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from viditq_diffusers import ViDiTQLinear
 from viditq_diffusers.kernels import use_triton
+from viditq_diffusers.layer_spec import LayerSpec
 
 
 class CountOps(TorchDispatchMode):
@@ -23,7 +24,8 @@ class CountOps(TorchDispatchMode):
 def make(weight_bits, act_bits, group_size=None, symmetric=False, bias=True, in_f=64, out_f=48):
     torch.manual_seed(0)
     linear = torch.nn.Linear(in_f, out_f, bias=bias)
-    return linear, ViDiTQLinear.from_linear(linear, weight_bits, act_bits, group_size, symmetric)
+    spec = LayerSpec.for_linear(linear, weight_bits, act_bits, group_size, symmetric)
+    return linear, ViDiTQLinear.from_linear(linear, spec)
 
 
 @pytest.mark.parametrize("weight_bits", [4, 8])

@@ -22,6 +22,7 @@ from torch import nn  # noqa: E402
 
 import viditq_diffusers  # noqa: E402
 from viditq_diffusers import ViDiTQConfig, ViDiTQLinear  # noqa: E402
+from viditq_diffusers.layer_spec import LayerSpec  # noqa: E402
 from viditq_diffusers.lora import (  # noqa: E402
     ViDiTQLoraLinear, add_low_rank, disable_peft_support, dispatch_viditq, enable_peft_support,
     register_custom_module,
@@ -256,8 +257,9 @@ def test_fuse_requantizes_and_unfuse_restores_codes(tmp_path):
 def _layer(layout: dict, dtype=torch.float32):
     torch.manual_seed(0)
     linear = nn.Linear(64, 48).to(dtype)
-    smooth = torch.rand(64) + 0.5 if layout.pop("smooth", False) else None
-    return linear, ViDiTQLinear.from_linear(linear, smooth_vector=smooth, **layout)
+    smoothing = torch.rand(64) + 0.5 if layout.pop("smooth", False) else None
+    spec = LayerSpec.for_linear(linear, **layout, smooth_alpha=None if smoothing is None else 0.5)
+    return linear, ViDiTQLinear.from_linear(linear, spec, smoothing)
 
 
 @pytest.mark.parametrize("layout", [
@@ -283,20 +285,19 @@ def test_merge_keeps_the_layers_plan(layout):
     merged_b = linear.bias.detach().double() + layer.lora_B["a"].bias.detach().double() * layer.scaling["a"]
     target = nn.functional.linear(x.double(), merged_w, merged_b)
     # the same layout quantizing the merged FP weight directly: the error scale fusing can be held to
-    direct = ViDiTQLinear.from_linear(nn.Linear(64, 48).requires_grad_(False), **{
-        k: v for k, v in layout.items() if k != "smooth"}, smooth_vector=base.smooth_factors())
-    direct.set_weight(merged_w.float(), "", base.smooth_factors())
+    direct = ViDiTQLinear.from_linear(nn.Linear(64, 48).requires_grad_(False), base.spec, base.smoothing())
+    direct.set_weight(merged_w.float(), "", base.smoothing())
     weight_err = (direct.dequantized_weight().double() - merged_w).abs().max().item()
 
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    smooth, seed = base.smooth_factors(), base.rotation_seed
+    smooth, seed = base.smoothing(), base.rotation_seed
     with torch.no_grad():
         y_unfused = layer(x)
         layer.merge()
         y_fused = layer(x)
     assert rel(y_unfused, target) < 0.1 and rel(y_fused, target) <= 2 * rel(y_unfused, target) + 0.005
     # fused with the layer's own plan: same smoothing factors, same rotation, same layout; one more rounding
-    assert base.rotation_seed == seed and (smooth is None or torch.equal(base.smooth_factors(), smooth))
+    assert base.rotation_seed == seed and (smooth is None or torch.equal(base.smoothing(), smooth))
     assert (base.qweight.dtype, base.qweight.shape) == (before["qweight"].dtype, before["qweight"].shape)
     assert (base.dequantized_weight(float64=True) - merged_w).abs().max().item() <= 2.5 * weight_err
     if base.early_weight_bits is not None:  # the W8 early copy is re-quantized from its own W8 codes

@@ -7,6 +7,7 @@ import torch
 from viditq_diffusers import ViDiTQLinear
 from viditq_diffusers.kernels import onednn, use_onednn
 from viditq_diffusers.kernels.torch_ops import linear_int
+from viditq_diffusers.layer_spec import LayerSpec
 from viditq_diffusers.quant.formats import pack_int4, quantize_activation_per_token, quantize_weight
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN (mkldnn) int8 ops")
@@ -77,7 +78,8 @@ def test_split_w8_is_exact_at_the_widest_codes():
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_module_forward_equals_the_torch_path(bits, symmetric, monkeypatch):
     torch.manual_seed(0)
-    layer = ViDiTQLinear.from_linear(torch.nn.Linear(96, 40), bits, 8, None, symmetric=symmetric)
+    linear = torch.nn.Linear(96, 40)
+    layer = ViDiTQLinear.from_linear(linear, LayerSpec.for_linear(linear, bits, 8, symmetric=symmetric))
     x = torch.randn(2, 21, 96) * torch.linspace(0.2, 4, 96)
     fast = layer(x)
     monkeypatch.setenv("VIDITQ_KERNELS", "torch")

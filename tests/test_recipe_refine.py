@@ -33,9 +33,9 @@ def test_refinement_never_worsens_and_its_plan_reproduces_the_objective(pipe_and
     plan, trace = refine_recipes(pipe, ViDiTQConfig(preset="w4a8", calibration=stats), PROMPTS, SEEDS,
                                  objective=objective, **CALL)
     assert all(b <= a for a, b in zip(trace, trace[1:]))
-    quantized = [n for n, s in plan["layers"].items() if s["act_bits"] == 8]
+    quantized = [n for n, s in plan["layers"].items() if s.act_bits == 8]
     assert len(trace) == len(quantized) + 1
-    assert all(isinstance(plan["layers"][n]["smooth_alpha"], (float, type(None))) for n in quantized)
+    assert all(isinstance(plan["layers"][n].smooth_alpha, (float, type(None))) for n in quantized)
     assert all(v.equal(pipe.transformer.state_dict()[k]) for k, v in before.items())  # pipe untouched
     if objective == "eps":  # the plan alone rebuilds the refined model: same teacher-forced error
         model = quantize(copy.deepcopy(pipe.transformer), ViDiTQConfig(plan=plan, calibration=stats))

@@ -1,14 +1,17 @@
 """Per-layer balancing recipe search (balance="search", the default with calibration statistics)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from viditq_diffusers import ViDiTQConfig
-from viditq_diffusers.balancing import search_recipe
-from viditq_diffusers.plan import recipe_label, summarize_recipes
+from viditq_diffusers.layer_spec import LayerSpec, recipe_label
+from viditq_diffusers.plan import summarize_recipes
+from viditq_diffusers.recipe import search_recipe
 
-W8 = dict(weight_bits=8, act_bits=8, group_size=None, symmetric=False, rotation_seed=7)
-W4 = dict(W8, weight_bits=4)
+W8 = LayerSpec(8, 8, None, False, "minmax", 128, 96, True, rotation_seed=7)
+W4 = replace(W8, weight_bits=4)
 
 
 def test_rotation_chosen_for_heavy_tailed_activation_channels():
@@ -38,7 +41,7 @@ def test_rotation_refused_for_flat_4bit_weights():
 def test_no_rotation_candidate_without_a_seed_and_fixed_alpha():
     g = torch.Generator().manual_seed(2)
     x, w = torch.randn(64, 32, generator=g), torch.randn(16, 32, generator=g)
-    alpha, seed, errors = search_recipe(w, x.abs().amax(0), x, dict(W8, rotation_seed=None), alpha=0.5)
+    alpha, seed, errors = search_recipe(w, x.abs().amax(0), x, replace(W8, rotation_seed=None), alpha=0.5)
     assert seed is None and set(errors) == {"plain", "smooth"} and alpha in (None, 0.5)
 
 
@@ -54,7 +57,7 @@ def test_search_is_the_default_with_calibration_and_needs_dynamic_activations():
 
 
 def test_summarize_recipes_counts_each_kind():
-    plan = {"layers": {"a": {"smooth_alpha": 0.5, "rotation_seed": 1}, "b": {"smooth_alpha": None,
-                                                                            "rotation_seed": 2},
-                       "c": {}, "d": {"smooth_alpha": 0.3}}}
+    plain = replace(W8, rotation_seed=None)
+    plan = {"layers": {"a": replace(plain, smooth_alpha=0.5, rotation_seed=1), "b": replace(plain, rotation_seed=2),
+                       "c": plain, "d": replace(plain, smooth_alpha=0.3)}}
     assert summarize_recipes(plan) == {"smooth+rotate": 1, "rotate": 1, "plain": 1, "smooth": 1}

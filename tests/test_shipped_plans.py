@@ -29,7 +29,7 @@ def test_shipped_plan_is_mixed_and_within_its_budget(pipeline, budget):
     pipe = DiffusionPipeline.from_pretrained(os.path.join(ROOT, "reference_models", pipeline))
     decided = quantize(pipe.transformer, ViDiTQConfig(plan=plan, calibration=stats)).config.quantization_config.plan
     assert average_weight_bits(decided) <= budget
-    assert {spec["weight_bits"] for spec in decided["layers"].values()} == {4, 8}
+    assert {spec.weight_bits for spec in decided["layers"].values()} == {4, 8}
 
 
 def test_shipped_image_plan_beats_uniform_w4a8():

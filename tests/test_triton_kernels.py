@@ -10,10 +10,11 @@ pytest.importorskip("triton", reason="Triton is not installed: the Triton kernel
 from viditq_diffusers import ViDiTQLinear  # noqa: E402
 from viditq_diffusers.kernels import linear_triton, quantized_linear, use_triton  # noqa: E402
 from viditq_diffusers.kernels.torch_ops import linear_int  # noqa: E402
+from viditq_diffusers.layer_spec import LayerSpec  # noqa: E402
 from viditq_diffusers.kernels.triton_gemm import int_gemm  # noqa: E402
 from viditq_diffusers.kernels import triton_quant  # noqa: E402
 from viditq_diffusers.kernels.triton_quant import quantize_per_token  # noqa: E402
-from viditq_diffusers.quant.balance import balance_activation  # noqa: E402
+from viditq_diffusers.quant.channel_balance import balance_activation  # noqa: E402
 from viditq_diffusers.quant.formats import (  # noqa: E402
     pack_int4, quantize_activation_per_token, quantize_weight, unpack_int4,
 )
@@ -121,14 +122,15 @@ def test_smoothed_layer_fused_path_matches_torch_path(bits, group):
     torch-path output."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(128, 48).to(torch.bfloat16)
-    layer = ViDiTQLinear.from_linear(linear, bits, 8, group, smooth_vector=torch.rand(128) + 0.5).to(DEVICE)
+    spec = LayerSpec.for_linear(linear, bits, 8, group, smooth_alpha=0.5)
+    layer = ViDiTQLinear.from_linear(linear, spec, torch.rand(128) + 0.5).to(DEVICE)
     x = torch.randn(40, 128, dtype=torch.bfloat16, device=DEVICE)
     fused = linear_triton(x, layer.qweight, bits, layer.scales(), layer.weight_zero, layer.bias,
-                          layer.smooth_factors())
+                          layer.smoothing())
     # the torch path, whatever device: CPU tensors never dispatch to Triton
     torch_path = quantized_linear(x.cpu(), layer.qweight.cpu(), bits, layer.scales().cpu(),
                                   None if layer.weight_zero is None else layer.weight_zero.cpu(), layer.bias.cpu(),
-                                  8, smooth=layer.smooth_factors().cpu())
+                                  8, smooth=layer.smoothing().cpu())
     assert_within_one_ulp(fused.cpu(), torch_path)
 
 
@@ -138,18 +140,18 @@ def test_rotated_layer_fused_path_matches_torch_path(bits):
     the torch path's output on the kernel-order rotation to one ulp, and the layer's torch path to float noise."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(192, 48).to(torch.bfloat16)  # 192 = 12 x 16: dense factor and FWHT
-    layer = ViDiTQLinear.from_linear(linear, bits, 8, smooth_vector=torch.rand(192) + 0.5,
-                                     rotation_seed=3).to(DEVICE)
+    spec = LayerSpec.for_linear(linear, bits, 8, smooth_alpha=0.5, rotation_seed=3)
+    layer = ViDiTQLinear.from_linear(linear, spec, torch.rand(192) + 0.5).to(DEVICE)
     x = torch.randn(40, 192, dtype=torch.bfloat16, device=DEVICE)
     x[:, 7] *= 30
     codes = layer.qweight if bits == 8 else unpack_int4(layer.qweight, 192)
     fused = linear_triton(x, layer.qweight, bits, layer.scales(), layer.weight_zero, layer.bias,
-                          layer.smooth_factors(), layer.rotation_seed)
-    kernel_order = rotate_kernel_order(x * layer.smooth_factors().to(x.dtype), 3)
+                          layer.smoothing(), layer.rotation_seed)
+    kernel_order = rotate_kernel_order(x * layer.smoothing().to(x.dtype), 3)
     assert_within_one_ulp(fused, linear_int(kernel_order, codes, layer.scales(), layer.weight_zero, layer.bias, 8))
     torch_path = quantized_linear(x.cpu(), layer.qweight.cpu(), bits, layer.scales().cpu(),
                                   None if layer.weight_zero is None else layer.weight_zero.cpu(), layer.bias.cpu(),
-                                  8, smooth=layer.smooth_factors().cpu(), rotation_seed=3)
+                                  8, smooth=layer.smoothing().cpu(), rotation_seed=3)
     error = (fused.cpu().float() - torch_path.float()).abs().max() / torch_path.float().abs().max()
     assert error < 0.02, f"fused vs torch path relative error {error:.4f}"
 
@@ -170,7 +172,8 @@ def test_dispatch_rules():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: compares dispatch on a real GPU")
 def test_layer_forward_on_cuda_uses_triton_and_matches_torch_path(monkeypatch):
     torch.manual_seed(0)
-    layer = ViDiTQLinear.from_linear(torch.nn.Linear(256, 96).to(torch.bfloat16), 4, 8).cuda()
+    linear = torch.nn.Linear(256, 96).to(torch.bfloat16)
+    layer = ViDiTQLinear.from_linear(linear, LayerSpec.for_linear(linear, 4, 8)).cuda()
     x = torch.randn(2, 50, 256, dtype=torch.bfloat16, device="cuda")
     fused = layer(x)
     monkeypatch.setenv("VIDITQ_KERNELS", "torch")

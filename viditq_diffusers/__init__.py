@@ -12,6 +12,7 @@ from .convert import quantize
 from .diffusers_quantizer import ViDiTQQuantizer, register
 from .footprint import fp16_weight_bytes, weight_bytes
 from .hub import model_card, push_to_hub, save_pretrained
+from .layer_spec import LayerSpec
 from .nn import ViDiTQLinear
 from .recipe_refine import refine_recipes
 
@@ -25,5 +26,5 @@ if importlib.util.find_spec("peft") is not None:  # LoRA on quantized layers thr
 __version__ = "0.1.0"
 __all__ = [
     "PRESETS", "ViDiTQConfig", "CalibrationStats", "calibrate", "ViDiTQLinear", "ViDiTQQuantizer", "quantize", "save_pretrained",
-    "push_to_hub", "model_card", "weight_bytes", "fp16_weight_bytes", "refine_recipes",
+    "push_to_hub", "model_card", "weight_bytes", "fp16_weight_bytes", "refine_recipes", "LayerSpec",
 ]

@@ -13,7 +13,7 @@ import os
 import diffusers
 from safetensors import SafetensorError, safe_open
 
-from .plan import average_weight_bits, summarize, summarize_recipes
+from .plan import PLAN_VERSION, average_weight_bits, plan_from_json, summarize, summarize_recipes
 
 FP16_BYTES = 2
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -62,7 +62,8 @@ def component_summary(directory: str) -> dict | None:
     qconfig = config.get("quantization_config") or {}
     if qconfig.get("quant_method") != "viditq":
         return None
-    plan = qconfig.get("plan") or {"layers": {}}
+    plan_json = qconfig.get("plan") or {"version": PLAN_VERSION, "layers": {}}
+    plan = plan_from_json(plan_json)
     stored = fp16 = 0
     for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
         for key, (dtype, shape) in tensor_headers(path).items():
@@ -73,7 +74,7 @@ def component_summary(directory: str) -> dict | None:
             layer, _, leaf = key.rpartition(".")
             if layer in plan["layers"]:
                 spec = plan["layers"][layer]
-                fp16 += spec["in_features"] * spec["out_features"] * FP16_BYTES if leaf == "qweight" else 0
+                fp16 += spec.in_features * spec.out_features * FP16_BYTES if leaf == "qweight" else 0
                 fp16 += numel * FP16_BYTES if leaf == "bias" else 0
             else:
                 fp16 += numel * (FP16_BYTES if dtype.startswith(("F", "BF")) else DTYPE_BYTES.get(dtype, 4))
@@ -85,7 +86,7 @@ def component_summary(directory: str) -> dict | None:
         "recipes": summarize_recipes(plan),
         "weight_bytes": stored,
         "fp16_bytes": fp16,
-        "layers": plan["layers"],
+        "layers": plan_json["layers"],
     }
 
 

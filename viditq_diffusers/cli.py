@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .config import PRESETS, ViDiTQConfig
 from .checkpoint import checkpoint_summary, load_any
-from .plan import recipe_label
+from .layer_spec import LayerSpec
 
 
 def cmd_quantize(args) -> None:
@@ -46,12 +46,11 @@ def print_summary(summary: dict, layers: bool) -> None:
         recipes = ", ".join(f"{label} {count}" for label, count in sorted(info["recipes"].items()))
         print(f"  channel balancing: {recipes}")
         if layers:
-            for layer, spec in info["layers"].items():
-                group = f"g{spec['group_size']}" if spec["group_size"] else "per-channel"
-                alpha = spec.get("smooth_alpha")
-                recipe = recipe_label(alpha, spec.get("rotation_seed")) + ("" if alpha is None else f" (alpha {alpha:g})")
-                print(f"    {layer:<60} W{spec['weight_bits']}A{spec['act_bits']} {group} "
-                      f"{spec['in_features']}->{spec['out_features']} {recipe}")
+            for layer, entry in info["layers"].items():
+                spec = LayerSpec.from_json(entry, layer)
+                alpha = "" if spec.smooth_alpha is None else f" (alpha {spec.smooth_alpha:g})"
+                print(f"    {layer:<60} {spec.label()} {spec.in_features}->{spec.out_features} "
+                      f"{spec.recipe_label()}{alpha}")
         print(f"  weight bytes: {info['weight_bytes']:,} (FP16 equivalent {info['fp16_bytes']:,}; "
               f"ratio to FP16 {info['weight_bytes'] / info['fp16_bytes']:.3f}x)")
 

@@ -17,6 +17,8 @@ from diffusers import PipelineQuantizationConfig
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from .jsonio import read_json
+from .layer_spec import precision_label
+from .plan import plan_from_json, plan_to_json
 from .quant.formats import check_bits
 
 
@@ -75,7 +77,7 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
             SmoothQuant's alpha), or "auto": searched per layer to minimise its output error on the
             calibration tokens.
         rotation_seed: seeds the random Hadamard rotations (layer i uses `rotation_seed + i`).
-        plan: a full per-layer plan (`QuantPlan` dict), or the path of one saved as JSON (e.g. by
+        plan: a full per-layer plan (a dict, see `viditq_diffusers.plan`), or the path of one saved as JSON (e.g. by
             `viditq search`). When given it decides every layer and the bit/group arguments are only
             defaults for the summary.
         early_weight_bits: timestep-wise precision: every quantized layer also stores its weight at these bits
@@ -119,7 +121,9 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
         self.modules_to_not_convert = list(modules_to_not_convert or [])
         self.components = [components] if isinstance(components, str) else list(components)
         self.calibration = calibration
-        self.plan = read_json(plan) if isinstance(plan, (str, os.PathLike)) else copy.deepcopy(plan)
+        # in memory the plan's entries are LayerSpecs (frozen, so a shallow copy of the dicts is a copy)
+        plan = read_json(plan) if isinstance(plan, (str, os.PathLike)) else plan
+        self.plan = None if plan is None else plan_from_json(plan)
         if balance == "preset":
             balance = defaults.get("balance", "search" if calibration is not None else None)
         if balance not in BALANCES:
@@ -165,6 +169,8 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
         # In-memory statistics are not config data: once quantized, the plan holds what they decided.
         out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k != "calibration"}
         out["calibration"] = self.calibration if isinstance(self.calibration, (str, dict, type(None))) else None
+        if self.plan is not None:
+            out["plan"] = plan_to_json(self.plan)
         return out
 
     def to_diff_dict(self) -> dict:
@@ -204,8 +210,7 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
 
     @property
     def label(self) -> str:
-        group = f"-g{self.group_size}" if self.group_size else ""
-        return f"W{self.weight_bits}A{self.act_bits}{group}" + ("-MP" if self.mixed else "")
+        return precision_label(self.weight_bits, self.act_bits, self.group_size) + ("-MP" if self.mixed else "")
 
     # -- diffusers' PipelineQuantizationConfig conventions ---------------------------------
     # (properties, so they stay out of `to_dict()` and config.json)

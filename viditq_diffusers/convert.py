@@ -12,34 +12,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .balancing import finalize_layer
+from .layer_spec import LayerSpec
 from .nn import ViDiTQLinear
-from .plan import build_plan, validate_plan
-
-
-def layout(spec: dict) -> dict:
-    """`ViDiTQLinear` quantization fields of a plan entry (optional fields take their defaults)."""
-    return dict(
-        weight_bits=spec["weight_bits"], act_bits=spec["act_bits"], group_size=spec["group_size"],
-        symmetric=spec["symmetric"], weight_per_tensor=spec.get("weight_per_tensor", False),
-        act_scale=spec.get("act_scale"), rotation_seed=spec.get("rotation_seed"),
-        early_weight_bits=spec.get("early_weight_bits"), early_timestep=spec.get("early_timestep"),
-    )
-
-
-def layer_from_spec(spec: dict, device=None, dtype=None) -> ViDiTQLinear:
-    """An empty `ViDiTQLinear` with the layout `spec` describes (e.g. on the meta device)."""
-    return ViDiTQLinear(spec["in_features"], spec["out_features"], spec["bias"], device=device, dtype=dtype,
-                        smooth=spec.get("smooth_alpha") is not None, **layout(spec))
+from .plan import build_plan, plan_from_json, validate_plan
+from .recipe import decide_layer
 
 
 @torch.no_grad()
-def quantized_layer(name: str, weight: torch.Tensor, bias: torch.Tensor | None, spec: dict, config) -> ViDiTQLinear:
-    """The `ViDiTQLinear` for one FP weight: balancing decided (the plan entry is completed in place), the
-    weight quantized once. `bias` may still be on the meta device (the loader fills it later)."""
-    smooth = finalize_layer(name, weight, spec, config)
-    layer = layer_from_spec(spec, device=weight.device, dtype=weight.dtype)
-    layer.set_weight(weight, name, smooth)
+def quantized_layer(name: str, weight: torch.Tensor, bias: torch.Tensor | None, spec: LayerSpec,
+                    config) -> ViDiTQLinear:
+    """The `ViDiTQLinear` for one FP weight: balancing decided (`layer.spec` is the decided plan entry, for the
+    caller to put in the plan), the weight quantized once. `bias` may still be on the meta device (the loader
+    fills it later)."""
+    spec, smoothing = decide_layer(name, weight, spec, config)
+    layer = ViDiTQLinear(spec, device=weight.device, dtype=weight.dtype)
+    layer.set_weight(weight, name, smoothing)
     layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
     return layer
 
@@ -68,7 +55,7 @@ def resolve_plan(model: nn.Module, config) -> dict:
         config.calibration.check_matches(model)
     if config.plan is not None:
         validate_plan(model, config.plan)
-        return config.plan
+        return plan_from_json(config.plan)
     return build_plan(model, config)
 
 
@@ -94,17 +81,19 @@ def quantized_layers(model: nn.Module, config):
 
     The layers are built one at a time as the iterator is consumed (the caller swaps each in, or keeps
     them aside, e.g. as ComfyUI object patches), so memory holds one extra layer at a time. `config` is
-    completed in place (statistics loaded, plan entries finished): pass a copy.
+    completed in place (statistics loaded, plan entries decided as the layers are built): pass a copy.
     """
     check_not_quantized(model)
     plan = resolve_plan(model, config)
 
     def build():
         with torch.no_grad():
-            for name, spec in tqdm(plan["layers"].items(), desc="Quantizing", unit="layer", disable=None):
+            for name, spec in tqdm(list(plan["layers"].items()), desc="Quantizing", unit="layer", disable=None):
                 linear = model.get_submodule(name)
                 bias = None if linear.bias is None else linear.bias.detach().clone()
-                yield name, quantized_layer(name, linear.weight.detach(), bias, spec, config)
+                layer = quantized_layer(name, linear.weight.detach(), bias, spec, config)
+                plan["layers"][name] = layer.spec  # decided
+                yield name, layer
 
     return plan, build()
 

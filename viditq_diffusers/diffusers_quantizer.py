@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import tensor_headers
 from .config import ViDiTQConfig, ViDiTQQuantMethod
-from .convert import layer_from_spec, own_aligned_memory, quantized_layer, resolve_plan, set_submodule
+from .convert import own_aligned_memory, quantized_layer, resolve_plan, set_submodule
 from .timestep_clock import install_clock
 from .hub import attach, detach
 from .nn import ViDiTQLinear
@@ -64,7 +64,7 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         validate_plan(model, config.plan)
         for name, spec in self.plan_layers.items():
             dtype = model.get_submodule(name).weight.dtype
-            set_submodule(model, name, layer_from_spec(spec, device="meta", dtype=dtype))
+            set_submodule(model, name, ViDiTQLinear(spec, device="meta", dtype=dtype))
         return model
 
     def check_if_quantized_param(self, model, param_value, param_name, state_dict, **kwargs) -> bool:
@@ -77,6 +77,7 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         old = model.get_submodule(name)
         weight = param_value.to(target_device)
         layer = quantized_layer(name, weight, None, self.plan_layers[name], self.quantization_config)
+        self.plan_layers[name] = layer.spec  # decided: config.json records what the weight decided
         layer.bias = old.bias  # loaded already, or still on meta and filled by the loader later
         set_submodule(model, name, layer)
         self.progress.update()
@@ -134,7 +135,7 @@ class ViDiTQQuantizer(DiffusersQuantizer):
     def _dequantize(self, model):
         for name, spec in self.plan_layers.items():
             layer = model.get_submodule(name)
-            linear = nn.Linear(spec["in_features"], spec["out_features"], spec["bias"],
+            linear = nn.Linear(spec.in_features, spec.out_features, spec.bias,
                                device=layer.qweight.device, dtype=layer.weight.dtype)
             with torch.no_grad():
                 linear.weight.copy_(layer.dequantized_weight())

@@ -193,14 +193,14 @@ class ViDiTQLoraLinear(nn.Module, LoraLayer):
         for key in ("weight_zero", "early_weight_zero", "act_smooth", "bias"):  # None-valued plain attributes
             if hasattr(base, key):
                 snapshot.setdefault(key, getattr(base, key))
-        smooth = None if base.smooth_factors() is None else base.smooth_factors().clone()
+        smoothing = None if base.smoothing() is None else base.smoothing().clone()
         try:
             early = None
             if "early_" in weights:
                 # set_weight quantizes both copies from one weight: the early copy from its own codes first
-                base.set_weight(weights["early_"], name, smooth)
+                base.set_weight(weights["early_"], name, smoothing)
                 early = {k: getattr(base, f"early_{k}") for k in ("qweight", "weight_scale", "weight_zero")}
-            base.set_weight(weights[""], name, smooth)
+            base.set_weight(weights[""], name, smoothing)
             if early is not None:
                 for key, value in early.items():
                     setattr(base, f"early_{key}", value)

@@ -7,7 +7,8 @@ from torch import nn
 
 from .kernels import linear_reference
 from .kernels.ops import linear as quantized_linear_op
-from .quant.balance import balance_activation, balance_weight, unbalance_weight
+from .quant.channel_balance import balance_activation, balance_weight, unbalance_weight
+from .layer_spec import LayerSpec
 from .quant.formats import check_bits, dequantize_weight, pack_int4, quantize_weight, unpack_int4
 
 
@@ -25,55 +26,35 @@ class ViDiTQLinear(nn.Module):
     - `bias`: a floating-point parameter, as in `nn.Linear`;
     - `act_smooth`: fp32 smoothing factors `[in]` as int32 bit patterns, only for smoothed layers;
       with `rotation_seed` (plan data, not a tensor) this is the static-dynamic channel balancing:
-      the layer computes `Q(x diag(m) R) Q(W diag(1/m) R)^T` (see `quant/balance.py`);
+      the layer computes `Q(x diag(m) R) Q(W diag(1/m) R)^T` (see `quant/channel_balance.py`);
     - `weight`: an empty tensor in the layer's compute dtype. It keeps `layer.weight.dtype`
       meaningful for diffusers code that reads it, and a loader that does not know ViDiT-Q
       (a plain `nn.Linear`, diffusers without the quantization_config) fails on its shape
       instead of loading int codes into a float weight.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        weight_bits: int = 8,
-        act_bits: int = 8,
-        group_size: int | None = None,
-        symmetric: bool = False,
-        weight_per_tensor: bool = False,
-        act_scale: float | None = None,
-        smooth: bool = False,
-        rotation_seed: int | None = None,
-        early_weight_bits: int | None = None,
-        early_timestep: float | None = None,
-        device=None,
-        dtype=None,
-    ):
+    def __init__(self, spec: LayerSpec, device=None, dtype=None):
         super().__init__()
-        check_bits(weight_bits, "weight_bits")
-        if early_weight_bits is not None:
-            check_bits(early_weight_bits, "early_weight_bits")
-            if early_timestep is None:
-                raise ValueError("early_weight_bits needs early_timestep (the timestep from which on they apply)")
-        if act_bits != 16:
-            check_bits(act_bits, "act_bits")
-        if group_size is not None and (group_size <= 0 or in_features % group_size):
+        if not spec.decided:
+            raise ValueError(f"the plan entry's smooth_alpha is still {spec.smooth_alpha!r}: decide it from the "
+                             f"layer's weight first (recipe.decide_layer, as convert.quantized_layer does)")
+        check_bits(spec.weight_bits, "weight_bits")
+        if spec.early_weight_bits is not None:
+            check_bits(spec.early_weight_bits, "early_weight_bits")
+        if spec.act_bits != 16:
+            check_bits(spec.act_bits, "act_bits")
+        if spec.group_size is not None and (spec.group_size <= 0 or spec.in_features % spec.group_size):
             raise ValueError(
-                f"group_size={group_size} does not divide in_features={in_features}; "
-                f"pick a divisor of {in_features} or group_size=None (per-channel)."
+                f"group_size={spec.group_size} does not divide in_features={spec.in_features}; "
+                f"pick a divisor of {spec.in_features} or group_size=None (per-channel)."
             )
-        self.in_features, self.out_features = in_features, out_features
-        self.weight_bits, self.act_bits = weight_bits, act_bits
-        self.group_size, self.symmetric = group_size, symmetric
-        # The naive baseline: one weight scale per tensor, one calibrated static activation scale.
-        self.weight_per_tensor, self.act_scale = weight_per_tensor, act_scale
-        self.rotation_seed = rotation_seed
-        # Timestep-wise precision: while the model's timestep input is >= early_timestep, a second copy of the
-        # weight at early_weight_bits is used (same balancing, same bias). `clock` is set by install_clock.
-        self.early_weight_bits, self.early_timestep, self.clock = early_weight_bits, early_timestep, None
+        # The plan entry: bits, groups, symmetry; the naive baseline's one weight scale per tensor and static
+        # activation scale; the rotation seed; timestep-wise precision (while the model's timestep input is >=
+        # early_timestep, a second copy of the weight at early_weight_bits is used: same balancing, same bias).
+        self.spec = spec
+        self.clock = None  # set by install_clock (timestep-wise layers)
         self.register_buffer("weight", torch.empty(0, device=device, dtype=dtype))
-        for prefix, bits in (("", weight_bits), ("early_", early_weight_bits)):
+        for prefix, bits in (("", spec.weight_bits), ("early_", spec.early_weight_bits)):
             if bits is None:
                 continue
             qweight, scale, zero = self._empty_weight(bits, device)
@@ -83,11 +64,24 @@ class ViDiTQLinear(nn.Module):
                 setattr(self, f"{prefix}weight_zero", None)
             else:
                 self.register_buffer(f"{prefix}weight_zero", zero)
-        if smooth:
-            self.register_buffer("act_smooth", torch.empty(in_features, dtype=torch.int32, device=device))
+        if spec.smoothed:
+            self.register_buffer("act_smooth", torch.empty(spec.in_features, dtype=torch.int32, device=device))
         else:
             self.act_smooth = None
-        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.bias = nn.Parameter(torch.empty(spec.out_features, device=device, dtype=dtype)) if spec.bias else None
+
+    # the plan entry's fields, read by the kernels' callers, LoRA and the apps
+    in_features = property(lambda self: self.spec.in_features)
+    out_features = property(lambda self: self.spec.out_features)
+    weight_bits = property(lambda self: self.spec.weight_bits)
+    act_bits = property(lambda self: self.spec.act_bits)
+    group_size = property(lambda self: self.spec.group_size)
+    symmetric = property(lambda self: self.spec.symmetric)
+    weight_per_tensor = property(lambda self: self.spec.weight_per_tensor)
+    act_scale = property(lambda self: self.spec.act_scale)
+    rotation_seed = property(lambda self: self.spec.rotation_seed)
+    early_weight_bits = property(lambda self: self.spec.early_weight_bits)
+    early_timestep = property(lambda self: self.spec.early_timestep)
 
     def _empty_weight(self, bits: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Empty (codes, scales as int32 bits, zero points or None) buffers for `bits`-bit weights."""
@@ -101,39 +95,33 @@ class ViDiTQLinear(nn.Module):
         return qweight, torch.empty(rows, groups, dtype=torch.int32, device=device), zero
 
     @classmethod
-    def from_linear(
-        cls, linear: nn.Linear, weight_bits: int = 8, act_bits: int = 8, group_size=None, symmetric=False,
-        name: str = "", smooth_vector: torch.Tensor | None = None, **layout,
-    ) -> "ViDiTQLinear":
-        """Quantize a float `nn.Linear` (weights quantized exactly once). `layout`: further constructor fields;
-        `smooth_vector`: the smoothing factors of a smoothed layout."""
+    def from_linear(cls, linear: nn.Linear, spec: LayerSpec, smoothing: torch.Tensor | None = None,
+                    name: str = "") -> "ViDiTQLinear":
+        """Quantize a float `nn.Linear` as `spec` says (weights quantized exactly once); `smoothing`: the
+        smoothing factors of a smoothed spec. `name` is for error messages."""
         weight = linear.weight.detach()
-        layer = cls(
-            linear.in_features, linear.out_features, linear.bias is not None, weight_bits, act_bits,
-            group_size, symmetric, smooth=smooth_vector is not None, device=weight.device, dtype=weight.dtype,
-            **layout,
-        )
-        layer.set_weight(weight, name, smooth_vector)
+        layer = cls(spec, device=weight.device, dtype=weight.dtype)
+        layer.set_weight(weight, name, smoothing)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
 
-    def set_weight(self, weight: torch.Tensor, name: str = "", smooth: torch.Tensor | None = None) -> None:
+    def set_weight(self, weight: torch.Tensor, name: str = "", smoothing: torch.Tensor | None = None) -> None:
         """Quantize `weight` (the original float weight) into this layer's buffers, balancing it first if the
-        layout says so (`smooth`: its smoothing factors). `name` is for the error message."""
+        spec says so (`smoothing`: its smoothing factors). `name` is for the error message."""
         if not torch.isfinite(weight).all():
             raise ValueError(
                 f"layer '{name}' has NaN or Inf in its weight; fix the checkpoint or keep the layer "
                 f"in floating point with modules_to_not_convert=['{name}']."
             )
-        if (smooth is None) != (self.act_smooth is None):
-            raise ValueError(f"layer '{name}': smoothing factors must be given exactly when the layout is smoothed")
+        if (smoothing is None) != (self.act_smooth is None):
+            raise ValueError(f"layer '{name}': smoothing factors must be given exactly when the spec is smoothed")
         dtype = weight.dtype
-        if smooth is not None:
-            self.act_smooth = smooth.to(device=weight.device, dtype=torch.float32).contiguous().view(torch.int32)
+        if smoothing is not None:
+            self.act_smooth = smoothing.to(device=weight.device, dtype=torch.float32).contiguous().view(torch.int32)
         if self.is_balanced:
             # transform in float64 and quantize the result directly: one rounding, no detour through fp16
-            weight = balance_weight(weight.double(), self.smooth_factors(), self.rotation_seed)
+            weight = balance_weight(weight.double(), self.smoothing(), self.rotation_seed)
         self.weight = torch.empty(0, dtype=dtype, device=weight.device)
         for prefix, bits in (("", self.weight_bits), ("early_", self.early_weight_bits)):
             if bits is None:
@@ -168,7 +156,7 @@ class ViDiTQLinear(nn.Module):
     def is_balanced(self) -> bool:
         return self.act_smooth is not None or self.rotation_seed is not None
 
-    def smooth_factors(self) -> torch.Tensor | None:
+    def smoothing(self) -> torch.Tensor | None:
         """fp32 smoothing factors `[in]` (a view), or None."""
         return None if self.act_smooth is None else self.act_smooth.view(torch.float32)
 
@@ -180,11 +168,11 @@ class ViDiTQLinear(nn.Module):
         codes = unpack_int4(qweight, self.in_features) if bits == 4 else qweight
         weight = dequantize_weight(codes, scale, zero)
         weight = weight.double() if float64 else weight
-        return unbalance_weight(weight, self.smooth_factors(), self.rotation_seed) if self.is_balanced else weight
+        return unbalance_weight(weight, self.smoothing(), self.rotation_seed) if self.is_balanced else weight
 
     def balance(self, x: torch.Tensor) -> torch.Tensor:
         """The online half of channel balancing: `x diag(m) R` (identity for unbalanced layers)."""
-        return balance_activation(x, self.smooth_factors(), self.rotation_seed) if self.is_balanced else x
+        return balance_activation(x, self.smoothing(), self.rotation_seed) if self.is_balanced else x
 
     def _act_scale(self, x: torch.Tensor) -> torch.Tensor | None:
         return None if self.act_scale is None else torch.tensor(self.act_scale, dtype=torch.float32, device=x.device)
@@ -199,7 +187,7 @@ class ViDiTQLinear(nn.Module):
         qweight, bits, scale, zero = self.active_weight()
         return self._apply_2d(
             x, lambda x2: quantized_linear_op(
-                x2, qweight, bits, scale, zero, self.bias, self.act_bits, self._act_scale(x2), self.smooth_factors(),
+                x2, qweight, bits, scale, zero, self.bias, self.act_bits, self._act_scale(x2), self.smoothing(),
                 self.rotation_seed,
             )
         )

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .convert import quantize, quantized_layer, set_submodule
 from .evaluation import denoiser_output, generate, with_transformer
+from .layer_spec import LayerSpec
 from .quant.hadamard import rotatable
 
 # (alpha or None, rotate?) pairs; a rotated candidate uses the seed the default plan gives the layer.
@@ -68,12 +69,12 @@ class _SamplesObjective:
         return float((generate(quantized_pipe, self.prompts, self.seeds, **self.call) - self.reference).square().mean())
 
 
-def _recipe(spec: dict) -> tuple:
-    return spec["smooth_alpha"], spec["rotation_seed"]
+def _recipe(spec: LayerSpec) -> tuple:
+    return spec.smooth_alpha, spec.rotation_seed
 
 
-def _candidate_spec(spec: dict, seed: int, alpha: float | None, rotate: bool) -> dict:
-    return {**spec, "smooth_alpha": alpha, "rotation_seed": seed if rotate else None}
+def _candidate_spec(spec: LayerSpec, seed: int, alpha: float | None, rotate: bool) -> LayerSpec:
+    return spec.with_recipe(alpha, seed if rotate else None)
 
 
 @torch.no_grad()
@@ -103,17 +104,17 @@ def refine_recipes(pipe, config, prompts: Sequence[str], seeds: Sequence[int], o
     score = (_EpsObjective if objective == "eps" else _SamplesObjective)(pipe, list(prompts), list(seeds), call)
     best = score(quantized_pipe)
     trace = [best]
-    names = [n for n, s in plan["layers"].items() if s["act_bits"] < 16 and s.get("act_scale") is None]
+    names = [n for n, s in plan["layers"].items() if s.act_bits < 16 and s.act_scale is None]
     position = {name: i for i, name in enumerate(plan["layers"])}  # build_plan seeds layer i with rotation_seed + i
     for name in tqdm(names, desc="Refining recipes", unit="layer", disable=None):
         spec = plan["layers"][name]
         linear = pipe.transformer.get_submodule(name)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        seed = spec.get("rotation_seed")
+        seed = spec.rotation_seed
         seed = config.rotation_seed + position[name] if seed is None else seed
-        chosen, chosen_layer = dict(spec), quantized.get_submodule(name)
+        chosen, chosen_layer = spec, quantized.get_submodule(name)
         for alpha, rotate in candidates:
-            if rotate and not rotatable(spec["in_features"]):
+            if rotate and not rotatable(spec.in_features):
                 continue
             candidate = _candidate_spec(spec, seed, alpha, rotate)
             if _recipe(candidate) == _recipe(chosen):

@@ -15,7 +15,7 @@
 - everything else (the adaLN / timestep layers on CUDA, static activation scales on CUDA, A16, groups,
   W8 with K > SPLIT_MAX_K on CPU): the torch path (`torch_ops`: torch ops around an exact integer GEMM).
 
-Channel balancing before a CPU kernel (smoothing, then the Hadamard rotation) is `quant.balance`'s, with the
+Channel balancing before a CPU kernel (smoothing, then the Hadamard rotation) is `quant.channel_balance`'s, with the
 rotation's elementwise part in C++ where it builds (`cpu_balance`, same bits).
 
 `VIDITQ_KERNELS=torch` forces the torch path everywhere (debugging, A/B benchmarks).
@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from ..quant.balance import balance_activation
+from ..quant.channel_balance import balance_activation
 from ..quant.formats import unpack_int4
 from . import cpu_amx, cpu_balance, cpu_direct, cpu_int16, onednn
 from .torch_ops import int_mm, linear_int, linear_reference, linear_weight_only, quantize_activations
@@ -122,7 +122,7 @@ def quantized_linear(x, qweight, weight_bits, scale, zero, bias, act_bits, act_s
 
     `qweight`: int8 codes `[N, K]` (W8) or packed int4 `[N, ceil(K / 2)]` (W4); `smooth` `[K]`: channel
     smoothing factors applied to `x` first (`x * smooth` in x's dtype), or None; `rotation_seed`: the
-    Hadamard rotation applied after smoothing (`quant.balance.balance_activation`), or None.
+    Hadamard rotation applied after smoothing (`quant.channel_balance.balance_activation`), or None.
     """
     if use_triton(x, act_bits, act_scale, scale):
         return linear_triton(x, qweight, weight_bits, scale, zero, bias, smooth, rotation_seed)

@@ -1,4 +1,4 @@
-"""`quant.balance.balance_activation` on CPU with the rotation's elementwise part in C++ (`cpu_balance.cpp`).
+"""`quant.channel_balance.balance_activation` on CPU with the rotation's elementwise part in C++ (`cpu_balance.cpp`).
 
 The torch version runs the fast Walsh-Hadamard transform as a dozen whole-tensor ops (a reshape, a stack, an
 add and a sub per bit of the channel index): 4-8 ms for a [512, 1152] activation on a 2-core CPU, several
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant import balance, hadamard
+from ..quant import channel_balance, hadamard
 from . import cpu_build
 
 
@@ -27,8 +27,8 @@ def available() -> bool:
 
 
 def balance_activation(x: torch.Tensor, smooth: torch.Tensor | None, rotation_seed: int | None) -> torch.Tensor:
-    """`balance.balance_activation(x, smooth, rotation_seed)`, bit for bit, for a 2-D fp32 or bf16 CPU `x`."""
-    x = balance.balance_activation(x, smooth, None)  # the smoothing (validated), or x itself
+    """`channel_balance.balance_activation(x, smooth, rotation_seed)`, bit for bit, for a 2-D fp32 or bf16 CPU `x`."""
+    x = channel_balance.balance_activation(x, smooth, None)  # the smoothing (validated), or x itself
     if rotation_seed is None:
         return x
     m, n = x.shape

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant.balance import balance_activation
+from ..quant.channel_balance import balance_activation
 from ..quant.hadamard import rotation_factors
 
 MAX_ROTATED_TILE = 16384  # the rotated row is held as one [p (to a power of two), 2^k] register tile
@@ -135,7 +135,7 @@ def quantize_per_token(x: torch.Tensor, bits: int = 8, smooth: torch.Tensor | No
 
     `smooth` `[K]` fp32 (optional) multiplies the channels first, as channel balancing's smoothing does;
     `rotation_seed` (optional) then rotates them (`quant.hadamard.rotate_kernel_order`). A rotation whose
-    `[p, 2^k]` tile exceeds MAX_ROTATED_TILE elements runs in torch first (`quant.balance.balance_activation`).
+    `[p, 2^k]` tile exceeds MAX_ROTATED_TILE elements runs in torch first (`quant.channel_balance.balance_activation`).
     """
     if x.dim() != 2:
         raise ValueError(f"quantize_per_token expects a 2-D [tokens, channels] input, got {tuple(x.shape)}")

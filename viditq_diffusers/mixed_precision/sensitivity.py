@@ -54,7 +54,7 @@ def dominant_metric(group: str) -> str:
 
 def stored_bits(plan: dict, layers: list[str]) -> float:
     """Bits the layers' quantized weights take as planned (codes, group scales, both timestep-wise copies)."""
-    return sum(stored_weight_bits(spec) * spec["in_features"] * spec["out_features"]
+    return sum(stored_weight_bits(spec) * spec.in_features * spec.out_features
                for name, spec in plan["layers"].items() if name in layers)
 
 

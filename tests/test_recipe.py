@@ -5,11 +5,12 @@ import torch
 from diffusers import DiffusionPipeline, PixArtTransformer2DModel
 
 from viditq_diffusers import ViDiTQConfig, quantize
-from viditq_diffusers.balancing import ALPHA_GRID, layer_error
 from viditq_diffusers.calibration import calibrate
+from viditq_diffusers.layer_spec import LayerSpec
 from viditq_diffusers.nn import ViDiTQLinear
-from viditq_diffusers.quant.balance import balance_weight, smoothing_factors
+from viditq_diffusers.quant.channel_balance import balance_weight, smoothing_factors
 from viditq_diffusers.quant.formats import quantize_weight
+from viditq_diffusers.recipe import ALPHA_GRID, layer_error
 from viditq_diffusers.zoo import build_tiny_pixart_pipeline
 
 CALL = dict(height=32, width=32, use_resolution_binning=False, clean_caption=False)
@@ -26,7 +27,7 @@ def test_balanced_layer_quantizes_the_transformed_weight_once():
     torch.manual_seed(0)
     linear = torch.nn.Linear(128, 32)
     m = smoothing_factors(outlier_input().abs().amax(0), linear.weight, 0.5)
-    layer = ViDiTQLinear.from_linear(linear, weight_bits=4, smooth_vector=m, rotation_seed=7)
+    layer = ViDiTQLinear.from_linear(linear, LayerSpec.for_linear(linear, 4, smooth_alpha=0.5, rotation_seed=7), m)
     codes, scale, zero = quantize_weight(balance_weight(linear.weight.double(), m, 7), 4)
     assert torch.equal(layer.codes(), codes) and torch.equal(layer.scales(), scale)
     assert torch.equal(layer.weight_zero, zero)
@@ -39,14 +40,14 @@ def test_balancing_cuts_the_error_of_outlier_inputs():
     x = outlier_input()
     ref = linear(x)
     m = smoothing_factors(x.abs().amax(0), linear.weight, 0.5)
-    plain = ViDiTQLinear.from_linear(linear, weight_bits=4)
-    balanced = ViDiTQLinear.from_linear(linear, weight_bits=4, smooth_vector=m, rotation_seed=0)
+    plain = ViDiTQLinear.from_linear(linear, LayerSpec.for_linear(linear, 4))
+    balanced = ViDiTQLinear.from_linear(linear, LayerSpec.for_linear(linear, 4, smooth_alpha=0.5, rotation_seed=0), m)
     err = {name: ((layer(x) - ref).norm() / ref.norm()).item() for name, layer in
            (("plain", plain), ("balanced", balanced))}
     assert err["balanced"] < 0.5 * err["plain"], err
     # the integer path and the float64 reference agree; dequantized_weight() is in the original basis
     assert torch.allclose(balanced(x).double(), balanced.reference_forward(x), rtol=1e-4, atol=1e-4)
-    w8 = ViDiTQLinear.from_linear(linear, weight_bits=8, smooth_vector=m, rotation_seed=0)
+    w8 = ViDiTQLinear.from_linear(linear, LayerSpec.for_linear(linear, 8, smooth_alpha=0.5, rotation_seed=0), m)
     assert (w8.dequantized_weight() - linear.weight).abs().max() < 0.05 * linear.weight.abs().max()
 
 
@@ -80,8 +81,8 @@ def test_viditq_w4a8_from_pretrained_saves_and_reloads_bit_identically(tiny, tmp
     model = PixArtTransformer2DModel.from_pretrained(path, subfolder="transformer", quantization_config=config)
     plan = model.config.quantization_config.plan["layers"]
     # every layer's recipe is decided and recorded: alpha a number or None (no smoothing), a seed or None
-    assert all(spec["smooth_alpha"] is None or 0 <= spec["smooth_alpha"] <= 1 for spec in plan.values())
-    assert all(spec.get("rotation_seed") is None or isinstance(spec["rotation_seed"], int) for spec in plan.values())
+    assert all(spec.smooth_alpha is None or 0 <= spec.smooth_alpha <= 1 for spec in plan.values())
+    assert all(spec.rotation_seed is None or isinstance(spec.rotation_seed, int) for spec in plan.values())
     assert model.config.quantization_config.calibration is None
 
     model.save_pretrained(tmp_path / "q")
@@ -111,10 +112,10 @@ def test_auto_alpha_is_no_worse_than_any_global_alpha_per_layer(tiny):
 
         def err(alpha, spec=spec):
             return layer_error(weight, tokens, spec, None if alpha is None else smoothing_factors(a, weight, alpha))
-        assert err(spec["smooth_alpha"]) <= min(err(g) for g in ALPHA_GRID) + 1e-6
+        assert err(spec.smooth_alpha) <= min(err(g) for g in ALPHA_GRID) + 1e-6
         # the per-layer recipe search does at least as well as the paper's recipe on every layer
         chosen = searched.config.quantization_config.plan["layers"][name]
-        assert err(chosen["smooth_alpha"], chosen) <= err(spec["smooth_alpha"]) * (1 + 1e-6)
+        assert err(chosen.smooth_alpha, chosen) <= err(spec.smooth_alpha) * (1 + 1e-6)
 
 
 def test_statistics_of_another_model_are_refused(tiny):

@@ -1,4 +1,4 @@
-"""Static-dynamic channel balancing (docs/method.md, section 3): pure float functions.
+"""Static-dynamic channel balancing: pure float functions (docs/method.md; `recipe.py` decides each layer's recipe).
 
 For a linear layer `y = x W^T + b` with `W` of shape `[out, in]`:
 - smoothing ("static" part): a per-input-channel scale `m` moves magnitude
@@ -60,56 +60,56 @@ def smoothing_factors(
     return m.to(act_absmax.dtype if act_absmax.is_floating_point() else torch.float32)
 
 
-def _check_smooth(smooth: torch.Tensor, n: int) -> None:
-    if smooth.shape != (n,):
-        raise ValueError(f"smooth has shape {tuple(smooth.shape)}, expected [{n}] (one per input channel)")
+def _check_smoothing(smoothing: torch.Tensor, n: int) -> None:
+    if smoothing.shape != (n,):
+        raise ValueError(f"smoothing has shape {tuple(smoothing.shape)}, expected [{n}] (one per input channel)")
 
 
 def balance_weight(
-    weight: torch.Tensor, smooth: torch.Tensor | None, rotation_seed: int | None
+    weight: torch.Tensor, smoothing: torch.Tensor | None, rotation_seed: int | None
 ) -> torch.Tensor:
-    """`W' = (W diag(1/smooth)) R` for an nn.Linear weight `[out, in]`.
+    """`W' = (W diag(1/smoothing)) R` for an nn.Linear weight `[out, in]`.
 
     Rows of `W` are row vectors over input channels, so `W R` is `rotate(W)`.
     Computed in float64 (the weight is quantized once from this) and cast back
     to the weight's dtype. Either argument may be None to skip that step.
     """
     w = weight.to(torch.float64)
-    if smooth is not None:
-        _check_smooth(smooth, weight.shape[-1])
-        if not (torch.isfinite(smooth).all() and (smooth > 0).all()):
-            raise ValueError("smooth must be finite and positive")
-        w = w / smooth.to(device=w.device, dtype=torch.float64)
+    if smoothing is not None:
+        _check_smoothing(smoothing, weight.shape[-1])
+        if not (torch.isfinite(smoothing).all() and (smoothing > 0).all()):
+            raise ValueError("smoothing must be finite and positive")
+        w = w / smoothing.to(device=w.device, dtype=torch.float64)
     if rotation_seed is not None:
         w = rotate(w, rotation_seed)
     return w.to(weight.dtype)
 
 
 def balance_activation(
-    x: torch.Tensor, smooth: torch.Tensor | None, rotation_seed: int | None
+    x: torch.Tensor, smoothing: torch.Tensor | None, rotation_seed: int | None
 ) -> torch.Tensor:
-    """`x' = (x diag(smooth)) R` over the last dimension, in x's dtype and device.
+    """`x' = (x diag(smoothing)) R` over the last dimension, in x's dtype and device.
 
     Uses the fast Walsh-Hadamard path of `rotate`. Either argument may be None.
     """
-    if smooth is not None:
-        _check_smooth(smooth, x.shape[-1])
-        x = x * smooth.to(device=x.device, dtype=x.dtype)
+    if smoothing is not None:
+        _check_smoothing(smoothing, x.shape[-1])
+        x = x * smoothing.to(device=x.device, dtype=x.dtype)
     if rotation_seed is not None:
         x = rotate(x, rotation_seed)
     return x
 
 
 def unbalance_weight(
-    weight: torch.Tensor, smooth: torch.Tensor | None, rotation_seed: int | None
+    weight: torch.Tensor, smoothing: torch.Tensor | None, rotation_seed: int | None
 ) -> torch.Tensor:
-    """The inverse of :func:`balance_weight`: `W = (W' R^T) diag(smooth)` (float64, cast back).
+    """The inverse of :func:`balance_weight`: `W = (W' R^T) diag(smoothing)` (float64, cast back).
 
     Offline only (dequantizing a checkpoint back to nn.Linear): it uses the dense `R`."""
     w = weight.to(torch.float64)
     if rotation_seed is not None:
         w = w @ rotation_matrix(w.shape[-1], rotation_seed, torch.float64).to(w.device).T
-    if smooth is not None:
-        _check_smooth(smooth, weight.shape[-1])
-        w = w * smooth.to(device=w.device, dtype=torch.float64)
+    if smoothing is not None:
+        _check_smoothing(smoothing, weight.shape[-1])
+        w = w * smoothing.to(device=w.device, dtype=torch.float64)
     return w.to(weight.dtype)

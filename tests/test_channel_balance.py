@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from viditq_diffusers.quant.balance import balance_activation, balance_weight, smoothing_factors
+from viditq_diffusers.quant.channel_balance import balance_activation, balance_weight, smoothing_factors
 
 
 def _layer(n_in, n_out=24, seed=0):
