@@ -338,7 +338,8 @@ def describe(layer: LayerCall, x: torch.Tensor, route: Route) -> str:
     skipped = "; ".join(f"{name}: {reason}" for name, reason in explain(layer, x) if reason)
     return (f"{layer.label} ({kind}) {layer.in_features}->{layer.out_features}, {x.device.type} "
             f"{str(x.dtype).removeprefix('torch.')} [{x.shape[0]}, {x.shape[1]}] -> {route.name} "
-            f"(balancing: {balance_name(layer, x, route)})" + (f"; faster routes skipped: {skipped}" if skipped else ""))
+            f"(balancing: {balance_name(layer, x, route)})"
+            + (f"; faster routes skipped: {skipped}" if skipped else ""))
 
 
 def log_route(layer: LayerCall, x: torch.Tensor, route: Route) -> None:
@@ -349,7 +350,7 @@ def log_route(layer: LayerCall, x: torch.Tensor, route: Route) -> None:
         return
     if not _logged and not logger.hasHandlers():  # nobody configured logging: still show what was asked for
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     if not _logged and logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
