@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from pixart_alpha import build, inputs
 from viditq_diffusers import ViDiTQConfig, ViDiTQLinear, quantize
 from viditq_diffusers.footprint import weight_bytes
-from viditq_diffusers.kernels import cpu_amx, int_mm, onednn, quantized_linear
+from viditq_diffusers.kernels import cpu_amx, int_mm, onednn, quantized_linear, warmup
 from viditq_diffusers.layer_spec import LayerSpec
 from viditq_diffusers.metrics import psnr
 
@@ -158,8 +158,9 @@ def time_gemms(repeats: int) -> dict[tuple, dict[str, float]]:
                     tag = "" if onednn.exact_for(8) else " [saturates here: not used]"
                     row[f"int8 x int8 oneDNN direct{tag}"] = median_time(
                         lambda: onednn.gemm(x8, direct, torch.ones(n), zeros), repeats)
-                if bits == 4 or onednn.use_split(bits, None):  # as dispatched (split: 2N rows, both halves)
-                    packed, zeros = onednn.packed_weight(layer.qweight, bits, k)
+                split = bits == 8 and not onednn.exact_for(8)  # as routed (onednn_split: 2N rows, both halves)
+                if bits == 4 or split:
+                    packed, zeros = onednn.packed_weight(layer.qweight, bits, k, None, split)
                     label = "int8 x int4 oneDNN" if bits == 4 else "int8 x int8 oneDNN split (two 4-bit halves, one GEMM)"
                     row[label] = median_time(lambda: onednn.gemm(x8, packed, torch.ones(len(zeros)), zeros), repeats)
             if cpu_amx.available():
@@ -187,6 +188,7 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], help="skip variants whose label contains any of these")
     args = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
+    warmup()  # the C++ kernels, built or loaded before anything is timed
     print(cpu_info())
     print(f"load average at start: {os.getloadavg()[0]:.1f}")
     print(f"PixArt-alpha 512 transformer, {args.layers} blocks; batch 2, 256 image tokens, 120 text tokens; "

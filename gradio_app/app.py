@@ -193,11 +193,13 @@ def main(argv: list[str] | None = None) -> None:
     demo.launch(server_name=args.host, server_port=args.port, show_error=True, prevent_thread_lock=True,
                 allowed_paths=[OUTPUT_DIR])
     print(f"serving on http://{args.host}:{args.port}", flush=True)
-    if not args.no_preload:  # the default pipeline and its variants, while the page is already up
-        def preload():
-            loaded = logic().CACHE.get(BUNDLED[DEFAULT_SOURCE])
-            for name in VARIANTS:
-                loaded.variant(name)
-            print("models ready", flush=True)
-        threading.Thread(target=preload, name="preload", daemon=True).start()
+    def preload():  # while the page is already up: the C++ CPU kernels, then the default pipeline and its variants
+        logic().warmup_kernels()  # built once per machine (about a minute, with a message), then loaded
+        if args.no_preload:
+            return
+        loaded = logic().CACHE.get(BUNDLED[DEFAULT_SOURCE])
+        for name in VARIANTS:
+            loaded.variant(name)
+        print("models ready", flush=True)
+    threading.Thread(target=preload, name="preload", daemon=True).start()
     demo.block_thread()

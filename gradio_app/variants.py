@@ -28,6 +28,7 @@ from viditq_diffusers import CalibrationStats, ViDiTQConfig, ViDiTQLinear, weigh
 from viditq_diffusers.architectures import BLOCK_LISTS
 from viditq_diffusers.evaluation import compare_samples, generate
 from viditq_diffusers.jsonio import read_json
+from viditq_diffusers.kernels import warmup as warmup_kernels  # noqa: F401 (app.py calls it at start)
 
 from .choices import BUNDLED, CUSTOM, GUIDANCE_RANGE, STEPS_RANGE, VARIANTS
 

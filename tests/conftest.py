@@ -10,10 +10,11 @@ if not torch.cuda.is_available():
 
 def pytest_sessionstart(session):
     """Build (or load) the C++ CPU kernels once, up front: the tests and the app servers they start load them
-    from the cache instead of each compiling them for about a minute inside a timed request."""
+    from the cache instead of each compiling them for about a minute inside a timed request. All of them, also
+    those this CPU's routes do not take (`kernels.warmup` skips those), so each kernel's tests run here."""
+    from viditq_diffusers import kernels
     from viditq_diffusers.kernels import cpu_amx, cpu_balance, cpu_direct, cpu_int16
 
-    cpu_int16.extension()
-    cpu_direct.extension()
-    cpu_amx.extension()
-    cpu_balance.extension()
+    for module in (cpu_int16, cpu_direct, cpu_amx, cpu_balance):
+        module.build()
+    kernels.warmup(verbose=False)

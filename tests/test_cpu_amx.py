@@ -10,7 +10,7 @@ in-place changes, is tested in test_cpu_direct.py (which route it takes depends 
 import pytest
 import torch
 
-from viditq_diffusers.kernels import cpu_amx, use_cpu_amx
+from viditq_diffusers.kernels import LayerCall, cpu_amx, route, select_route
 from viditq_diffusers.kernels.torch_ops import linear_int
 from quantized_weights import random_weights
 
@@ -62,14 +62,15 @@ def test_extreme_codes_over_a_long_k_stay_exact():
     assert torch.equal(cpu_amx.linear_amx(x, codes, 8, scale, zero, None), linear_int(x, codes, scale, zero, None, 8))
 
 
-def test_dispatch_rules(monkeypatch):
-    x, per_channel = torch.randn(32, 128), torch.ones(8, 1)
-    assert use_cpu_amx(x, 8, None, per_channel)
-    assert not use_cpu_amx(x, 8, torch.tensor(1.0), per_channel)  # static scales (naive baseline)
-    assert not use_cpu_amx(x, 16, None, per_channel)              # A16
-    assert not use_cpu_amx(x, 8, None, torch.ones(8, 2))          # group-wise
+def test_route_rules(monkeypatch):
+    x, amx = torch.randn(32, 128), route("cpu_amx")
+    for bits in (8, 4):
+        assert select_route(LayerCall(128, 8, bits, 8, asymmetric=True), x).name == "cpu_amx"
+    assert "static activation scale" in amx.applies(LayerCall(128, 8, 8, 8, static_act_scale=True), x)
+    assert amx.applies(LayerCall(128, 8, 8, 16), x).startswith("A16")
+    assert amx.applies(LayerCall(128, 8, 8, 8, groups=2), x) == "group-wise weights"
     monkeypatch.setenv("VIDITQ_KERNELS", "torch")
-    assert not use_cpu_amx(x, 8, None, per_channel)
+    assert select_route(LayerCall(128, 8, 8, 8), x).name == "torch"
 
 
 def test_mismatched_operands_are_refused_with_the_reason():

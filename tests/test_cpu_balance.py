@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from viditq_diffusers import ViDiTQLinear
-from viditq_diffusers.kernels import cpu_balance, use_cpu_balance
+from viditq_diffusers.kernels import balance_reason, cpu_balance
 from viditq_diffusers.layer_spec import LayerSpec
 from viditq_diffusers.quant.channel_balance import balance_activation
 
@@ -45,12 +45,12 @@ def test_a_bad_smoothing_vector_gets_the_same_error():
 
 def test_dispatch_rules(monkeypatch):
     x = torch.randn(8, 64)
-    assert use_cpu_balance(x, 0)
-    assert not use_cpu_balance(x, None)                      # smoothing alone stays one torch multiply
-    assert not use_cpu_balance(x.half(), 0)                  # fp16 rounds differently: torch
-    assert not use_cpu_balance(torch.randn(2, 8, 64), 0)     # the dispatch sees 2-D inputs only
+    assert balance_reason(True, x) is None
+    assert balance_reason(False, x).startswith("no rotation")  # smoothing alone stays one torch multiply
+    assert "float32 and bfloat16 only" in balance_reason(True, x.half())  # fp16 rounds differently: torch
+    assert balance_reason(True, torch.randn(2, 8, 64)) == "not a 2-D input"  # the op sees 2-D inputs only
     monkeypatch.setenv("VIDITQ_KERNELS", "torch")
-    assert not use_cpu_balance(x, 0)
+    assert "VIDITQ_KERNELS=torch" in balance_reason(True, x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

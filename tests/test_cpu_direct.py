@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from viditq_diffusers import ViDiTQLinear
-from viditq_diffusers.kernels import cpu_direct, onednn, use_cpu_direct
+from viditq_diffusers.kernels import LayerCall, cpu_amx, cpu_direct, onednn, route, select_route
 from viditq_diffusers.kernels.torch_ops import linear_int
 from viditq_diffusers.layer_spec import LayerSpec
 from quantized_weights import random_weights
@@ -72,15 +72,17 @@ def test_rows_whose_sums_could_round_take_the_torch_path():
     assert torch.equal(cpu_direct.linear_direct(x, codes, 8, scale, zero, None), linear_int(x, codes, scale, zero, None, 8))
 
 
-def test_dispatch_rules(monkeypatch):
-    x, per_channel = torch.randn(32, 128), torch.ones(8, 1)
-    assert use_cpu_direct(x, 4, 8, None, per_channel)
-    assert use_cpu_direct(x, 8, 8, None, per_channel) == onednn.exact_for(8)
-    assert not use_cpu_direct(x, 4, 8, torch.tensor(1.0), per_channel)  # static scales (naive baseline)
-    assert not use_cpu_direct(x, 4, 16, None, per_channel)              # A16
-    assert not use_cpu_direct(x, 4, 8, None, torch.ones(8, 2))          # group-wise
+def test_route_rules(monkeypatch):
+    x, direct = torch.randn(32, 128), route("cpu_direct")
+    assert direct.applies(LayerCall(128, 8, 4, 8), x) is None
+    assert (direct.applies(LayerCall(128, 8, 8, 8, asymmetric=True), x) is None) == onednn.exact_for(8)
+    assert "static activation scale" in direct.applies(LayerCall(128, 8, 4, 8, static_act_scale=True), x)
+    assert direct.applies(LayerCall(128, 8, 4, 16), x).startswith("A16")
+    assert direct.applies(LayerCall(128, 8, 4, 8, groups=2), x) == "group-wise weights"
+    if not cpu_amx.available():  # the AMX kernel comes first where it runs
+        assert select_route(LayerCall(128, 8, 4, 8), x).name == "cpu_direct"
     monkeypatch.setenv("VIDITQ_KERNELS", "torch")
-    assert not use_cpu_direct(x, 4, 8, None, per_channel)
+    assert "VIDITQ_KERNELS=torch" in direct.applies(LayerCall(128, 8, 4, 8), x)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from viditq_diffusers import ViDiTQLinear
-from viditq_diffusers.kernels import cpu_int16, onednn, use_cpu_int16
+from viditq_diffusers.kernels import LayerCall, cpu_amx, cpu_int16, onednn, route, select_route
 from viditq_diffusers.kernels.torch_ops import linear_int
 from viditq_diffusers.layer_spec import LayerSpec
 from quantized_weights import random_weights
@@ -70,14 +70,18 @@ def test_a_zero_row_gives_the_bias():
     assert torch.equal(out, bias.expand(3, 16))
 
 
-def test_dispatch():
-    x, scale = torch.randn(20, 128), torch.ones(8, 1)
-    assert use_cpu_int16(x, 8, 8, None, scale) == (not onednn.exact_for(8))  # VNNI/AMX: oneDNN direct is exact
-    assert not use_cpu_int16(x, 4, 8, None, scale)  # W4: oneDNN's u8 x s8 kernel is exact and faster
-    assert not use_cpu_int16(x, 8, 8, torch.ones(1, 1), scale)  # static activation scale (the naive baseline)
-    assert not use_cpu_int16(x, 8, 8, None, torch.ones(8, 2))  # group-wise scales
-    assert not use_cpu_int16(x, 8, 16, None, scale)  # A16
-    assert not use_cpu_int16(torch.randn(2, cpu_int16.MAX_K + 1), 8, 8, None, scale)  # int32 sums could overflow
+def test_route_rules():
+    x, int16 = torch.randn(20, 128), route("cpu_int16")
+    w8 = LayerCall(128, 8, 8, 8, asymmetric=True)
+    assert (int16.applies(w8, x) is None) == (not onednn.exact_for(8))  # VNNI/AMX: oneDNN direct is exact
+    if not onednn.exact_for(8) and not cpu_amx.available():
+        assert select_route(w8, x).name == "cpu_int16"
+    assert int16.applies(LayerCall(128, 8, 4, 8), x).startswith("4-bit weights")  # oneDNN is exact and faster
+    assert "static activation scale" in int16.applies(LayerCall(128, 8, 8, 8, static_act_scale=True), x)
+    assert int16.applies(LayerCall(128, 8, 8, 8, groups=2), x) == "group-wise weights"
+    assert int16.applies(LayerCall(128, 8, 8, 16), x).startswith("A16")
+    wide = torch.randn(2, cpu_int16.MAX_K + 1)
+    assert "overflow" in int16.applies(LayerCall(wide.shape[1], 8, 8, 8), wide)  # int32 sums could overflow
 
 
 def test_module_forward_equals_the_torch_path(monkeypatch):
@@ -87,7 +91,7 @@ def test_module_forward_equals_the_torch_path(monkeypatch):
     x = torch.randn(2, 21, 96) * torch.linspace(0.2, 4, 96)
     fast = layer(x)
     monkeypatch.setenv("VIDITQ_KERNELS", "torch")
-    assert not use_cpu_int16(x.reshape(-1, 96), 8, 8, None, torch.ones(40, 1))
+    assert select_route(LayerCall(96, 40, 8, 8, asymmetric=True), x.reshape(-1, 96)).name == "torch"
     assert torch.equal(fast, layer(x))
 
 

@@ -5,7 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from viditq_diffusers import ViDiTQLinear
-from viditq_diffusers.kernels import use_triton
+from viditq_diffusers.kernels import LayerCall, select_route
 from viditq_diffusers.layer_spec import LayerSpec
 
 
@@ -114,7 +114,9 @@ def test_cuda_integer_path(shape, weight_bits, group_size, dtype):
     with CountOps() as trace:
         y = layer(x.cuda().to(dtype))
     assert y.dtype == dtype and y.is_cuda
-    if use_triton(x.cuda(), 8, None, layer.scales()):  # the fused Triton path (tests/test_triton_kernels.py)
+    xc, scale = x.cuda(), layer.scales()
+    call = LayerCall.of_op(xc, layer.qweight, weight_bits, scale, layer.weight_zero, 8, None, None, None)
+    if select_route(call, xc).name == "triton":  # the fused Triton path (tests/test_triton_kernels.py)
         assert "aten._int_mm" not in trace.ops
     else:
         assert "aten._int_mm" in trace.ops

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from viditq_diffusers import ViDiTQLinear
-from viditq_diffusers.kernels import onednn, use_onednn
+from viditq_diffusers.kernels import LayerCall, onednn, route
 from viditq_diffusers.kernels.torch_ops import linear_int
 from viditq_diffusers.layer_spec import LayerSpec
 from viditq_diffusers.quant.formats import pack_int4, quantize_activation_per_token, quantize_weight
@@ -42,7 +42,9 @@ def test_w8_goes_through_onednn_only_where_it_is_exact():
     out = onednn.gemm(xq, torch.ops.onednn.qlinear_prepack(codes, None), torch.ones(64),
                       torch.zeros(64, dtype=torch.int64))
     assert torch.equal(out.double(), xq.double() @ codes.double().T) == onednn.exact_for(8)
-    assert onednn.use_split(8, None) == (not onednn.exact_for(8))  # where direct W8 saturates, W8 goes split
+    symmetric_w8 = LayerCall(512, 64, 8, 8)  # where direct W8 saturates, symmetric W8 goes split too
+    assert (route("onednn_split").applies(symmetric_w8, xq.float()) is None) == (not onednn.exact_for(8))
+    assert (route("onednn_direct").applies(symmetric_w8, xq.float()) is None) == onednn.exact_for(8)
     assert onednn.exact_split()  # 2 x 255 x 16 never saturates int16
 
 
@@ -52,10 +54,13 @@ def test_w8_goes_through_onednn_only_where_it_is_exact():
 def test_w8_matches_the_exact_torch_path_bit_for_bit(m, k, n, per_tensor, symmetric):
     codes, scale, zero, qweight = weights(8, n, k, k, per_tensor, symmetric)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 6, k)
-    assert use_onednn(x, 8, 8, scale, zero)
     bias = torch.randn(n)
-    xq, x_scale = quantize_activation_per_token(x, 8)
-    out = onednn.linear_onednn(xq, x_scale, qweight, 8, scale, zero, bias, torch.float32)
+    layer = LayerCall.of_op(x, qweight, 8, scale, zero, 8, None, None, None)
+    split = not symmetric or not onednn.exact_for(8)
+    taken = route("onednn_split" if split else "onednn_direct")
+    assert taken.applies(layer, x) is None
+    assert route("onednn_direct" if split else "onednn_split").applies(layer, x) is not None
+    out = taken.run(x, qweight, 8, scale, zero, bias, 8, None, None, None)
     assert torch.equal(out, linear_int(x, codes, scale, zero, bias, 8))
 
 
@@ -68,7 +73,7 @@ def test_split_w8_is_exact_at_the_widest_codes():
     xq[0] = -128
     xq[1] = torch.where(codes[0] - zero[0, 0].to(torch.int16) < 0, -128, 127)  # the largest possible |sum|
     x_scale, scale = torch.ones(5, 1), torch.ones(6, 1)
-    out = onednn.linear_onednn(xq, x_scale, codes, 8, scale, zero, None, torch.float32)
+    out = onednn.linear_onednn(xq, x_scale, codes, 8, scale, zero, None, torch.float32, split=True)
     exact = (xq.double() @ (codes.double() - zero.double()).T).to(torch.int64)
     assert exact.abs().max() > 2**26  # each half's sum near 2^24, where an fp32 sum of the halves would round
     assert torch.equal(out, exact.to(torch.float32))  # the int32 accumulator, converted once (as the torch path)
@@ -86,15 +91,22 @@ def test_module_forward_equals_the_torch_path(bits, symmetric, monkeypatch):
     assert torch.equal(fast, layer(x))
 
 
-def test_dispatch_keeps_groups_wide_split_w8_and_a16_on_the_torch_path():
-    x, zero = torch.randn(20, 128), torch.zeros(8, 1, dtype=torch.int8)
-    assert use_onednn(x, 4, 8, torch.ones(8, 1), None) and use_onednn(x, 4, 8, torch.ones(8, 1), zero)
-    assert use_onednn(x, 8, 8, torch.ones(8, 1), zero)  # split: code - zero does not fit int8
-    assert not use_onednn(x, 4, 8, torch.ones(8, 2), None)  # group-wise scales
+def test_routes_keep_groups_wide_split_w8_and_a16_off_onednn():
+    x = torch.randn(20, 128)
+
+    def onednn_route(layer, x):
+        return [name for name in ("onednn_direct", "onednn_split") if route(name).applies(layer, x) is None]
+
+    assert onednn_route(LayerCall(128, 8, 4, 8), x) == ["onednn_direct"]
+    assert onednn_route(LayerCall(128, 8, 4, 8, asymmetric=True), x) == ["onednn_direct"]  # code - zero fits int8
+    assert onednn_route(LayerCall(128, 8, 8, 8, asymmetric=True), x) == ["onednn_split"]  # it does not for W8
+    assert onednn_route(LayerCall(128, 8, 4, 8, static_act_scale=True), x) == ["onednn_direct"]  # static: fine
+    assert route("onednn_direct").applies(LayerCall(128, 8, 4, 8, groups=2), x) == "group-wise weights"
     wide = torch.randn(2, onednn.SPLIT_MAX_K + 1)
-    assert not use_onednn(wide, 8, 8, torch.ones(8, 1), zero)  # split sums would round in fp32
-    assert use_onednn(wide, 4, 8, torch.ones(8, 1), zero)
-    assert not use_onednn(x, 4, 16, torch.ones(8, 1), None)
+    assert "could round in fp32" in route("onednn_split").applies(LayerCall(wide.shape[1], 8, 8, 8, asymmetric=True),
+                                                                   wide)
+    assert onednn_route(LayerCall(wide.shape[1], 8, 4, 8, asymmetric=True), wide) == ["onednn_direct"]
+    assert onednn_route(LayerCall(128, 8, 4, 16), x) == []  # A16
 
 
 def test_the_packed_weight_follows_in_place_changes():

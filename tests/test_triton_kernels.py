@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("triton", reason="Triton is not installed: the Triton kernels are untested here")
 
 from viditq_diffusers import ViDiTQLinear  # noqa: E402
-from viditq_diffusers.kernels import linear_triton, quantized_linear, use_triton  # noqa: E402
+from viditq_diffusers.kernels import LayerCall, linear_triton, quantized_linear, route  # noqa: E402
 from viditq_diffusers.kernels.torch_ops import linear_int  # noqa: E402
 from viditq_diffusers.layer_spec import LayerSpec  # noqa: E402
 from viditq_diffusers.kernels.triton_gemm import int_gemm  # noqa: E402
@@ -157,16 +157,17 @@ def test_rotated_layer_fused_path_matches_torch_path(bits):
 
 
 def test_dispatch_rules():
-    x = torch.randn(32, 128)
-    per_channel = torch.ones(8, 1)
-    assert not use_triton(x, 8, None, per_channel)  # CPU tensors take the torch path
+    x, triton = torch.randn(32, 128), route("triton")
+    w4 = LayerCall(128, 8, 4, 8, asymmetric=True)
+    assert triton.applies(w4, x) == "not a CUDA tensor"
     if torch.cuda.is_available():
         xc = x.cuda()
-        assert use_triton(xc, 8, None, per_channel)
-        assert not use_triton(xc[:16], 8, None, per_channel)            # adaLN-sized: torch path
-        assert not use_triton(xc, 8, torch.tensor(1.0), per_channel)    # static scale (naive baseline)
-        assert not use_triton(xc, 16, None, per_channel)                # A16
-        assert not use_triton(xc, 8, None, torch.ones(8, 4))            # group 32: smaller than BLOCK_K
+        assert triton.applies(w4, xc) is None
+        assert "launch-bound" in triton.applies(w4, xc[:16])                              # adaLN-sized: torch
+        assert "static activation scale" in triton.applies(LayerCall(128, 8, 4, 8, static_act_scale=True), xc)
+        assert triton.applies(LayerCall(128, 8, 4, 16), xc).startswith("A16")
+        assert "multiple of 64" in triton.applies(LayerCall(128, 8, 4, 8, groups=4), xc)  # g32 < BLOCK_K
+        assert triton.applies(LayerCall(128, 8, 4, 8, groups=2), xc) is None               # g64
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: compares dispatch on a real GPU")

@@ -87,6 +87,7 @@ def component_summary(directory: str) -> dict | None:
         "weight_bytes": stored,
         "fp16_bytes": fp16,
         "layers": plan_json["layers"],
+        "dtype": plan.get("dtype"),
     }
 
 

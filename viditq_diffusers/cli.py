@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .config import PRESETS, ViDiTQConfig
 from .checkpoint import checkpoint_summary, load_any
+from .kernels import warmup as warmup_kernels
 from .layer_spec import LayerSpec
 
 
@@ -55,12 +56,61 @@ def print_summary(summary: dict, layers: bool) -> None:
               f"ratio to FP16 {info['weight_bytes'] / info['fp16_bytes']:.3f}x)")
 
 
+ROUTE_TOKENS = 256  # the input `info --kernels` asks the route table about: a typical DiT layer's token count
+
+
+def kernel_routes(layers: dict, dtype_name: str | None, tokens: int = ROUTE_TOKENS) -> dict:
+    """Per layer of a plan: the kernel route this machine takes for a `[tokens, in_features]` input of the
+    model's dtype, its channel balancing, and why each faster route does not apply (`kernels.routes`)."""
+    import torch
+
+    from . import kernels
+
+    warmup_kernels()  # the routes that need the C++ kernels report what they would do once built
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, dtype_name or "float32")
+    inputs, rows = {}, {}
+    for name, entry in layers.items():
+        spec = LayerSpec.from_json(entry, name)
+        x = inputs.setdefault(spec.in_features, torch.empty(tokens, spec.in_features, dtype=dtype, device=device))
+        row = {}
+        for key, bits in (("", spec.weight_bits), ("early_", spec.early_weight_bits)):
+            if bits:
+                call = kernels.LayerCall.of_spec(spec, bits)
+                route = kernels.select_route(call, x)
+                row.update({f"{key}format": call.label, f"{key}route": route.name,
+                            f"{key}skipped": {n: reason for n, reason in kernels.explain(call, x) if reason}})
+                row.setdefault("balancing", kernels.routes.balance_name(call, x, route))
+        rows[name] = row
+    return {"device": device, "dtype": str(dtype).removeprefix("torch."), "tokens": tokens, "layers": rows}
+
+
+def print_kernel_routes(routes: dict) -> None:
+    counts: dict[str, int] = {}
+    for row in routes["layers"].values():
+        counts[row["route"]] = counts.get(row["route"], 0) + 1
+    tally = ", ".join(f"{name} {count}" for name, count in sorted(counts.items(), key=lambda item: -item[1]))
+    print(f"  kernel routes on this machine ({routes['device']}, {routes['dtype']} input of {routes['tokens']} "
+          f"tokens): {tally}")
+    for layer, row in routes["layers"].items():
+        early = f"; early W copy {row['early_format']}: {row['early_route']}" if "early_route" in row else ""
+        print(f"    {layer:<60} {row['format']:<12} {row['route']:<14} balancing: {row['balancing']}{early}")
+        if row["skipped"]:
+            print("        skipped: " + " | ".join(f"{name}: {reason}" for name, reason in row["skipped"].items()))
+
+
 def cmd_info(args) -> None:
     summary = checkpoint_summary(args.dir)
+    if args.kernels:
+        for info in summary.values():
+            info["kernel_routes"] = kernel_routes(info["layers"], info.get("dtype"))
     if args.json:
         print(json.dumps(summary, indent=2))
-    else:
-        print_summary(summary, layers=args.layers)
+        return
+    for name, info in summary.items():
+        print_summary({name: info}, layers=args.layers)
+        if args.kernels:
+            print_kernel_routes(info["kernel_routes"])
 
 
 BUNDLED_PIPELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -80,6 +130,7 @@ def cmd_demo(args) -> None:
     from .evaluation import compare_samples, epsilon_error, generate, save_grid
     from .footprint import fp16_weight_bytes, weight_bytes
 
+    warmup_kernels()  # the C++ CPU kernels: built once per machine (about a minute, with a message), then loaded
     if not os.path.isfile(os.path.join(args.pipeline, "model_index.json")):
         raise FileNotFoundError(
             f"no diffusers pipeline at {args.pipeline!r}; the trained reference pipeline ships in the git "
@@ -172,6 +223,7 @@ def cmd_search(args) -> None:
     from .mixed_precision.heatmap import save_heatmap
     from .mixed_precision.search import search
 
+    warmup_kernels()
     prompts = read_prompts(args.prompts)
     check_pipeline_dir(args.pipeline)
     pipe = DiffusionPipeline.from_pretrained(args.pipeline)
@@ -207,6 +259,7 @@ def cmd_refine(args) -> None:
     from .plan import summarize_recipes
     from .recipe_refine import refine_recipes
 
+    warmup_kernels()
     prompts = read_prompts(args.prompts)
     check_pipeline_dir(args.pipeline)
     pipe = DiffusionPipeline.from_pretrained(args.pipeline)
@@ -253,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir")
     i.add_argument("--layers", action="store_true", help="list every quantized layer")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--kernels", action="store_true",
+                   help=f"per layer, the kernel route this machine takes (for {ROUTE_TOKENS} tokens) and why faster "
+                        f"ones do not apply")
     i.set_defaults(func=cmd_info)
 
     d = sub.add_parser("demo", help="quantize the bundled trained pipeline, save an FP-vs-quantized grid, print metrics")

@@ -19,9 +19,12 @@ METHODS = {"minmax"}
 UNDECIDED_ALPHAS = ("auto", "search")  # smooth_alpha placeholders that the layer's weight decides (recipe.py)
 
 
-def precision_label(weight_bits: int, act_bits: int, group_size: int | None = None) -> str:
-    """"W8A8", "W4A8-g64": weight and activation bits, and the weight group size if any."""
-    return f"W{weight_bits}A{act_bits}" + (f"-g{group_size}" if group_size else "")
+def precision_label(weight_bits: int, act_bits: int, group_size: int | None = None, per_tensor: bool = False,
+                    static_act_scale: bool = False) -> str:
+    """"W8A8", "W4A8-g64", "W8A8-tensor-static": weight and activation bits, the weight group size if any, and
+    the naive baseline's per-tensor weight scale and static activation scale."""
+    label = f"W{weight_bits}A{act_bits}" + (f"-g{group_size}" if group_size else "")
+    return label + ("-tensor" if per_tensor else "") + ("-static" if static_act_scale else "")
 
 
 @dataclass(frozen=True)
@@ -109,9 +112,8 @@ class LayerSpec:
 
     def label(self) -> str:
         """The format, e.g. "W4A8-g64", "W8A8-tensor-static", "W4A8 (W8 while t >= 750)"."""
-        label = precision_label(self.weight_bits, self.act_bits, self.group_size)
-        label += "-tensor" if self.weight_per_tensor else ""
-        label += "-static" if self.act_scale is not None else ""
+        label = precision_label(self.weight_bits, self.act_bits, self.group_size, self.weight_per_tensor,
+                                self.act_scale is not None)
         if self.early_weight_bits:
             label += f" (W{self.early_weight_bits} while t >= {self.early_timestep:g})"
         return label

@@ -38,18 +38,34 @@ def cpu_has_amx() -> bool:
     return False
 
 
-def extension():
-    """The built extension module, or None where this CPU has no AMX or the kernel cannot be built (warned)."""
+NAME = "viditq_cpu_amx"
+
+
+def build():
+    """Build (first time on this machine) or load the extension where this CPU has AMX; else None."""
     if not cpu_has_amx():
         return None
-    return cpu_build.extension("viditq_cpu_amx", "cpu_amx.cpp", "the AMX int8 GEMM",
-                               "quantized layers on this CPU use oneDNN's int8 GEMM instead")
+    return cpu_build.build(NAME, "cpu_amx.cpp", "the AMX int8 GEMM",
+                           "quantized layers on this CPU use oneDNN's int8 GEMM instead")
 
 
-@functools.cache
+def extension():
+    """The extension module once `build` (`kernels.warmup`) loaded it, else None."""
+    return cpu_build.loaded(NAME)
+
+
+def missing_reason() -> str | None:
+    """Why the AMX kernel cannot run here, or None where it can."""
+    if not cpu_has_amx():
+        return "no AMX on this CPU"
+    reason = cpu_build.missing_reason(NAME)
+    if reason is None and not extension().amx_ready():  # e.g. the kernel refuses the process the tile state
+        return "the OS does not let this process use the AMX tiles"
+    return reason
+
+
 def available() -> bool:
-    ext = extension()
-    return ext is not None and ext.amx_ready()
+    return missing_reason() is None
 
 
 def packed_weight(qweight: torch.Tensor, weight_bits: int, in_features: int) -> torch.Tensor:

@@ -16,14 +16,27 @@ from ..quant import channel_balance, hadamard
 from . import cpu_build
 
 
+NAME = "viditq_cpu_balance"
+
+
+def build():
+    """Build (first time on this machine) or load the extension; None where it cannot (warned once)."""
+    return cpu_build.build(NAME, "cpu_balance.cpp", "the CPU Hadamard rotation",
+                           "rotated layers on this CPU rotate with torch ops")
+
+
 def extension():
-    """The built extension module, or None where this CPU or machine cannot build it (warned once)."""
-    return cpu_build.extension("viditq_cpu_balance", "cpu_balance.cpp", "the CPU Hadamard rotation",
-                               "rotated layers on this CPU rotate with torch ops")
+    """The extension module once `build` (`kernels.warmup`) loaded it, else None."""
+    return cpu_build.loaded(NAME)
 
 
 def available() -> bool:
     return extension() is not None
+
+
+def missing_reason() -> str | None:
+    """Why the extension is not loaded here, or None where it is."""
+    return cpu_build.missing_reason(NAME)
 
 
 def balance_activation(x: torch.Tensor, smooth: torch.Tensor | None, rotation_seed: int | None) -> torch.Tensor:

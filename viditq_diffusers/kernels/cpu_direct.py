@@ -28,15 +28,28 @@ from . import cpu_build, onednn
 from .torch_ops import linear_int
 
 
+NAME = "viditq_cpu_direct"
+
+
+def build():
+    """Build (first time on this machine) or load the extension; None where it cannot (warned once)."""
+    return cpu_build.build(NAME, "cpu_direct.cpp", "the quantization and epilogue of oneDNN's direct int8 route",
+                           "quantized layers on this CPU keep torch ops around oneDNN's GEMM (8-bit weights its "
+                           "slower split route)")
+
+
 def extension():
-    """The built extension module, or None where this CPU or machine cannot run or build it (warned once)."""
-    return cpu_build.extension("viditq_cpu_direct", "cpu_direct.cpp", "the quantization and epilogue of oneDNN's "
-                               "direct int8 route", "quantized layers on this CPU keep torch ops around oneDNN's "
-                               "GEMM (8-bit weights its slower split route)")
+    """The extension module once `build` (`kernels.warmup`) loaded it, else None."""
+    return cpu_build.loaded(NAME)
 
 
 def available() -> bool:
     return extension() is not None
+
+
+def missing_reason() -> str | None:
+    """Why the extension is not loaded here, or None where it is."""
+    return cpu_build.missing_reason(NAME)
 
 
 def linear_direct(x: torch.Tensor, qweight: torch.Tensor, weight_bits: int, scale: torch.Tensor,

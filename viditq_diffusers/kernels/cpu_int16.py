@@ -12,7 +12,7 @@ bit as the torch path (`torch_ops.linear_int`; tests/test_cpu_int16.py). Weights
 weight tensor into int16 panels with the zero points folded in (2 bytes per weight, cached like oneDNN's
 packed copy, `weight_cache`).
 
-Built on first use (`cpu_build`: once per machine and torch version, about a minute). Needs a C++ compiler and
+Built by `kernels.warmup()` (`cpu_build`: once per machine and torch version, about a minute). Needs a C++ compiler and
 ninja; where the build fails, a warning names the reason and 8-bit weights stay on oneDNN's split route.
 """
 
@@ -25,14 +25,27 @@ from . import cpu_build, weight_cache
 MAX_K = (2**31 - 1) // (128 * 255)  # the int32 accumulator holds K products of |code| <= 128, |w - zero| <= 255
 
 
+NAME = "viditq_cpu_int16"
+
+
+def build():
+    """Build (first time on this machine) or load the extension; None where it cannot (warned once)."""
+    return cpu_build.build(NAME, "cpu_int16.cpp", "the int16 CPU kernel for W8A8",
+                           "W8A8 on this CPU falls back to oneDNN's slower split route")
+
+
 def extension():
-    """The built extension module, or None where this CPU or machine cannot run or build it (warned once)."""
-    return cpu_build.extension("viditq_cpu_int16", "cpu_int16.cpp", "the int16 CPU kernel for W8A8",
-                               "W8A8 on this CPU falls back to oneDNN's slower split route")
+    """The extension module once `build` (`kernels.warmup`) loaded it, else None."""
+    return cpu_build.loaded(NAME)
 
 
 def available() -> bool:
     return extension() is not None
+
+
+def missing_reason() -> str | None:
+    """Why the extension is not loaded here, or None where it is."""
+    return cpu_build.missing_reason(NAME)
 
 
 def packed_weight(qweight: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:

@@ -16,11 +16,11 @@ oneDNN ignores weight zero points (silently), so asymmetric 4-bit weights are pa
 (which fits int8).
 
 8-bit weights where the direct route is not exact (AVX2 without VNNI) or `code - zero` does not fit int8
-(asymmetric) take the *split* route: `d = code - zero` (in [-255, 255]) is written as `16 hi + lo` with
-`hi` in [-16, 15] and `lo` in [0, 15], both halves are stacked along N into one GEMM of 2N outputs (pairs
-stay below 2 x 255 x 16 < 2^15: exact on every x86 ISA level), and `16 acc_hi + acc_lo` is summed with one
-rounding, which equals the int32 accumulator's conversion to fp32. Each half's sum must convert to fp32
-exactly, so K is limited to `SPLIT_MAX_K`. It is twice the GEMM work of W4, and still 1.2-1.5x faster than
+(asymmetric) take the *split* route (`split=True`; route `onednn_split` in `kernels.routes`): `d = code - zero`
+(in [-255, 255]) is written as `16 hi + lo` with `hi` in [-16, 15] and `lo` in [0, 15], both halves are stacked
+along N into one GEMM of 2N outputs (pairs stay below 2 x 255 x 16 < 2^15: exact on every x86 ISA level), and
+`16 acc_hi + acc_lo` is summed with one rounding, which equals the int32 accumulator's conversion to fp32. Each
+half's sum must convert to fp32 exactly, so K is limited to `SPLIT_MAX_K`. It is twice the GEMM work of W4, and still 1.2-1.5x faster than
 the exact fp32-BLAS route at DiT shapes on AVX2 (`benchmarks/speed_cpu.py`).
 
 The packed (oneDNN-layout, int8) weight is built on first use and cached per weight tensor (rebuilt when
@@ -81,11 +81,6 @@ def exact_split() -> bool:
     return _exact_for_range(-16, 15)
 
 
-def use_split(weight_bits: int, zero: torch.Tensor | None) -> bool:
-    """Whether `weight_bits`-bit weights (with zero points `zero` or None) go through the split route."""
-    return weight_bits == 8 and (zero is not None or not exact_for(8))
-
-
 def _exact_for_range(lo: int, hi: int) -> bool:
     """A worst-case probe (every activation code +127 and -127, every weight `lo` or `hi`) against the int64
     product."""
@@ -103,22 +98,24 @@ def _exact_for_range(lo: int, hi: int) -> bool:
     return torch.equal(out.double(), (xq.double() @ codes.double().T))
 
 
-def packed_weight(qweight: torch.Tensor, weight_bits: int, in_features: int,
-                  zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_weight(qweight: torch.Tensor, weight_bits: int, in_features: int, zero: torch.Tensor | None = None,
+                  split: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(oneDNN-packed int8 weight, its zero points: all 0) of `qweight` (int8 codes, or packed int4) and the
-    per-channel `zero [N, 1]` or None; for the split route (`use_split`) the weight has 2N rows. Cached."""
-    return weight_cache.packed("onednn", qweight, zero, lambda: _pack(qweight, weight_bits, in_features, zero))
+    per-channel `zero [N, 1]` or None; for the split route (`split`, 8-bit weights) the weight has 2N rows.
+    Cached."""
+    return weight_cache.packed("onednn_split" if split else "onednn", qweight, zero,
+                               lambda: _pack(qweight, weight_bits, in_features, zero, split))
 
 
-def _pack(qweight, weight_bits, in_features, zero):
+def _pack(qweight, weight_bits, in_features, zero, split):
     codes = unpack_int4(qweight, in_features) if weight_bits == 4 else qweight
-    if use_split(weight_bits, zero):  # 16 hi + lo, stacked along N
+    if split:  # 16 hi + lo, stacked along N
         d = codes.to(torch.int16) - (0 if zero is None else zero.to(torch.int16))
         hi = torch.div(d, 16, rounding_mode="floor")
         codes = torch.cat([hi, d - 16 * hi]).to(torch.int8)
     elif zero is not None:
         if weight_bits != 4:
-            raise ValueError("oneDNN packs 8-bit weights with zero points only split (use_split)")
+            raise ValueError("oneDNN packs 8-bit weights with zero points only split (split=True)")
         codes = (codes.to(torch.int16) - zero.to(torch.int16)).to(torch.int8)
     return (torch.ops.onednn.qlinear_prepack(codes.contiguous(), None),
             torch.zeros(codes.shape[0], dtype=torch.int64))
@@ -126,11 +123,13 @@ def _pack(qweight, weight_bits, in_features, zero):
 
 def linear_onednn(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, weight_bits: int,
                   scale: torch.Tensor, zero: torch.Tensor | None, bias: torch.Tensor | None,
-                  out_dtype: torch.dtype) -> torch.Tensor:
+                  out_dtype: torch.dtype, split: bool = False) -> torch.Tensor:
     """The quantized linear from int8 activation codes and scales, for per-channel or per-tensor weights
-    (`scale [N, 1]` or `[1, 1]`), symmetric (`zero` None) or asymmetric (`zero [N, 1]`)."""
-    packed, zeros = packed_weight(qweight, weight_bits, xq.shape[1], zero)
-    if use_split(weight_bits, zero):
+    (`scale [N, 1]` or `[1, 1]`), symmetric (`zero` None) or asymmetric (`zero [N, 1]`); `split`: 8-bit
+    weights in two 4-bit halves (needed where `code - zero` does not fit int8 or the direct GEMM is not exact
+    for W8 here, and exact only for K <= `SPLIT_MAX_K`: the caller, `kernels.routes`, checks)."""
+    packed, zeros = packed_weight(qweight, weight_bits, xq.shape[1], zero, split)
+    if split:
         halves = gemm(xq, packed, torch.ones(zeros.shape[0]), zeros)  # fp32, each an exact integer
         n = zeros.shape[0] // 2
         # 16 hi is exact, so the one rounding of the sum equals the int32 accumulator's conversion to fp32
