@@ -16,6 +16,7 @@ import tempfile
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
+from .config import ViDiTQConfig
 from .footprint import fp16_weight_bytes, weight_bytes
 from .plan import summarize
 
@@ -65,11 +66,11 @@ def detach(model) -> None:
 
 
 def quantized_components(obj) -> dict:
-    """{component name: model} for every ViDiT-Q model in a pipeline, or {"model": obj} for a model."""
-    from .diffusers_quantizer import ViDiTQQuantizer
-
+    """{component name: model} for every ViDiT-Q model in a pipeline, or {"model": obj} for a model: those whose
+    diffusers quantizer holds a `ViDiTQConfig`."""
     models = getattr(obj, "components", None) or {"model": obj}
-    return {n: m for n, m in models.items() if isinstance(getattr(m, "hf_quantizer", None), ViDiTQQuantizer)}
+    return {n: m for n, m in models.items()
+            if isinstance(getattr(getattr(m, "hf_quantizer", None), "quantization_config", None), ViDiTQConfig)}
 
 
 def model_card(obj, repo_id: str) -> ModelCard:
