@@ -1,21 +1,23 @@
 """One-way layers: every import in the core and the apps points down this table (or stays on its level).
 
-| level | modules | why here |
-|---|---|---|
-| 0 foundations | `quant/*`, `architectures`, `atomic`, `jsonio`, `metrics`, `evaluation` | pure math and helpers: torch, the file system, a pipeline call; no other package module |
-| 1 kernels | `kernels/*` | integer GEMMs and fused quantizers; need only the number formats of `quant` |
-| 2 nn | `nn` | `ViDiTQLinear`: the quantized layer, runs on the kernels |
-| 3 layer helpers | `footprint`, `timestep_clock`, `lora`, `roles`, `reference_mixed_precision` | read or extend `ViDiTQLinear` layers and name the layers of a model (roles, the paper's W8 rule) |
-| 4 calibration | `calibration` | activation statistics; its default layers come from `architectures` |
-| 5 plan | `plan` | the per-layer decisions; reads `CalibrationStats` |
-| 6 balancing | `balancing` | smoothing / rotation per layer, completes plan entries |
-| 7 convert | `convert` | model surgery: builds the planned layers |
-| 8 config, checkpoint | `config`, `checkpoint` | the diffusers-facing config; reading checkpoint files |
-| 9 hub | `hub` | atomic save, model card, push; knows a ViDiT-Q model by its `ViDiTQConfig` |
-| 10 quantizer | `diffusers_quantizer` | diffusers' `from_pretrained` hook; runs `convert`, attaches `hub` |
-| 11 api | `api` | `quantize(model, config)`: the same result as the quantizer, for a loaded model |
-| 12 tools | `cli`, `mixed_precision/*`, `recipe_refine`, `testing/*`, the package `__init__` | built on everything above: searches, the command line, the test models, the public names |
-| 13 apps | `comfyui_nodes/*`, `gradio_app/*` | user interfaces on top of the core |
+level  modules                                   why there
+ 0     quant/*, architectures, atomic, jsonio,   pure math and helpers (torch, files, a pipeline call): no other
+       metrics, evaluation                       module of this package
+ 1     kernels/*                                 integer GEMMs and fused quantizers; need only quant's formats
+ 2     nn                                        ViDiTQLinear, the quantized layer; runs on the kernels
+ 3     footprint, timestep_clock, lora, roles,   read or extend ViDiTQLinear layers, name a model's layers (roles,
+       reference_mixed_precision                 the paper's W8 rule for w4a8_mp)
+ 4     calibration                               activation statistics; its default layers come from architectures
+ 5     plan                                      the per-layer decisions; reads CalibrationStats
+ 6     balancing                                 smoothing / rotation per layer; completes plan entries
+ 7     convert                                   model surgery: builds the planned layers
+ 8     config, checkpoint                        the diffusers-facing config; reading checkpoint files
+ 9     hub                                       atomic save, model card, push; knows a model by its ViDiTQConfig
+10     diffusers_quantizer                       diffusers' from_pretrained hook; runs convert, attaches hub
+11     api                                       quantize(model, config): the quantizer's result for a loaded model
+12     cli, mixed_precision/*, recipe_refine,    built on all of the above: searches, the command line, the test
+       testing/*, the package __init__           models, the public names
+13     comfyui_nodes/*, gradio_app/*             the apps: user interfaces on top of the core
 
 Imports inside functions count like the ones at the top of a file (they only defer the cycle, they do not remove
 it), and so do the package `__init__` files Python runs on the way to a submodule. The core never imports ComfyUI,
@@ -70,6 +72,10 @@ def source_files() -> dict[str, Path]:
     return {module_name(p): p for root in ROOTS for p in sorted((REPO / root).rglob("*.py"))}
 
 
+def called_name(call: ast.Call) -> str | None:
+    return getattr(call.func, "attr", getattr(call.func, "id", None))
+
+
 def imported_names(path: Path, modules: dict[str, Path]) -> list[tuple[int, str]]:
     """(line, dotted module) for every import in `path`, at any depth, relative ones resolved; `from X import y`
     gives `X.y` when that is a module of ours, else `X`. `importlib.import_module("...")` counts too."""
@@ -89,8 +95,8 @@ def imported_names(path: Path, modules: dict[str, Path]) -> list[tuple[int, str]
             for alias in node.names:
                 sub = f"{source}.{alias.name}"
                 found.append((node.lineno, sub if sub in modules else source))
-        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
-              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        elif isinstance(node, ast.Call) and called_name(node) == "import_module" and node.args \
+                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
             found.append((node.lineno, node.args[0].value))
     return found
 
@@ -132,7 +138,8 @@ def test_every_module_has_a_level():
 
 def test_imports_only_go_down():
     upward = [
-        f"{where(importer, line)}: {importer} (level {level_of(importer)}) imports {module} (level {level_of(module)})"
+        f"{where(importer, line)}: {importer} (level {level_of(importer)}) imports {module} "
+        f"(level {level_of(module)})"
         + ("" if module == target else f" on the way to {target}")
         for importer, line, target, module in import_edges() if level_of(module) > level_of(importer)
     ]
