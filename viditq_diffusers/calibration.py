@@ -38,7 +38,6 @@ import inspect
 import json
 import math
 import os
-import uuid
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -46,6 +45,7 @@ import torch
 from torch import nn
 
 from .architectures import default_layers
+from .atomic import atomic_path
 
 SAMPLE_ROWS = 64
 FORMAT_VERSION = 1
@@ -127,16 +127,8 @@ class CalibrationStats:
         tensors = {f"{kind}/{name}": t.contiguous() for kind in KINDS for name, t in getattr(self, kind).items()}
         meta = {"version": FORMAT_VERSION, "model_class": self.model_class, "in_features": self.in_features,
                 "settings": self.settings}
-        path = os.fspath(path)
-        # temp file in the same folder + os.replace: a crash never leaves a half-written file under `path`
-        tmp = os.path.join(os.path.dirname(path), f".viditq-tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-        try:
-            with open(tmp, "wb") as f:  # written by Python, so the file gets the usual permissions (umask)
-                f.write(save(tensors, metadata={METADATA_KEY: json.dumps(meta)}))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # written by Python: the usual permissions (umask)
+            f.write(save(tensors, metadata={METADATA_KEY: json.dumps(meta)}))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CalibrationStats":
