@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 
 import torch
 
+from viditq_diffusers.atomic import atomic_path
 from viditq_diffusers.plan import plan_to_json
 
 METADATA_KEY = "viditq_comfyui"
@@ -48,16 +48,11 @@ def describe(base_model, plan: dict | None) -> dict:
 
 
 def save(path: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write atomically: a temp file in the same folder, then `os.replace`."""
+    """Write atomically (`viditq_diffusers.atomic.atomic_path`)."""
     from safetensors.torch import save_file
 
-    tmp = os.path.join(os.path.dirname(path), f".viditq-tmp-{uuid.uuid4().hex}.safetensors")
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata={METADATA_KEY: json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -1,6 +1,8 @@
 """The Gradio UI: FP / W8A8 / W4A8-MP side by side, calibrate, save and push. Logic lives in `variants.py`.
 
-    python -m gradio_app [--port 7860] [--threads N]      (or: viditq demo --ui)
+    python -m gradio_app [--host 127.0.0.1] [--port 7860] [--threads N]      (or: viditq demo --ui)
+
+`--host` / `--port` default to Gradio's `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT` when those are set.
 
 The page is served first; torch, the core and the default pipeline load right after, in the background
 (`variants` is imported on first use), and a request that comes earlier waits for them.
@@ -16,6 +18,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from a local demo
 
@@ -24,6 +27,7 @@ from PIL import Image  # noqa: E402
 
 from .choices import BUNDLED, CALIBRATION_PROMPTS, CUSTOM, DEFAULT_SOURCE, STEPS_RANGE, VARIANTS  # noqa: E402
 
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860  # unless --host / --port or GRADIO_SERVER_NAME / _PORT say otherwise
 DISPLAY_PX = 256  # the bundled pipelines make 32x32 samples: shown enlarged, pixels kept sharp
 OUTPUT_DIR = tempfile.mkdtemp(prefix="viditq-gradio-")  # the GIFs of video results
 atexit.register(shutil.rmtree, OUTPUT_DIR, True)
@@ -179,14 +183,26 @@ def build_app(concurrency: int = 1) -> gr.Blocks:
     return demo.queue()
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ) -> argparse.Namespace:
+    """The command line. Without `--host` / `--port`, Gradio's own `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT`
+    (set by Hugging Face Spaces and container images) decide, then 127.0.0.1:7860."""
+    host = environ.get("GRADIO_SERVER_NAME") or DEFAULT_HOST
+    port = environ.get("GRADIO_SERVER_PORT") or str(DEFAULT_PORT)
+    if not port.isdigit():
+        raise SystemExit(f"GRADIO_SERVER_PORT={port!r} is not a port number; set a number (e.g. 7860) or pass --port.")
     parser = argparse.ArgumentParser(prog="python -m gradio_app", description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--host", default=host, help=f"default: $GRADIO_SERVER_NAME, else {DEFAULT_HOST}")
+    parser.add_argument("--port", type=int, default=int(port),
+                        help=f"default: $GRADIO_SERVER_PORT, else {DEFAULT_PORT}")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--concurrency", type=int, default=1, help="requests that run models at the same time (more than 1 mixes the peak memory readings on CPU)")
+    parser.add_argument("--concurrency", type=int, default=1, help="requests that run models at the same time "
+                        "(more than 1 mixes the peak memory readings on CPU)")
     parser.add_argument("--no-preload", action="store_true", help="load the default pipeline on first request")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     global TORCH_THREADS
     TORCH_THREADS = args.threads
     demo = build_app(args.concurrency)

@@ -13,6 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from viditq_diffusers.atomic import atomic_path
+
 
 def save_checkpoint(directory: str, name: str, *, modules: dict[str, torch.nn.Module],
                     optimizer: torch.optim.Optimizer | None = None, generator: torch.Generator | None = None,
@@ -29,9 +31,8 @@ def save_checkpoint(directory: str, name: str, *, modules: dict[str, torch.nn.Mo
     if generator is not None:
         tensors["rng"] = generator.get_state()
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{name}.tmp")
-    save_file(tensors, tmp, metadata={"json": json.dumps(meta)})
-    os.replace(tmp, os.path.join(directory, name + ".safetensors"))
+    with atomic_path(os.path.join(directory, name + ".safetensors")) as tmp:
+        save_file(tensors, tmp, metadata={"json": json.dumps(meta)})
 
 
 def load_checkpoint(directory: str, name: str, *, modules: dict[str, torch.nn.Module] | None = None,

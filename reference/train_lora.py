@@ -31,6 +31,7 @@ import diffusers
 
 from reference.data import all_prompts, sample_batch
 from reference.train_image import OUT as PIPELINE, encode_prompts
+from viditq_diffusers.atomic import atomic_path
 
 OUT = os.path.join(os.path.dirname(PIPELINE), "pixart_digits_lora")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -85,9 +86,9 @@ def save_lora(transformer, adapter_name: str, config, folder: str, extra: dict) 
     meta = {f"transformer.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, WEIGHT_NAME)
-    save_file(state, path + ".tmp", metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True),
-                                              "training": json.dumps(extra, sort_keys=True)})
-    os.replace(path + ".tmp", path)
+    with atomic_path(path) as tmp:
+        save_file(state, tmp, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True),
+                                        "training": json.dumps(extra, sort_keys=True)})
     return path
 
 

@@ -1,4 +1,4 @@
-"""Layer roles (mixed_precision/roles.py) on the real tiny zoo models: coverage, agreement with the default
+"""Layer roles (viditq_diffusers/roles.py) on the real tiny zoo models: coverage, agreement with the default
 quantization rule, per-family spot checks, role x block-range groups and the fallback for unknown classes."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from viditq_diffusers.architectures import is_quantized_by_default
 from viditq_diffusers.mixed_precision import (
     FALLBACK_PATTERNS, ROLE_MAPS, Role, block_index, classify, group_layers, quantized_by_default,
 )
-from viditq_diffusers.mixed_precision.roles import _match
+from viditq_diffusers.roles import _match
 from viditq_diffusers.zoo import ZOO
 
 # Variants of released checkpoints (SD3.5, Flux, Wan I2V, ...) that add linears the zoo defaults lack.

@@ -8,7 +8,7 @@ import importlib.util
 
 from .calibration import CalibrationStats, calibrate
 from .config import PRESETS, ViDiTQConfig
-from .convert import quantize
+from .api import quantize
 from .diffusers_quantizer import ViDiTQQuantizer, register
 from .footprint import fp16_weight_bytes, weight_bytes
 from .hub import model_card, push_to_hub, save_pretrained

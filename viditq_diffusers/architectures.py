@@ -59,3 +59,10 @@ def is_quantized_by_default(model: nn.Module, name: str) -> bool:
         return False
     keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or []
     return not any(part in keep_fp32 for part in name.split("."))
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    """Names of the nn.Linear layers quantized by default, in module order (what calibration records unless told
+    otherwise)."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and is_quantized_by_default(model, name)]

@@ -38,12 +38,14 @@ import inspect
 import json
 import math
 import os
-import uuid
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 from torch import nn
+
+from .architectures import default_layers
+from .atomic import atomic_path
 
 SAMPLE_ROWS = 64
 FORMAT_VERSION = 1
@@ -125,16 +127,8 @@ class CalibrationStats:
         tensors = {f"{kind}/{name}": t.contiguous() for kind in KINDS for name, t in getattr(self, kind).items()}
         meta = {"version": FORMAT_VERSION, "model_class": self.model_class, "in_features": self.in_features,
                 "settings": self.settings}
-        path = os.fspath(path)
-        # temp file in the same folder + os.replace: a crash never leaves a half-written file under `path`
-        tmp = os.path.join(os.path.dirname(path), f".viditq-tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-        try:
-            with open(tmp, "wb") as f:  # written by Python, so the file gets the usual permissions (umask)
-                f.write(save(tensors, metadata={METADATA_KEY: json.dumps(meta)}))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # written by Python: the usual permissions (umask)
+            f.write(save(tensors, metadata={METADATA_KEY: json.dumps(meta)}))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CalibrationStats":
@@ -294,7 +288,7 @@ def calibrate(
     (`seeds` default `0..n-1`) and `output_type="latent"`: `pipe(prompt=[p], num_inference_steps=...,
     guidance_scale=..., generator=[g], output_type="latent", **call_kwargs)`. One prompt per call
     keeps each prompt's activations independent of its batch mates (LattePipeline needs it anyway).
-    `layers` defaults to the layers ViDiT-Q quantizes (`build_plan(model, ViDiTQConfig("w8a8"))`).
+    `layers` defaults to the layers ViDiT-Q quantizes by default (`architectures.default_layers`).
     `guidance_scale > 1` means the batch holds [uncond, cond] halves, as in diffusers' pipelines.
 
     A bare denoiser needs `run(prompt, generator)` that calls it for one prompt (with `timestep`);
@@ -307,9 +301,6 @@ def calibrate(
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
     from tqdm.auto import tqdm
-
-    from .config import ViDiTQConfig
-    from .plan import build_plan
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -328,7 +319,12 @@ def calibrate(
 
     denoiser, scheduler, is_pipeline = _denoiser(pipe_or_model, run)
     num_train = int(scheduler.config.num_train_timesteps) if scheduler is not None else (timestep_range or 1000)
-    names = list(build_plan(denoiser, ViDiTQConfig(preset="w8a8"))["layers"]) if layers is None else list(layers)
+    names = default_layers(denoiser) if layers is None else list(layers)
+    if layers is None and not names:
+        raise ValueError(
+            f"{type(denoiser).__name__} has no quantizable layers: ViDiT-Q quantizes the nn.Linear layers inside "
+            f"transformer blocks, and none were found. Pass a model with transformer blocks, or `layers`."
+        )
     modules = dict(denoiser.named_modules())
     missing = [n for n in names if not isinstance(getattr(modules.get(n), "in_features", None), int)]
     if missing or not names:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 from tqdm.auto import tqdm
@@ -121,10 +123,10 @@ DEMO_PROMPTS = ["a thick handwritten digit 7", "a thin handwritten digit 3", "an
 
 def cmd_demo(args) -> None:
     """Quantize the bundled trained PixArt pipeline, generate FP vs quantized, save a grid, print metrics."""
-    if args.ui:  # the Gradio app instead (gradio_app/, `pip install -e ".[gradio]"`); the core never imports it
-        from gradio_app.app import main as launch_app
-
-        return launch_app([])
+    if args.ui:  # the Gradio app instead, as its own process: the core never imports the apps
+        if importlib.util.find_spec("gradio_app") is None:
+            raise SystemExit('the Gradio app is not installed: from a checkout, pip install -e ".[gradio]"')
+        sys.exit(subprocess.call([sys.executable, "-m", "gradio_app"]))
     from diffusers import DiffusionPipeline
 
     from .evaluation import compare_samples, epsilon_error, generate, save_grid

@@ -33,7 +33,7 @@ PRESETS: dict[str, dict] = {
     "w4a8": {"weight_bits": 4, "act_bits": 8, "group_size": None},
     "w8a16": {"weight_bits": 8, "act_bits": 16, "group_size": None, "balance": None},
     "w4a16": {"weight_bits": 4, "act_bits": 16, "group_size": None, "balance": None},
-    # the paper's reference mixed precision: W8 FFNs and first / last blocks, W4 attention (mixed_precision.heuristic)
+    # the paper's reference mixed precision: W8 FFNs and first / last blocks, W4 attention (reference_mixed_precision)
     "w4a8_mp": {"weight_bits": 4, "act_bits": 8, "group_size": None, "mixed": "reference"},
     # Baselines and ablations, not ViDiT-Q:
     # per-tensor weights, static per-tensor activations from calibration;

@@ -1,12 +1,10 @@
 """Model surgery: swap `nn.Linear` for `ViDiTQLinear` following a plan.
 
-`quantize(model, config)` is the public entry for an already-loaded model; the diffusers
-quantizer (`from_pretrained(..., quantization_config=...)`) runs the same functions.
+The diffusers quantizer (`from_pretrained(..., quantization_config=...)`) and `api.quantize` (an
+already-loaded model) both build their layers with these functions.
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch
 from torch import nn
@@ -96,26 +94,3 @@ def quantized_layers(model: nn.Module, config):
                 yield name, layer
 
     return plan, build()
-
-
-@torch.no_grad()
-def quantize(model: nn.Module, config) -> nn.Module:
-    """Quantize an already-loaded diffusers model in place (and return it).
-
-    Sets what `from_pretrained(..., quantization_config=config)` sets, so `save_pretrained`,
-    `push_to_hub`, `.to(device)` and reloading work the same way.
-    """
-    from .diffusers_quantizer import ViDiTQQuantizer  # the quantizer imports this module
-
-    config = copy.deepcopy(config)
-    plan, layers = quantized_layers(model, config)
-    for name, layer in layers:
-        set_submodule(model, name, layer)
-    config.plan = plan
-    config.calibration = None  # the plan (and the act_smooth tensors) now hold what the statistics decided
-    quantizer = ViDiTQQuantizer(config, pre_quantized=False)
-    model.is_quantized = True
-    model.quantization_method = config.quant_method
-    model.hf_quantizer = quantizer
-    quantizer.postprocess_model(model)
-    return model

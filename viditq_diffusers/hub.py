@@ -1,9 +1,9 @@
 """Save, model card and push to the Hugging Face Hub (through huggingface_hub).
 
 Saving goes through diffusers' own `save_pretrained` (safetensors, sharding,
-`config.json` with the plan); this module only makes it atomic: everything is written
-into a temporary folder inside the target and then moved into place file by file with
-`os.replace`, so a crash never leaves a half-written file under a final name.
+`config.json` with the plan); this module only makes it atomic (`atomic.atomic_folder`):
+everything is written into a temporary folder inside the target and then moved into place
+file by file, so a crash never leaves a half-written file under a final name.
 """
 
 from __future__ import annotations
@@ -11,37 +11,20 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import shutil
 import tempfile
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
+from .atomic import atomic_folder
+from .config import ViDiTQConfig
 from .footprint import fp16_weight_bytes, weight_bytes
 from .plan import summarize
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_save(save, directory: str | os.PathLike, **kwargs) -> None:
     """Run `save(tmp_dir, **kwargs)` in a temp folder inside `directory`, then move files into place."""
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".viditq-tmp-", dir=directory)
-    try:
+    with atomic_folder(directory) as tmp:
         save(tmp, **kwargs)
-        for root, _, files in os.walk(tmp):
-            target_root = os.path.join(directory, os.path.relpath(root, tmp))
-            os.makedirs(target_root, exist_ok=True)
-            for file in files:
-                source = os.path.join(root, file)
-                os.chmod(source, 0o666 & ~_umask())  # savers that write via mkstemp leave 0600 files
-                os.replace(source, os.path.join(target_root, file))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_pretrained(obj, directory: str | os.PathLike, **kwargs) -> None:
@@ -65,11 +48,11 @@ def detach(model) -> None:
 
 
 def quantized_components(obj) -> dict:
-    """{component name: model} for every ViDiT-Q model in a pipeline, or {"model": obj} for a model."""
-    from .diffusers_quantizer import ViDiTQQuantizer
-
+    """{component name: model} for every ViDiT-Q model in a pipeline, or {"model": obj} for a model: those whose
+    diffusers quantizer holds a `ViDiTQConfig`."""
     models = getattr(obj, "components", None) or {"model": obj}
-    return {n: m for n, m in models.items() if isinstance(getattr(m, "hf_quantizer", None), ViDiTQQuantizer)}
+    return {n: m for n, m in models.items()
+            if isinstance(getattr(getattr(m, "hf_quantizer", None), "quantization_config", None), ViDiTQConfig)}
 
 
 def model_card(obj, repo_id: str) -> ModelCard:

@@ -1,10 +1,12 @@
-"""JSON files written atomically (temp file in the same folder, then `os.replace`): a crash never leaves a
-half-written plan or cache under its final name."""
+"""JSON files, written atomically (`atomic.atomic_path`): a crash never leaves a half-written plan or cache under
+its final name."""
 
 from __future__ import annotations
 
 import json
 import os
+
+from .atomic import atomic_path
 
 
 def json_form(value):
@@ -15,15 +17,8 @@ def json_form(value):
 
 
 def write_json(path: str | os.PathLike, data) -> None:
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True, default=json_form)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True, default=json_form)
 
 
 def read_json(path: str | os.PathLike):

@@ -121,7 +121,7 @@ def build_plan(model: nn.Module, config) -> dict:
     ]
     layers = {name: layer_spec(name, model.get_submodule(name), config, i) for i, name in enumerate(names)}
     if config.mixed == "reference":
-        from .mixed_precision.heuristic import reference_w8_layers
+        from .reference_mixed_precision import reference_w8_layers
 
         for name in reference_w8_layers(model) & set(layers):
             layers[name] = replace(layers[name], weight_bits=8)

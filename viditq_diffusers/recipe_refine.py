@@ -25,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
-from .convert import quantize, quantized_layer, set_submodule
+from .api import quantize
+from .convert import quantized_layer, set_submodule
 from .evaluation import denoiser_output, generate, with_transformer
 from .layer_spec import LayerSpec
 from .quant.hadamard import rotatable

@@ -1,13 +1,15 @@
-"""Metric-decoupled mixed precision (docs/mixed-precision.md). So far: layer roles and role x block-range groups,
-the paper's reference heuristic (`w4a8_mp`), per-group sensitivity with a cheap proxy, and the budgeted
-allocation."""
+"""Metric-decoupled mixed precision (ViDiT-Q-MP; docs/mixed-precision.md): per-group sensitivity with a cheap proxy, the budgeted
+allocation, the search that ties them together, and a heatmap of the sensitivity table. The layer roles and
+role x block-range groups (`viditq_diffusers.roles`) and the paper's reference heuristic (`w4a8_mp`,
+`viditq_diffusers.reference_mixed_precision`) sit lower in the package, since plans use them; their names are
+re-exported here."""
 
-from .allocation import Allocation, allocate, allocate_best
-from .heuristic import reference_w8_layers
-from .sensitivity import dominant_metric, measure, proxy_errors, rank_agreement
-from .roles import (
+from ..reference_mixed_precision import reference_w8_layers
+from ..roles import (
     FALLBACK_PATTERNS, FP_ROLES, ROLE_MAPS, Role, block_index, classify, group_layers, quantized_by_default,
 )
+from .allocation import Allocation, allocate, allocate_best
+from .sensitivity import dominant_metric, measure, proxy_errors, rank_agreement
 
 __all__ = [
     "Allocation", "allocate", "allocate_best", "reference_w8_layers", "dominant_metric", "measure", "proxy_errors",

@@ -10,6 +10,7 @@ import os
 
 from PIL import Image, ImageDraw
 
+from ..atomic import atomic_path
 from .sensitivity import FIDELITY, TEMPORAL, TEXT, dominant_metric
 
 CELL_W, CELL_H, PAD, CHAR_W = 96, 18, 6, 7  # CELL_W: the narrowest cell; CHAR_W: Pillow's default font
@@ -67,6 +68,5 @@ def save_heatmap(table: dict[str, dict[str, dict]], path: str | os.PathLike, tit
                 draw.rectangle([x, y, x + layout.cell_w - 2, y + CELL_H - 2], fill=_colour(v, worst[metric]),
                                outline=boxed)
                 draw.text((x + PAD, y + 3), f"{v:.3g}", fill="black")
-    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}.png"
-    image.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")

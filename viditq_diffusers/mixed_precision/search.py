@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 
 from .. import metrics
 from ..config import ViDiTQConfig
-from ..convert import quantize
+from ..api import quantize
 from ..evaluation import generate, with_transformer
 from ..plan import average_weight_bits, build_plan
 from .allocation import Allocation, allocate_best, metric_scales
-from .roles import group_layers, quantized_by_default
+from ..roles import group_layers, quantized_by_default
 from .sensitivity import FIDELITY, group_role, measure
 
 DEFAULT_OPTIONS = {"W4A8": {"preset": "w4a8"}, "W8A8": {"preset": "w8a8"}}

@@ -29,11 +29,11 @@ from tqdm.auto import tqdm
 
 from .. import metrics
 from ..config import ViDiTQConfig
-from ..convert import quantize
+from ..api import quantize
 from ..evaluation import denoiser_output, generate, with_transformer
 from ..jsonio import read_json, write_json
 from ..plan import stored_weight_bits
-from .roles import Role
+from ..roles import Role
 
 FIDELITY, TEXT, TEMPORAL = "fidelity", "text_alignment", "temporal_consistency"
 DOMINANT_METRIC = {

@@ -43,8 +43,8 @@ from typing import Iterable, Sequence
 
 from torch import nn
 
-from ..architectures import BLOCK_LISTS
-from ..nn import ViDiTQLinear
+from .architectures import BLOCK_LISTS
+from .nn import ViDiTQLinear
 
 
 class Role(str, Enum):
@@ -214,7 +214,7 @@ def classify(model: nn.Module) -> dict[str, Role]:
         warnings.warn(
             f"{how}. {len(missed)} linear layer(s) could not be classified and stay in FP: {missed}. "
             f"To fix, add ROLE_MAPS[{cls!r}] = [(regex on the full module name, Role), ...] in "
-            f"viditq_diffusers.mixed_precision.roles (first match wins).", stacklevel=2)
+            f"viditq_diffusers.roles (first match wins).", stacklevel=2)
     return roles
 
 
