@@ -6,7 +6,7 @@ then calibrates it on 8 prompts x 20 steps with CFG, and prints one table: model
 was built, RSS after, the peak RSS during calibration (the kernel's peak counter is reset after loading) and
 that peak over the start, which the issue bounds at model + 1 GB.
 
-    python benchmarks/calibration.py [--latent 16] [--steps 20] [--prompts 8] [--threads 2]
+    python -m benchmarks.calibration [--latent 16] [--steps 20] [--prompts 8] [--threads 2]
 
 Latent 16x16 (128 px at the VAE factor 8; 64 tokens per image) keeps the run to minutes on 2 CPU cores;
 memory of the statistics does not depend on the resolution (row samples are capped per timestep bucket).
@@ -17,13 +17,9 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import sys
 import time
 
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def rss_bytes() -> int:
@@ -53,7 +49,7 @@ def build_pipeline(latent: int):
     import diffusers
     from transformers import T5Config, T5EncoderModel
 
-    from viditq_diffusers.zoo import _tiny_t5_tokenizer
+    from viditq_diffusers.testing.zoo import _tiny_t5_tokenizer
 
     tokenizer = _tiny_t5_tokenizer()
     torch.manual_seed(0)

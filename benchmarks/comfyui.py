@@ -15,7 +15,7 @@ latent equals the in-graph latent of A (or of the LoRA workflow). Seconds: Comfy
 time of that row's B prompt (load, sample, decode, save). ComfyUI is not installed by this script:
 
     python tests/comfyui/install_comfyui.py      # once
-    OMP_NUM_THREADS=1 python benchmarks/comfyui.py [--steps 12] [--calibration-steps 6]
+    OMP_NUM_THREADS=1 python -m benchmarks.comfyui [--steps 12] [--calibration-steps 6]
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.comfyui import install_comfyui, server_home, workflows  # noqa: E402
-from tests.comfyui.outputs import latent, psnr, succeeded  # noqa: E402
-from tests.comfyui.server import ComfyServer  # noqa: E402
+from tests.comfyui import install_comfyui, server_home, workflows
+from tests.comfyui.outputs import latent, psnr, succeeded
+from tests.comfyui.server import ComfyServer
 
 
 def seconds(entry: dict) -> float:

@@ -10,7 +10,7 @@ by sample: the mean per-sample PSNR difference and the FD difference, each with 
 Plans: `heuristic` (the paper's W4A8-MP preset), `w8a8` / `w4a8` (uniform presets) or a plan JSON file
 (e.g. from `mixed_precision.py` or `viditq search`); all use the calibration statistics given.
 
-    python benchmarks/compare_plans.py --calibration benchmarks/mixed_precision/image-stressed-calibration.safetensors \
+    python -m benchmarks.compare_plans --calibration benchmarks/mixed_precision/image-stressed-calibration.safetensors \
         --stress 100 heuristic benchmarks/mixed_precision/blocks8/image-stressed-searched-5bits.plan.json
 """
 
@@ -24,14 +24,14 @@ import sys
 import torch
 from diffusers import DiffusionPipeline
 
-from quality import ImageTask, VideoTask  # noqa: E402  (also puts the repo root on sys.path)
-from reference.classifier import load_classifier  # noqa: E402
-from viditq_diffusers import ViDiTQConfig, metrics, quantize  # noqa: E402
-from viditq_diffusers.calibration import CalibrationStats  # noqa: E402
-from viditq_diffusers.evaluation import generate, with_transformer  # noqa: E402
-from viditq_diffusers.jsonio import read_json  # noqa: E402
-from viditq_diffusers.plan import average_weight_bits  # noqa: E402
-from viditq_diffusers.stress import stress  # noqa: E402
+from benchmarks.quality import ImageTask, VideoTask
+from reference.classifier import load_classifier
+from viditq_diffusers import ViDiTQConfig, metrics, quantize
+from viditq_diffusers.calibration import CalibrationStats
+from viditq_diffusers.evaluation import generate, with_transformer
+from viditq_diffusers.jsonio import read_json
+from viditq_diffusers.plan import average_weight_bits
+from viditq_diffusers.testing.stress import stress
 
 PRESETS = {"heuristic": dict(preset="w4a8_mp"), "w8a8": dict(preset="w8a8"), "w4a8": dict(preset="w4a8")}
 

@@ -5,7 +5,7 @@ and `vpmaddubsw` u8 x s8 (oneDNN's AVX2 int8 kernel, exact only while a pair of 
 No library GEMM can beat its microkernel's rate, so the ratios bound what an integer W8A8 route can gain over
 fp32 on this CPU (the kernels issue's CPU acceptance asks W8A8 >= 1.5x fp32). Needs gcc and an AVX2 CPU.
 
-    python benchmarks/cpu_mac_peak.py [--runs 3]
+    python -m benchmarks.cpu_mac_peak [--runs 3]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 import subprocess
 import tempfile
 
-from speed_cpu import cpu_info
+from benchmarks.speed_cpu import cpu_info
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_mac_peak.c")
 ROWS = {

@@ -8,7 +8,7 @@ For each M x K x N (PixArt, Flux, Wan layer shapes) it times, in one run on one 
 - W8A8 / W4A8 +quant: the same plus the fused per-token activation quantization kernel, i.e. what a
   layer costs from a bf16 input to a bf16 output.
 
-    python benchmarks/gemm_gpu.py [--shapes pixart flux wan]
+    python -m benchmarks.gemm_gpu [--shapes pixart flux wan]
 """
 
 from __future__ import annotations

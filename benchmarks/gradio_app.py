@@ -1,6 +1,6 @@
 """The Gradio demo's start time and three-variant generation time, through the app's own API.
 
-    python benchmarks/gradio_app.py [--starts 3] [--requests 5] [--threads 1]
+    python -m benchmarks.gradio_app [--starts 3] [--requests 5] [--threads 1]
 
 Each start launches `python -m gradio_app --threads N` fresh and times process start -> the page answers 200
 ("page served"), and -> the first generation returned, requested as soon as the page served (the app loads
@@ -20,9 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gradio_app.choices import DEFAULT_SOURCE, VARIANTS  # noqa: E402
-from tests.gradio_ui.server import AppServer  # noqa: E402
+from gradio_app.choices import DEFAULT_SOURCE, VARIANTS
+from tests.gradio_ui.server import AppServer
 
 PROMPTS = ["a thick handwritten digit 7", "a thin handwritten digit 3", "an italic handwritten digit 5",
            "a faint handwritten digit 0", "a handwritten digit 8"]

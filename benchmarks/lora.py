@@ -9,7 +9,7 @@ shared CPU's changing load hits both alike: 1 warm-up each, then `--repeats` rou
 The table gives the median of each and the median of the per-round ratios. The LoRA branch's share of the
 multiply-adds is printed too (what the overhead would be if the fp32 branch ran as fast per FLOP as the rest).
 
-    OMP_NUM_THREADS=1 python benchmarks/lora.py [--layers 28] [--rank 16] [--repeats 3] [--threads 1]
+    OMP_NUM_THREADS=1 python -m benchmarks.lora [--layers 28] [--rank 16] [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 from diffusers.utils.peft_utils import set_adapter_layers
 from peft import LoraConfig, inject_adapter_in_model
 
-from pixart_alpha import build, inputs
-from speed_cpu import cpu_info
+from benchmarks.pixart_alpha import build, inputs
+from benchmarks.speed_cpu import cpu_info
 from viditq_diffusers import ViDiTQConfig, ViDiTQLinear, quantize
 from viditq_diffusers.lora import ViDiTQLoraLinear
 

@@ -5,16 +5,14 @@ flipped back, and PSNR of W8A8 (+ LoRA) vs FP32 (+ the same LoRA) from the same 
 The measurement is `reference.train_lora.evaluate`, the one the training script ends with, so the shipped
 LoRA is judged the same way it was accepted; this entry point only runs it without training.
 
-    OMP_NUM_THREADS=1 python benchmarks/lora_effect.py [--samples 70] [--steps 20]
+    OMP_NUM_THREADS=1 python -m benchmarks.lora_effect [--samples 70] [--steps 20]
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from reference.train_lora import main  # noqa: E402
+from reference.train_lora import main
 
 if __name__ == "__main__":
     main(["--evaluate-only", *sys.argv[1:]])

@@ -5,7 +5,7 @@ quantizes an FP16 copy with `viditq_diffusers.quantize` (layers kept in floating
 and counts `weight_bytes` (every parameter and buffer as stored). Exits non-zero unless
 W8A8 <= 0.52x FP16 and W4A8 <= 0.30x FP16. No accelerator needed.
 
-    python benchmarks/memory.py [--layers 28]
+    python -m benchmarks.memory [--layers 28]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from pixart_alpha import build
+from benchmarks.pixart_alpha import build
 from viditq_diffusers import ViDiTQConfig, fp16_weight_bytes, quantize, weight_bytes
 
 VARIANTS = {  # name -> (dtype, config or None)

@@ -20,7 +20,7 @@ agreement, the heuristic's fidelity loss as the sensitivity table predicts it wi
 searched plan is predicted to match it, and writes a sensitivity heatmap PNG, the calibration statistics and every searched plan (JSON, for
 `ViDiTQConfig(plan=..., calibration=...)`) per pipeline into `--out`.
 
-    python benchmarks/mixed_precision.py [--only image|video] [--budgets 6 5 4.5] [--block-ranges 2]
+    python -m benchmarks.mixed_precision [--only image|video] [--budgets 6 5 4.5] [--block-ranges 2]
 """
 
 from __future__ import annotations
@@ -32,16 +32,16 @@ import sys
 import torch
 from diffusers import DiffusionPipeline
 
-from quality import ROOT, ImageTask, VideoTask, calibrate_task, evaluate  # noqa: E402  (also puts the repo root on sys.path)
-from reference.classifier import load_classifier  # noqa: E402
-from viditq_diffusers import ViDiTQConfig, metrics  # noqa: E402
-from viditq_diffusers.jsonio import write_json  # noqa: E402
-from viditq_diffusers.mixed_precision import allocate_best, rank_agreement  # noqa: E402
-from viditq_diffusers.mixed_precision.heatmap import save_heatmap  # noqa: E402
-from viditq_diffusers.mixed_precision.search import confirm, plan_from_choice, quantizable_groups  # noqa: E402
-from viditq_diffusers.mixed_precision.sensitivity import FIDELITY, TEMPORAL, TEXT, measure  # noqa: E402
-from viditq_diffusers.plan import build_plan  # noqa: E402
-from viditq_diffusers.stress import stress  # noqa: E402
+from benchmarks.quality import ROOT, ImageTask, VideoTask, calibrate_task, evaluate
+from reference.classifier import load_classifier
+from viditq_diffusers import ViDiTQConfig, metrics
+from viditq_diffusers.jsonio import write_json
+from viditq_diffusers.mixed_precision import allocate_best, rank_agreement
+from viditq_diffusers.mixed_precision.heatmap import save_heatmap
+from viditq_diffusers.mixed_precision.search import confirm, plan_from_choice, quantizable_groups
+from viditq_diffusers.mixed_precision.sensitivity import FIDELITY, TEMPORAL, TEXT, measure
+from viditq_diffusers.plan import build_plan
+from viditq_diffusers.testing.stress import stress
 
 OPTIONS = {"W4A8": {"preset": "w4a8"}, "W8A8": {"preset": "w8a8"},
            # 4-bit weights in groups of 64 input channels: 4.625 bits with the group scales and zero points

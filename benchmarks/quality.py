@@ -7,8 +7,8 @@ request (image: the digit; video: the digit AND the direction of motion), FD of 
 for video, the frame-to-frame warp error relative to FP's. It writes the tables to JSON, an image grid per
 image pipeline and an animated GIF grid per video pipeline (FP and each config, same seeds).
 
-    python benchmarks/quality.py [--per-digit 5] [--per-pair 1] [--stress 100] [--only image|video]
-    python benchmarks/quality.py --suite ablation     # channel-balancing ablation (W4A8 and W8A8 baselines)
+    python -m benchmarks.quality [--per-digit 5] [--per-pair 1] [--stress 100] [--only image|video]
+    python -m benchmarks.quality --suite ablation     # channel-balancing ablation (W4A8 and W8A8 baselines)
 
 All configs that need activation statistics share one calibration run (`viditq_diffusers.calibrate`) on
 other prompts and seeds than the evaluation's.
@@ -26,22 +26,21 @@ import time
 import torch
 from diffusers import DiffusionPipeline
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # the `reference` package (data, classifier) lives at the repo root
-
-from reference.classifier import load_classifier  # noqa: E402
-from reference.data import STYLES, prompt_for  # noqa: E402
-from reference.evaluate_video import classify_clips, eval_video_prompts, video_call  # noqa: E402
-from reference.video_data import DIRECTIONS, recentre, video_prompt_for  # noqa: E402
-from viditq_diffusers import ViDiTQConfig, quantize  # noqa: E402
-from viditq_diffusers import metrics  # noqa: E402
-from viditq_diffusers.calibration import calibrate  # noqa: E402
-from viditq_diffusers.footprint import fp16_weight_bytes, weight_bytes  # noqa: E402
-from viditq_diffusers.plan import average_weight_bits, summarize_recipes  # noqa: E402
-from viditq_diffusers.evaluation import (  # noqa: E402
+from reference.classifier import load_classifier
+from reference.data import STYLES, prompt_for
+from reference.evaluate_video import classify_clips, eval_video_prompts, video_call
+from reference.video_data import DIRECTIONS, recentre, video_prompt_for
+from viditq_diffusers import ViDiTQConfig, quantize
+from viditq_diffusers import metrics
+from viditq_diffusers.calibration import calibrate
+from viditq_diffusers.footprint import fp16_weight_bytes, weight_bytes
+from viditq_diffusers.plan import average_weight_bits, summarize_recipes
+from viditq_diffusers.evaluation import (
     compare_samples, epsilon_error, generate, save_grid, save_video_grid, with_transformer,
 )
-from viditq_diffusers.stress import stress  # noqa: E402
+from viditq_diffusers.testing.stress import stress
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # "stats": the config takes the calibration statistics.
 ALPHAS = (0.5, 0.75, 0.9)  # global smoothing alphas (ViDiT-Q convention) of the ablation

@@ -1,11 +1,11 @@
 """End-to-end recipe refinement (issue 11) on the image reference pipeline: writes the refined plan and the
 fixed-recipe plans it is compared with, from one calibration run (quality.py's calibration prompts and seeds).
 
-    python benchmarks/recipe_refine.py --bits w4a8 [--stress 100] [--objective eps] --out benchmarks/recipe_refine
+    python -m benchmarks.recipe_refine --bits w4a8 [--stress 100] [--objective eps] --out benchmarks/recipe_refine
 
 Then compare them on held-out prompts and seeds (paired bootstrap intervals), e.g.:
 
-    python benchmarks/compare_plans.py --calibration OUT/w4a8-image-calibration.safetensors --per-digit 10 \
+    python -m benchmarks.compare_plans --calibration OUT/w4a8-image-calibration.safetensors --per-digit 10 \
         --seed-offset 500 OUT/w4a8-image-smooth-0.75.plan.json ... OUT/w4a8-image-refined-eps.plan.json
 """
 
@@ -19,13 +19,13 @@ import time
 import torch
 from diffusers import DiffusionPipeline
 
-from quality import ALPHAS, ImageTask, calibrate_task, calibration_seeds  # noqa: E402  (also puts the repo root on sys.path)
-from viditq_diffusers import ViDiTQConfig, quantize  # noqa: E402
-from viditq_diffusers.calibration import CalibrationStats  # noqa: E402
-from viditq_diffusers.jsonio import write_json  # noqa: E402
-from viditq_diffusers.plan import summarize_recipes  # noqa: E402
-from viditq_diffusers.recipe_refine import refine_recipes  # noqa: E402
-from viditq_diffusers.stress import stress  # noqa: E402
+from benchmarks.quality import ALPHAS, ImageTask, calibrate_task, calibration_seeds
+from viditq_diffusers import ViDiTQConfig, quantize
+from viditq_diffusers.calibration import CalibrationStats
+from viditq_diffusers.jsonio import write_json
+from viditq_diffusers.plan import summarize_recipes
+from viditq_diffusers.recipe_refine import refine_recipes
+from viditq_diffusers.testing.stress import stress
 
 
 def fixed_recipes(bits: str) -> dict[str, dict]:

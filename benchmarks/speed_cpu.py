@@ -15,7 +15,7 @@ kernels with their operands already quantized, and the whole quantized linear (a
 GEMM, epilogue) as the dispatch runs it. The CPU's int8-relevant flags are printed first: they decide which
 integer kernels are fast, and exact, here (`viditq_diffusers/kernels/onednn.py`).
 
-    python benchmarks/speed_cpu.py [--layers 28] [--repeats 5] [--no-peers] [--skip g64 compile]
+    python -m benchmarks.speed_cpu [--layers 28] [--repeats 5] [--no-peers] [--skip g64 compile]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pixart_alpha import build, inputs
+from benchmarks.pixart_alpha import build, inputs
 from viditq_diffusers import ViDiTQConfig, ViDiTQLinear, quantize
 from viditq_diffusers.footprint import weight_bytes
 from viditq_diffusers.kernels import cpu_amx, int_mm, onednn, quantized_linear, warmup

@@ -4,7 +4,7 @@ W8A8 / W4A8, on the fused Triton path and on the torch path (`VIDITQ_KERNELS=tor
 Our quantized models are never compiled here. All variants are timed in one run on one device (CUDA events,
 median of `--repeats` after warm-up). Latent 128 is the PixArt-Sigma 1024px token count (4096).
 
-    python benchmarks/speed_gpu.py [--latents 32 64 128] [--repeats 10] [--compile]
+    python -m benchmarks.speed_gpu [--latents 32 64 128] [--repeats 10] [--compile]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import statistics
 
 import torch
 
-from pixart_alpha import build, inputs
+from benchmarks.pixart_alpha import build, inputs
 from viditq_diffusers import ViDiTQConfig, quantize, weight_bytes
 
 

@@ -9,7 +9,7 @@ real launch would (pointers and the dimensions that are multiples of 16 marked d
 what lets the GEMM's loads become asynchronous copies. `tests/test_triton_sm90_compile.py` compiles the
 same kernels in the suite.
 
-    python benchmarks/triton_lowering.py      (needs Triton with its NVIDIA backend and no TRITON_INTERPRET; no GPU)
+    python -m benchmarks.triton_lowering      (needs Triton with its NVIDIA backend and no TRITON_INTERPRET; no GPU)
 """
 
 from __future__ import annotations

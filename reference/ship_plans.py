@@ -1,6 +1,6 @@
 """Ship the searched mixed-precision plans with the reference pipelines (issue 7).
 
-    python reference/ship_plans.py [--results benchmarks/mixed_precision] [--budgets 5 6]
+    python -m reference.ship_plans [--results benchmarks/mixed_precision] [--budgets 5 6]
 
 For the image and the video pipeline, takes what `benchmarks/mixed_precision.py` wrote (the calibration
 statistics and the plans searched at `--budgets` average weight bits), quantizes the transformer once so every

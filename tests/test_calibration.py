@@ -9,7 +9,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from viditq_diffusers.calibration import KINDS, CalibrationStats, calibrate, input_absmax
-from viditq_diffusers.zoo import ZOO, build_tiny_pixart_pipeline
+from viditq_diffusers.testing.zoo import ZOO, build_tiny_pixart_pipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
 import calibrate_worker  # noqa: E402

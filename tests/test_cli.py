@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from viditq_diffusers.zoo import build_tiny_pixart_pipeline
+from viditq_diffusers.testing.zoo import build_tiny_pixart_pipeline
 
 VIDITQ = str(Path(sys.executable).with_name("viditq"))
 

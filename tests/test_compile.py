@@ -8,7 +8,7 @@ import torch
 
 from viditq_diffusers import ViDiTQConfig, ViDiTQLinear, quantize
 from viditq_diffusers.layer_spec import LayerSpec
-from viditq_diffusers.zoo import ZOO, run
+from viditq_diffusers.testing.zoo import ZOO, run
 
 
 def quantized(cls_name, preset, seed=0):

@@ -9,7 +9,7 @@ from diffusers import AutoencoderKL
 
 from viditq_diffusers import ViDiTQConfig, quantize
 from viditq_diffusers.cli import main as cli
-from viditq_diffusers.zoo import ZOO, run
+from viditq_diffusers.testing.zoo import ZOO, run
 
 PIXART = ZOO["PixArtTransformer2DModel"]
 

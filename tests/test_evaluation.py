@@ -6,7 +6,7 @@ from PIL import Image
 
 from viditq_diffusers import ViDiTQConfig
 from viditq_diffusers.evaluation import compare_samples, epsilon_error, generate, save_grid, save_video_grid
-from viditq_diffusers.zoo import build_tiny_pixart_pipeline
+from viditq_diffusers.testing.zoo import build_tiny_pixart_pipeline
 
 CALL = dict(num_inference_steps=3, height=32, width=32, use_resolution_binning=False, clean_caption=False)
 PROMPTS, SEEDS = ["a thick digit 7", "a thin digit 1"], [0, 1]

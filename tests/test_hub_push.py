@@ -8,7 +8,7 @@ from huggingface_hub import hf_hub_download
 from hub_server import LocalHub
 from viditq_diffusers import ViDiTQConfig, push_to_hub
 from viditq_diffusers.cli import main as cli
-from viditq_diffusers.zoo import ZOO, build_tiny_pixart_pipeline, run
+from viditq_diffusers.testing.zoo import ZOO, build_tiny_pixart_pipeline, run
 
 PIXART = ZOO["PixArtTransformer2DModel"]
 

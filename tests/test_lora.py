@@ -27,7 +27,7 @@ from viditq_diffusers.lora import (  # noqa: E402
     ViDiTQLoraLinear, add_low_rank, disable_peft_support, dispatch_viditq, enable_peft_support,
     register_custom_module,
 )
-from viditq_diffusers.zoo import ZOO, run  # noqa: E402
+from viditq_diffusers.testing.zoo import ZOO, run  # noqa: E402
 
 # The zoo classes whose diffusers model class has PEFT's adapter mixin (`load_lora_adapter`). PixArt, DiT,
 # HunyuanDiT, Latte and Allegro have none in diffusers 0.42.

@@ -4,7 +4,7 @@ import torch
 
 from viditq_diffusers import ViDiTQConfig, ViDiTQLinear, quantize
 from viditq_diffusers.plan import average_weight_bits
-from viditq_diffusers.zoo import ZOO, run
+from viditq_diffusers.testing.zoo import ZOO, run
 
 
 def build(cls_name, **overrides):

@@ -6,7 +6,7 @@ import torch
 from viditq_diffusers import ViDiTQConfig, ViDiTQLinear, quantize
 from viditq_diffusers.calibration import input_absmax
 from viditq_diffusers.quant.formats import quantize_activation_static, quantize_weight
-from viditq_diffusers.zoo import ZOO, run
+from viditq_diffusers.testing.zoo import ZOO, run
 
 PIXART = ZOO["PixArtTransformer2DModel"]
 

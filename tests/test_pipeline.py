@@ -5,7 +5,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from viditq_diffusers import ViDiTQConfig, ViDiTQLinear
-from viditq_diffusers.zoo import build_tiny_pixart_pipeline
+from viditq_diffusers.testing.zoo import build_tiny_pixart_pipeline
 
 CALL = dict(prompt="a thick digit 7", num_inference_steps=2, height=32, width=32,
             use_resolution_binning=False, clean_caption=False, output_type="np")

@@ -11,7 +11,7 @@ from viditq_diffusers.nn import ViDiTQLinear
 from viditq_diffusers.quant.channel_balance import balance_weight, smoothing_factors
 from viditq_diffusers.quant.formats import quantize_weight
 from viditq_diffusers.recipe import ALPHA_GRID, layer_error
-from viditq_diffusers.zoo import build_tiny_pixart_pipeline
+from viditq_diffusers.testing.zoo import build_tiny_pixart_pipeline
 
 CALL = dict(height=32, width=32, use_resolution_binning=False, clean_caption=False)
 

@@ -9,7 +9,7 @@ from viditq_diffusers import ViDiTQConfig, quantize
 from viditq_diffusers.calibration import calibrate
 from viditq_diffusers.evaluation import epsilon_error
 from viditq_diffusers.recipe_refine import refine_recipes
-from viditq_diffusers.zoo import build_tiny_pixart_pipeline
+from viditq_diffusers.testing.zoo import build_tiny_pixart_pipeline
 
 CALL = dict(num_inference_steps=2, guidance_scale=4.5, height=32, width=32, use_resolution_binning=False,
             clean_caption=False)

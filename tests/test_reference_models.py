@@ -15,7 +15,7 @@ from reference.data import prompt_for, sample_batch  # noqa: E402
 from reference.evaluate_video import classify_clips, video_call  # noqa: E402
 from reference.video_data import sample_clips, video_prompt_for  # noqa: E402
 from viditq_diffusers.evaluation import generate  # noqa: E402
-from viditq_diffusers.stress import stress  # noqa: E402
+from viditq_diffusers.testing.stress import stress  # noqa: E402
 
 PIPELINE = os.path.join(ROOT, "reference_models", "pixart_digits")
 VIDEO_PIPELINE = os.path.join(ROOT, "reference_models", "latte_digits")

@@ -15,7 +15,7 @@ from viditq_diffusers.mixed_precision import (
     FALLBACK_PATTERNS, ROLE_MAPS, Role, block_index, classify, group_layers, quantized_by_default,
 )
 from viditq_diffusers.roles import _match
-from viditq_diffusers.zoo import ZOO
+from viditq_diffusers.testing.zoo import ZOO
 
 # Variants of released checkpoints (SD3.5, Flux, Wan I2V, ...) that add linears the zoo defaults lack.
 VARIANTS = {

@@ -17,7 +17,7 @@ from viditq_diffusers import LayerSpec, ViDiTQConfig, ViDiTQLinear, cli
 from viditq_diffusers.kernels import (ROUTE_NAMES, LayerCall, cpu_amx, cpu_build, explain, onednn, route,
                                       select_route)
 from viditq_diffusers.kernels.routes import FORCED
-from viditq_diffusers.zoo import build_tiny_pixart_pipeline
+from viditq_diffusers.testing.zoo import build_tiny_pixart_pipeline
 from quantized_weights import random_weights
 
 VNNI_NO_AMX = (cpu_build.unsupported_reason() is None and onednn.available() and onednn.exact_for(8)

@@ -13,7 +13,7 @@ from viditq_diffusers.mixed_precision import allocate, group_layers, quantized_b
 from viditq_diffusers.mixed_precision.sensitivity import (
     FIDELITY, TEXT, dominant_metric, group_role, measure, rank_agreement,
 )
-from viditq_diffusers.zoo import build_tiny_pixart_pipeline
+from viditq_diffusers.testing.zoo import build_tiny_pixart_pipeline
 
 CALL = dict(num_inference_steps=2, guidance_scale=4.5, height=32, width=32, use_resolution_binning=False,
             clean_caption=False)

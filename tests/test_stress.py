@@ -1,11 +1,11 @@
-"""viditq_diffusers.stress: function-preserving outlier injection on adaLN-single DiTs (PixArt, Latte)."""
+"""viditq_diffusers.testing.stress: function-preserving outlier injection on adaLN-single DiTs (PixArt, Latte)."""
 
 import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from viditq_diffusers.stress import channel_absmax_ratio, stress
-from viditq_diffusers.zoo import ZOO, build_tiny_pixart_pipeline, run
+from viditq_diffusers.testing.stress import channel_absmax_ratio, stress
+from viditq_diffusers.testing.zoo import ZOO, build_tiny_pixart_pipeline, run
 
 MODELS = ["PixArtTransformer2DModel", "LatteTransformer3DModel"]
 

@@ -9,7 +9,7 @@ from diffusers import DiffusionPipeline
 
 from viditq_diffusers import ViDiTQConfig, ViDiTQLinear, quantize
 from viditq_diffusers.plan import average_weight_bits
-from viditq_diffusers.zoo import ZOO, build_tiny_pixart_pipeline, run
+from viditq_diffusers.testing.zoo import ZOO, build_tiny_pixart_pipeline, run
 
 EARLY = dict(early_weight_bits=8, early_timestep=500)
 

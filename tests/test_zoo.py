@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from viditq_diffusers.zoo import ZOO, build_tiny_pixart_pipeline, run
+from viditq_diffusers.testing.zoo import ZOO, build_tiny_pixart_pipeline, run
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))

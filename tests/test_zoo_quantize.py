@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from viditq_diffusers import ViDiTQConfig, ViDiTQLinear, quantize
-from viditq_diffusers.zoo import ZOO, run
+from viditq_diffusers.testing.zoo import ZOO, run
 
 FORMATS = {  # preset kwargs -> max relative L2 error vs FP
     "w8a8": (dict(preset="w8a8"), 0.05),

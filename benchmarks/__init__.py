@@ -1,0 +1,1 @@
+"""Benchmark scripts; run each from the repository root as a module: `python -m benchmarks.NAME --help`."""
