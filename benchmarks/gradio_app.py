@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gradio_app.choices import DEFAULT_SOURCE, VARIANTS  # noqa: E402
-from tests.gradio_ui.server import AppServer  # noqa: E402
+from tests.apps.gradio_ui.server import AppServer  # noqa: E402
 
 PROMPTS = ["a thick handwritten digit 7", "a thin handwritten digit 3", "an italic handwritten digit 5",
            "a faint handwritten digit 0", "a handwritten digit 8"]
