@@ -164,6 +164,7 @@ def test_errors_are_clear(pipe):
     assert not any(m._forward_pre_hooks for m in model.modules())
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_statistics(pipe_dir, tmp_path):
     worker = calibrate_worker.__file__
     out = tmp_path / "dist.safetensors"

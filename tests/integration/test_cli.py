@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from viditq_diffusers.zoo import build_tiny_pixart_pipeline
 
 VIDITQ = str(Path(sys.executable).with_name("viditq"))
@@ -17,6 +19,7 @@ def viditq(*args, check=True):
     return result
 
 
+@pytest.mark.slow
 def test_quantize_pipeline_and_info(tmp_path):
     src = build_tiny_pixart_pipeline(tmp_path / "pipe")
     out = viditq("quantize", src, "--preset", "w4a8", "--group-size", "32", "--out", tmp_path / "q")
@@ -32,6 +35,7 @@ def test_quantize_pipeline_and_info(tmp_path):
     assert "transformer_blocks.0.attn1.to_q" in listing and "ratio to FP16" in listing
 
 
+@pytest.mark.slow
 def test_demo_prints_metrics_and_saves_grid(tmp_path):
     # the tiny random pipeline stands in for the bundled trained one (same code path, faster)
     src = build_tiny_pixart_pipeline(tmp_path / "pipe")
@@ -49,6 +53,7 @@ def test_demo_without_pipeline_says_how(tmp_path):
     assert result.returncode == 2 and "no diffusers pipeline at" in result.stderr
 
 
+@pytest.mark.slow
 def test_errors_are_clear(tmp_path):
     result = viditq("info", tmp_path, check=False)
     assert result.returncode == 2 and "holds no ViDiT-Q quantized model" in result.stderr
@@ -56,6 +61,7 @@ def test_errors_are_clear(tmp_path):
     assert result.returncode == 2 and "is not a diffusers model or pipeline directory" in result.stderr
 
 
+@pytest.mark.slow
 def test_calibrate_writes_statistics(tmp_path):
     from viditq_diffusers.calibration import CalibrationStats
 

@@ -98,6 +98,7 @@ def lora_layers(model) -> list[ViDiTQLoraLinear]:
 # ------------------------------------------------------------------------------------------------ quality
 
 
+@pytest.mark.slow
 def test_quantized_lora_is_as_faithful_as_quantization_and_mirrors(fp, w8a8, classifier, lora_free):
     fp0, q0 = sample(fp), sample(w8a8)
     for pipe in (fp, w8a8):
@@ -156,6 +157,7 @@ def test_switch_disable_delete_unload_restore_bit_identically(w8a8, lora_free):
 # ------------------------------------------------------------------------------------------------ fusing
 
 
+@pytest.mark.slow
 def test_fuse_requantizes_and_unfuse_restores(w8a8, classifier, lora_free):
     model = w8a8.transformer
     state = quant_state(model)

@@ -26,7 +26,7 @@ def pipe_and_stats(tmp_path_factory):
     return pipe, calibrate(pipe, PROMPTS, 2, 4.5, seeds=SEEDS, **call)
 
 
-@pytest.mark.parametrize("objective", ["eps", "samples"])
+@pytest.mark.parametrize("objective", ["eps", pytest.param("samples", marks=pytest.mark.slow)])
 def test_refinement_never_worsens_and_its_plan_reproduces_the_objective(pipe_and_stats, objective):
     pipe, stats = pipe_and_stats
     before = copy.deepcopy(pipe.transformer.state_dict())

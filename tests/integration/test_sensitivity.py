@@ -126,6 +126,7 @@ def test_cli_search_writes_a_plan_that_quantizes_mixed(pipe, tmp_path):
     assert (tmp_path / "plan.json.sensitivity.json").exists() and (tmp_path / "plan.json.heatmap.png").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_table(pipe, tmp_path):
     from tests.support import sensitivity_worker
     from tests.support.launch import launch_two_cpu_processes

@@ -31,6 +31,7 @@ def test_fullgraph_trace_gives_the_eager_output(cls_name, preset):
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor on CPU needs a C++ compiler")
+@pytest.mark.slow
 def test_inductor_compiles_a_quantized_model():
     model, inputs = quantized("PixArtTransformer2DModel", "w8a8")
     torch._dynamo.reset()

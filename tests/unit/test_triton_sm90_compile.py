@@ -19,6 +19,7 @@ pytest.importorskip("triton", reason="Triton is not installed: the GPU lowering 
 pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
 
 
+@pytest.mark.slow
 def test_every_kernel_compiles_for_h100():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     worker = str(REPO / "tests" / "support" / "sm90_compile_worker.py")
