@@ -126,6 +126,7 @@ def test_quantized_lora_is_as_faithful_as_quantization_and_mirrors(fp, w8a8, cla
 # ------------------------------------------------------------------------------------------------ switching
 
 
+@pytest.mark.slow
 def test_switch_disable_delete_unload_restore_bit_identically(w8a8, lora_free):
     model = w8a8.transformer
     state = quant_state(model)
