@@ -53,10 +53,15 @@ def run_logged(commands: list[list[str]], log: Path, timeout_s: float, env: dict
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-                return f"`{' '.join(cmd[:4])}` ran past the {timeout_s:.0f} s limit"
+                return f"`{short(cmd)}` ran past the {timeout_s:.0f} s limit"
             if code != 0:
-                return f"`{' '.join(cmd[:4])}` exited with {code}"
+                return f"`{short(cmd)}` exited with {code}"
     return None
+
+
+def short(cmd: list[str]) -> str:
+    """A command as a reader knows it: file names without their folders."""
+    return " ".join(Path(part).name if os.sep in part else part for part in cmd)
 
 
 def comfyui() -> Path:
