@@ -120,6 +120,6 @@ def chromium() -> str:
                                  CHROMIUM_TIMEOUT_S))
         found = find_chromium()
     if not found:
-        raise Unavailable(f"no Chromium could be installed ({'; '.join(e for e in errors if e) or 'not found after'}"
-                          f" install); log: {log}")
+        why = "; ".join(e for e in errors if e) or "none found after installing"
+        raise Unavailable(f"no Chromium could be installed ({why}); log: {log}")
     return found
