@@ -95,12 +95,24 @@ def find_chromium() -> str | None:
     return path if os.path.exists(path) else None
 
 
+def starts(path: str) -> str | None:
+    """None if the Chromium at `path` runs (`--version`: its shared libraries load); else why not."""
+    try:
+        run = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return str(error)
+    return None if run.returncode == 0 else (run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1]
+
+
 def chromium() -> str:
     """The path of a Chromium for Playwright; installed if missing: Debian's package with apt-get (as root), else
     Playwright's own build (`python -m playwright install chromium`, no root needed; its download host must be
     reachable)."""
     found = find_chromium()
     if found:
+        broken = starts(found)
+        if broken:
+            raise Unavailable(f"the Chromium at {found} does not start ({broken}); set VIDITQ_CHROMIUM to another")
         return found
     if not installing_allowed():
         raise Unavailable("no Chromium and VIDITQ_TEST_INSTALL=0; install one with `apt-get install -y chromium` "
@@ -122,4 +134,7 @@ def chromium() -> str:
     if not found:
         why = "; ".join(e for e in errors if e) or "none found after installing"
         raise Unavailable(f"no Chromium could be installed ({why}); log: {log}")
+    broken = starts(found)
+    if broken:
+        raise Unavailable(f"the Chromium installed at {found} does not start ({broken}); log: {log}")
     return found
