@@ -4,7 +4,12 @@
 is missing at most once per session, within a time limit, with every command's output in a log file under
 `logs_dir()`. When the thing cannot be had (no network, no root for apt, a failed pip), they raise
 `Unavailable` with one line that names the log, and the fixture turns it into a skip of exactly the tests that
-need it. `VIDITQ_TEST_INSTALL=0` forbids installing anything (the tests that need a missing thing skip).
+need it.
+
+Environment: `VIDITQ_TEST_INSTALL=0` forbids installing anything (the tests that need a missing thing skip);
+`VIDITQ_CHROMIUM` names the browser to use; `VIDITQ_TEST_LOGS` moves the logs (default ~/.cache/viditq-tests);
+`VIDITQ_TEST_COMFYUI_TIMEOUT` / `VIDITQ_TEST_CHROMIUM_TIMEOUT` change the time limits (seconds);
+`VIDITQ_COMFYUI_HOME` moves the ComfyUI install (install_comfyui.py).
 """
 
 from __future__ import annotations
