@@ -25,8 +25,11 @@ def in_comfyui_venv() -> bool:
 
 
 def env() -> dict:
-    """The environment for ComfyUI's venv: this checkout's core, pack and test helpers importable."""
-    out = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    """The environment for ComfyUI's venv: this checkout's core, pack and test helpers importable, and the C++
+    kernels built in a cache of its own: a build against this venv's torch headers in the project venv's cache
+    would make the next process of either venv rebuild every kernel (about a minute each)."""
+    out = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               VIDITQ_KERNEL_CACHE=str(install_comfyui.home() / "kernels"))
     out.pop("VIRTUAL_ENV", None)
     return out
 
