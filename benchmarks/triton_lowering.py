@@ -6,7 +6,7 @@ rotated; the GEMM in each autotune config for W8, W4 and W4 g128) and prints, fr
 registers per thread and the bytes spilled to local memory: spills in an inner loop cost more than the
 tensor cores save, so a config that spills is one autotuning should not need. Arguments are specialised as a
 real launch would (pointers and the dimensions that are multiples of 16 marked divisible by 16), which is
-what lets the GEMM's loads become asynchronous copies. `tests/test_triton_sm90_compile.py` compiles the
+what lets the GEMM's loads become asynchronous copies. `tests/unit/test_triton_sm90_compile.py` compiles the
 same kernels in the suite.
 
     python -m benchmarks.triton_lowering      (needs Triton with its NVIDIA backend and no TRITON_INTERPRET; no GPU)

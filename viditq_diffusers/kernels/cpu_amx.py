@@ -9,7 +9,7 @@ Why not oneDNN's int8 GEMM here (`cpu_direct`): it returns fp32 sums, so the zer
 and the cast to bf16 take another pass over the whole output, which costs about what AMX saves over bf16
 (benchmarks/speed_cpu.py); oneDNN's per-tensor activation scale cannot take per-token scales.
 
-Bit for bit the torch path (`torch_ops.linear_int`; tests/test_cpu_amx.py): the same codes and scales
+Bit for bit the torch path (`torch_ops.linear_int`; tests/unit/test_cpu_amx.py): the same codes and scales
 (`cpu_quantize.h`), exact int32 sums, and the epilogue's float steps in torch's order. W4 weights are
 unpacked to int8 codes once, into the tile layout, cached per weight like the other kernels' layouts
 (1 byte per weight).

@@ -13,7 +13,7 @@ and, for W4 too (whose `code - zero` oneDNN's packing takes), the dozen torch op
 3. `zero_point_epilogue` (C++): `((float)(acc - rowsum zero) * w_scale) * x_scale + bias`, the difference
    formed exactly, written in fp32 or bf16.
 
-Bit for bit the torch path (`torch_ops.linear_int`; tests/test_cpu_direct.py): quantization and epilogue take
+Bit for bit the torch path (`torch_ops.linear_int`; tests/unit/test_cpu_direct.py): quantization and epilogue take
 its float steps in its order, and oneDNN's fp32 sums are the exact integers wherever they are below 2^24 in
 magnitude (a sum that rounded cannot come out below), which the epilogue checks; the rare rows with a larger
 sum (codes near their limits over a long K) run the torch path.

@@ -8,7 +8,7 @@ pairs and adds them in int32, exactly; per instruction pair it does twice the mu
 1.2-1.4x the fp32 one, the split at 0.9x) and `benchmarks/speed_cpu.py` the layers and the model.
 
 The kernel quantizes the activations per token, runs the GEMM and the fp32 epilogue in one call, bit for
-bit as the torch path (`torch_ops.linear_int`; tests/test_cpu_int16.py). Weights are packed once per
+bit as the torch path (`torch_ops.linear_int`; tests/unit/test_cpu_int16.py). Weights are packed once per
 weight tensor into int16 panels with the zero points folded in (2 bytes per weight, cached like oneDNN's
 packed copy, `weight_cache`).
 

@@ -12,7 +12,7 @@ Used by tests to exercise quantization on every supported transformer class on C
   all-zero non-norm parameter as N(0, 0.02^2), so nothing is trivially zero/constant (original DiT/PixArt
   code zero-inits adaLN-Zero and ``proj_out``; diffusers 0.42 does not for these classes, and the only hit
   is Mochi's ``rope.pos_frequencies``). Every ``nn.Linear`` influences the output (checked in
-  ``tests/test_zoo.py``) except the few listed in ``ZooEntry.inert``.
+  ``tests/integration/test_zoo.py``) except the few listed in ``ZooEntry.inert``.
 """
 
 from __future__ import annotations
