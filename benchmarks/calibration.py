@@ -108,7 +108,8 @@ def main():
           "| stats: row samples | wall time | per step |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {model / gib:.2f} GiB | {start / gib:.2f} GiB | {loaded / gib:.2f} GiB | {peak / gib:.2f} GiB | "
-          f"{(peak - start) / gib:.2f} GiB | {(model + gib) / gib:.2f} GiB | {samples / gib:.3f} GiB | {seconds:.0f} s | "
+          f"{(peak - start) / gib:.2f} GiB | {(model + gib) / gib:.2f} GiB | {samples / gib:.3f} GiB | "
+          f"{seconds:.0f} s | "
           f"{seconds / (args.prompts * args.steps):.2f} s |")
     print(f"\npeak - start {'<=' if peak - start <= model + gib else '>'} model + 1 GiB"
           + ("" if reset else "  (peak counter could not be reset: the peak includes building the model)"))

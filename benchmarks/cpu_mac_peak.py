@@ -47,8 +47,8 @@ def main() -> None:
         rate = max(rates[name])
         print(f"| {label} | {rate:.1f} | {rate / fp32:.2f}x | {exactness} |")
     split = max(rates["u8s8"]) / 2
-    print(f"| u8 x s8 on W8 split in two 4-bit halves (two passes: oneDNN's exact W8 route, our fallback) | {split:.1f} | "
-          f"{split / fp32:.2f}x | exact |")
+    print("| u8 x s8 on W8 split in two 4-bit halves (two passes: oneDNN's exact W8 route, our fallback) | "
+          f"{split:.1f} | {split / fp32:.2f}x | exact |")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,25 @@ def weights(n, k, bits, group=None):
     return (pack_int4(codes) if bits == 4 else codes), scale, zero
 
 
+def bench_shape(m, k, n):
+    """Median ms of each column of the table at one M x K x N."""
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    xq, xs, rs = quantize_per_token(x)
+    w8, w4, w4g = weights(n, k, 8), weights(n, k, 4), weights(n, k, 4, 128)
+    a8, b8 = torch.randint(-127, 127, (m, k), device="cuda", dtype=torch.int8), w8[0]
+    gemm = lambda wt, bits: int_gemm(xq, xs, rs, wt[0], bits, wt[1], wt[2], bias, torch.bfloat16)  # noqa: E731
+
+    def layer(wt, bits):
+        q, s, r = quantize_per_token(x)
+        return int_gemm(q, s, r, wt[0], bits, wt[1], wt[2], bias, torch.bfloat16)
+
+    fns = [lambda: x @ w.t(), lambda: torch._int_mm(a8, b8.t()), lambda: gemm(w8, 8), lambda: layer(w8, 8),
+           lambda: gemm(w4, 4), lambda: layer(w4, 4), lambda: gemm(w4g, 4)]
+    return [do_bench(f, warmup=25, rep=100) for f in fns]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -45,24 +64,9 @@ def main():
     print("|---" * (len(cols) + 3) + "|")
     for name in args.shapes:
         for m, k, n in SHAPES[name]:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-            bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-            xq, xs, rs = quantize_per_token(x)
-            w8, w4, w4g = weights(n, k, 8), weights(n, k, 4), weights(n, k, 4, 128)
-            a8, b8 = torch.randint(-127, 127, (m, k), device="cuda", dtype=torch.int8), w8[0]
-            gemm = lambda wt, bits: int_gemm(xq, xs, rs, wt[0], bits, wt[1], wt[2], bias, torch.bfloat16)  # noqa: E731
-
-            def layer(wt, bits):
-                q, s, r = quantize_per_token(x)
-                return int_gemm(q, s, r, wt[0], bits, wt[1], wt[2], bias, torch.bfloat16)
-
-            fns = [lambda: x @ w.t(), lambda: torch._int_mm(a8, b8.t()), lambda: gemm(w8, 8), lambda: layer(w8, 8),
-                   lambda: gemm(w4, 4), lambda: layer(w4, 4), lambda: gemm(w4g, 4)]
-            ms = [do_bench(f, warmup=25, rep=100) for f in fns]
+            ms = bench_shape(m, k, n)  # its tensors are freed on return
             print(f"| {m} x {k} x {n} ({name}) | " + " | ".join(f"{t:.4f}" for t in ms)
                   + f" | {ms[0] / ms[3]:.2f}x | {ms[0] / ms[5]:.2f}x |", flush=True)
-            del x, w, xq, w8, w4, w4g, a8
             torch.cuda.empty_cache()
 
 

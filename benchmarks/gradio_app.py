@@ -7,7 +7,8 @@ Each start launches `python -m gradio_app --threads N` fresh and times process s
 torch, the core and the default pipeline in the background after serving; that request waits for them).
 Requests go through `gradio_client` to the Generate button's endpoint (`/generate`: FP32, W8A8, W4A8-MP from
 one seed, bundled image pipeline, 20 steps, guidance 4.5); after the last start, more requests one at a time
-with new seeds time the warm round trip. The per-variant latencies are the ones the app shows. Targets (issue 9): start < 20 s, three variants < 30 s.
+with new seeds time the warm round trip. The per-variant latencies are the ones the app shows. Targets (issue 9):
+start < 20 s, three variants < 30 s.
 """
 
 from __future__ import annotations

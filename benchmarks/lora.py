@@ -47,7 +47,8 @@ def add_lora(model: torch.nn.Module, rank: int, seed: int = 0) -> list[str]:
 def lora_macs_share(model: torch.nn.Module, rank: int, kwargs: dict) -> float:
     """Multiply-adds of the LoRA branches / those of the quantized linears, for one forward on `kwargs`."""
     rows: dict[str, int] = {}
-    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: rows.__setitem__(name, args[0].numel() // args[0].shape[-1]))
+    hooks = [m.register_forward_hook(
+                 lambda mod, args, out, name=name: rows.__setitem__(name, args[0].numel() // args[0].shape[-1]))
              for name, m in model.named_modules() if isinstance(m, ViDiTQLinear)]
     with torch.inference_mode():
         model(**kwargs)

@@ -38,7 +38,8 @@ def main() -> int:
     for name, (dtype, config) in VARIANTS.items():
         model = build(dtype, args.layers)
         if name == "FP32":
-            print(f"PixArt-alpha 512 transformer, {args.layers} blocks: {sum(p.numel() for p in model.parameters()):,} parameters")
+            print(f"PixArt-alpha 512 transformer, {args.layers} blocks: "
+                  f"{sum(p.numel() for p in model.parameters()):,} parameters")
         if config is not None:
             quantize(model, config)
             cross_check[name] = fp16_weight_bytes(model)

@@ -17,7 +17,8 @@ Per pipeline (image, video and their stressed copies):
 
 It prints a frontier table per pipeline, which groups each searched plan protected (W8), the proxy's rank
 agreement, the heuristic's fidelity loss as the sensitivity table predicts it with the budget from which a
-searched plan is predicted to match it, and writes a sensitivity heatmap PNG, the calibration statistics and every searched plan (JSON, for
+searched plan is predicted to match it, and writes a sensitivity heatmap PNG, the calibration statistics and
+every searched plan (JSON, for
 `ViDiTQConfig(plan=..., calibration=...)`) per pipeline into `--out`.
 
     python -m benchmarks.mixed_precision [--only image|video] [--budgets 6 5 4.5] [--block-ranges 2]
@@ -60,7 +61,8 @@ def scorer(task, classifier, prompts_digits):
             from reference.evaluate_video import classify_clips
 
             got_d, got_m = classify_clips(classifier, samples)
-            out[TEXT] = sum(int(d) == e and m == f for d, m, e, f in zip(got_d, got_m, digits, directions)) / len(digits)
+            hits = sum(int(d) == e and m == f for d, m, e, f in zip(got_d, got_m, digits, directions))
+            out[TEXT] = hits / len(digits)
             out[TEMPORAL] = -metrics.temporal_consistency(samples) / metrics.temporal_consistency(reference)
         else:
             out[TEXT] = metrics.accuracy(classifier(samples), torch.tensor(prompts_digits))
@@ -95,7 +97,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-proxy", action="store_true", help="skip the epsilon-error proxy (halves the search time)")
     parser.add_argument("--candidates", type=int, default=1,
-                        help="plans per budget confirmed whole (default 1: none); the integer program's pick is a row too")
+                        help="plans per budget confirmed whole (default 1: none); "
+                             "the integer program's pick is a row too")
     parser.add_argument("--confirm-repeats", type=int, default=3, help="confirmation: seeds per calibration prompt")
     parser.add_argument("--sensitivity-repeats", type=int, default=1,
                         help="sensitivity: seeds per calibration prompt (more = less sample noise; its own cache file)")

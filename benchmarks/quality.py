@@ -217,7 +217,8 @@ def print_table(name, rows):
     alphas = {label: r for label, r in rows.items() if "alpha_mean" in r}
     if alphas:
         print("\nsmoothing alpha (ViDiT-Q convention) per config: " + "; ".join(
-            f"{label}: {r['alpha_min']:.2f}..{r['alpha_max']:.2f} (mean {r['alpha_mean']:.2f})" for label, r in alphas.items()))
+            f"{label}: {r['alpha_min']:.2f}..{r['alpha_max']:.2f} (mean {r['alpha_mean']:.2f})"
+            for label, r in alphas.items()))
 
 
 def main():

@@ -4,7 +4,8 @@ One forward = batch 2 (CFG), latent 32x32 (256 image tokens), 120 T5 tokens (409
 Each variant is built (random init, seed 0), quantized from fp32 where it is quantized, and run once (it
 compiles, for compiled variants, and packs weights); then all are timed together in N interleaved rounds (each
 round runs every variant once, under `torch.inference_mode()`, with torch threads = the cores this process may
-use) and the median per variant is reported: a slower phase of a shared machine slows every variant alike. Every row also shows the
+use) and the median per variant is reported: a slower phase of a shared machine slows every variant alike.
+Every row also shows the
 weight bytes as stored and the PSNR of its output against the fp32 output (data range = the fp32 output's).
 
 Peers (`pip install -e ".[bench]"`, never imported by the package): see `peers.py`. A peer that is not
@@ -109,7 +110,8 @@ def variants(with_peers: bool) -> dict:
         except ImportError as err:
             print(f"peers not installed ({err}); pip install -e '.[bench]'")
         else:
-            table.update({label: (torch.float32, peer(make, peers.weight_bytes)) for label, make in peers.PEERS.items()})
+            table.update({label: (torch.float32, peer(make, peers.weight_bytes))
+                          for label, make in peers.PEERS.items()})
     return table
 
 
@@ -161,7 +163,8 @@ def time_gemms(repeats: int) -> dict[tuple, dict[str, float]]:
                 split = bits == 8 and not onednn.exact_for(8)  # as routed (onednn_split: 2N rows, both halves)
                 if bits == 4 or split:
                     packed, zeros = onednn.packed_weight(layer.qweight, bits, k, None, split)
-                    label = "int8 x int4 oneDNN" if bits == 4 else "int8 x int8 oneDNN split (two 4-bit halves, one GEMM)"
+                    label = ("int8 x int4 oneDNN" if bits == 4
+                             else "int8 x int8 oneDNN split (two 4-bit halves, one GEMM)")
                     row[label] = median_time(lambda: onednn.gemm(x8, packed, torch.ones(len(zeros)), zeros), repeats)
             if cpu_amx.available():
                 xq, x_scale, rowsum = cpu_amx.extension().quantize_s8(x)

@@ -58,7 +58,7 @@ def main():
     for latent in args.latents:
         tokens = (latent // 2) ** 2
         print(f"\nbatch 2, {tokens} image tokens, 120 text tokens")
-        print(f"| variant | median s | vs bf16 | weight MiB | peak MiB | rel. L2 vs bf16 |\n|---|---|---|---|---|---|")
+        print("| variant | median s | vs bf16 | weight MiB | peak MiB | rel. L2 vs bf16 |\n|---|---|---|---|---|---|")
         base_time = base_out = None
         for name, dtype, config, kernels, compiled in variants:
             os.environ["VIDITQ_KERNELS"] = kernels

@@ -1,8 +1,8 @@
 """ViDiT-Q calibration driven by ComfyUI's own sampler.
 
 The core's `calibrate` hooks the denoiser's linear inputs and buckets them by the denoiser's timestep
-input (ComfyUI's `timesteps`: the sigma mapped to the model's time scale, see `timestep_range`); here each "prompt" is one
-(positive, negative) conditioning pair, sampled with ComfyUI's KSampler code path (its progress bar
+input (ComfyUI's `timesteps`: the sigma mapped to the model's time scale, see `timestep_range`); here each
+"prompt" is one (positive, negative) conditioning pair, sampled with ComfyUI's KSampler code path (its progress bar
 shows in the UI). ComfyUI batches the CFG halves as [cond, uncond], not diffusers' [uncond, cond], and
 may run them as separate calls, so no per-CFG-half statistics are recorded (guidance_scale=1 for the
 core); the sampler's cfg is kept in the statistics' settings.

@@ -98,7 +98,8 @@ class Save(io.ComfyNode):
         if plan is None:
             raise ValueError("ViDiT-Q Save takes a quantized MODEL (from ViDiT-Q Quantize or ViDiT-Q Load).")
         name = os.path.basename(filename).removesuffix(".safetensors") + ".safetensors"
-        folders = folder_paths.get_folder_paths("diffusion_models")  # [models/unet (legacy), models/diffusion_models, ...]
+        # [models/unet (legacy), models/diffusion_models, ...]
+        folders = folder_paths.get_folder_paths("diffusion_models")
         folder = next((f for f in folders if os.path.basename(f) == "diffusion_models"), folders[0])
         os.makedirs(folder, exist_ok=True)
         tensors = loaded_tree(model).state_dict()

@@ -139,7 +139,8 @@ def build_app(concurrency: int = 1) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=1):
                 choice = gr.Radio([*BUNDLED, CUSTOM], value=DEFAULT_SOURCE, label="Pipeline")
-                custom = gr.Textbox(label="Local directory or Hub id", elem_id="custom-source", placeholder="path/to/pipeline or owner/name",
+                custom = gr.Textbox(label="Local directory or Hub id", elem_id="custom-source",
+                                    placeholder="path/to/pipeline or owner/name",
                                     info=f"used when the pipeline is “{CUSTOM}”")
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", value="a thick handwritten digit 7")

@@ -248,7 +248,9 @@ class LoadedPipeline:
         return results
 
     def calibrate(self, prompts: list[str], steps: int, guidance: float) -> str:
-        """Record statistics once (cached on this pipeline) and rebuild W8A8 and W4A8-MP with them; returns a message."""
+        """Record statistics once (cached on this pipeline) and rebuild W8A8 and W4A8-MP with them.
+
+        Returns a message."""
         if self.shipped:
             return (f"{self.source} ships calibration statistics with its searched plan "
                     f"({os.path.dirname(self.shipped[0])}); W8A8 and W4A8-MP use them, nothing to calibrate.")
@@ -260,8 +262,9 @@ class LoadedPipeline:
         call = self.call_kwargs(steps, guidance, "")
         call.pop("num_inference_steps"), call.pop("guidance_scale")
         # on a copy: calibration hooks every layer it observes, and the shared FP model must stay untouched
-        stats = viditq_diffusers.calibrate(self.pipeline(copy.deepcopy(self.fp.transformer)), prompts, num_inference_steps=steps,
-                                           guidance_scale=guidance, seeds=list(range(len(prompts))), **call)
+        stats = viditq_diffusers.calibrate(self.pipeline(copy.deepcopy(self.fp.transformer)), prompts,
+                                           num_inference_steps=steps, guidance_scale=guidance,
+                                           seeds=list(range(len(prompts))), **call)
         with self.lock:
             self.calibration = stats
             for name in VARIANTS[1:]:

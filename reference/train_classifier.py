@@ -54,8 +54,12 @@ def main(argv=None) -> None:
         model.train()
         x, y, _, _ = sample_batch(g, args.batch)
         loss = F.cross_entropy(model(x), y, label_smoothing=0.05)
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        step += 1; bar.update(); bar.set_postfix(loss=f"{loss.item():.3f}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     minutes = (time.time() - t0) / 60
     acc = evaluate(model)
@@ -68,6 +72,7 @@ def main(argv=None) -> None:
 
 def _write_card(args, acc: dict, step: int, minutes: float) -> None:
     rows = "\n".join(f"| {k} | {100 * v:.2f}% |" for k, v in acc.items())
+    spent = f"{step} steps, {minutes:.1f} min on 2 CPU cores"
     card = f"""# digit_classifier
 
 A small CNN that recognises the digit in 32x32 images of the reference digit data (scikit-learn
@@ -80,7 +85,7 @@ text-alignment metric, and its 64-d penultimate features serve the Frechet dista
 - Data: `load_digits` indices with `i % 5 != 0` (1437 images) for training; `i % 5 == 0` (360) held out.
   Random scale/shift/shear and five styles (plain, thick, thin, faint, italic).
 - Training: `python -m reference.train_classifier --minutes {args.minutes:g} --seed {args.seed}`: AdamW lr {args.lr:g}
-  (cosine over the time budget), batch {args.batch}, label smoothing 0.05; {step} steps, {minutes:.1f} min on 2 CPU cores.
+  (cosine over the time budget), batch {args.batch}, label smoothing 0.05; {spent}.
 - Load: `from reference.classifier import load_classifier; clf = load_classifier()`.
 
 ## Held-out accuracy (1000 fixed-seed augmentations per style of the 360 held-out images)

@@ -12,8 +12,8 @@ Two stages, each resumable and time-boxed, then the pipeline directory is writte
     python -m reference.train_image --stage transformer --minutes 49 --seed 0     # add --resume to continue
     python -m reference.train_image --stage save                                  # re-write pipeline from ckpt
 
-Checkpoints (safetensors + JSON, ``reference.checkpoint``) go to reference_models/.ckpt/ every ``--ckpt-minutes``; the pipeline goes to
-reference_models/pixart_digits/ (also written at the end of the transformer stage).
+Checkpoints (safetensors + JSON, ``reference.checkpoint``) go to reference_models/.ckpt/ every ``--ckpt-minutes``;
+the pipeline goes to reference_models/pixart_digits/ (also written at the end of the transformer stage).
 """
 from __future__ import annotations
 
@@ -112,11 +112,16 @@ def train_vae(args) -> None:
         rec = vae.decode(post.sample(generator=g)).sample
         kl = post.kl().mean() / x[0].numel()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + args.kl * kl
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        step += 1; bar.update(); bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.3f}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.3f}")
         if time.time() - last > args.ckpt_minutes * 60:
             save_checkpoint(CKPT, "vae", modules=dict(model=vae), optimizer=opt, generator=g, step=step,
-                            spent=time.time() - t0); last = time.time()
+                            spent=time.time() - t0)
+            last = time.time()
     bar.close()
     # scaling factor = 1 / std of sampled latents over a large fixed batch; report reconstruction PSNR
     vae.eval()
@@ -168,8 +173,10 @@ def optimizer_step(model, ema, opt, loss: torch.Tensor, step: int, args) -> None
     """One AdamW step (linear warmup, then constant LR; grad-clip 1.0) and the EMA update of ``ema``."""
     for grp in opt.param_groups:
         grp["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
-    opt.zero_grad(set_to_none=True); loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
     d = min(args.ema, (1 + step) / (10 + step))  # short EMA memory early in training
     with torch.no_grad():
         for pe, pm in zip(ema.parameters(), model.parameters()):
@@ -218,9 +225,11 @@ def train_transformer(args) -> None:
         step += 1
         threads = adapt_threads(step, time.time() - t_step, args.threads)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
-        bar.update(); bar.set_postfix(loss=f"{avg:.4f}", threads=threads)
+        bar.update()
+        bar.set_postfix(loss=f"{avg:.4f}", threads=threads)
         if time.time() - last > args.ckpt_minutes * 60:
-            save(); last = time.time()
+            save()
+            last = time.time()
     bar.close()
     save()
     print(f"transformer: {step} steps, {(time.time() - t0) / 60:.1f} min, loss(avg) {avg}")

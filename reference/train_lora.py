@@ -12,7 +12,8 @@ Only the LoRA factors train (the base transformer, VAE and text encoder are froz
 a short warm-up, grad-clip 1.0, time-boxed. The result is written in the diffusers/PEFT LoRA format that
 ``pipe.load_lora_weights`` reads: ``transformer.<module>.lora_A.weight`` / ``.lora_B.weight`` in
 ``pytorch_lora_weights.safetensors``, the ``LoraConfig`` as ``lora_adapter_metadata`` (keys prefixed
-``transformer.``), tensors stored in fp16. Load it with ``viditq_diffusers.lora.load_lora_file`` (PixArt has no diffusers loader).
+``transformer.``), tensors stored in fp16. Load it with ``viditq_diffusers.lora.load_lora_file`` (PixArt has no
+diffusers loader).
 
     OMP_NUM_THREADS=1 python -m reference.train_lora --minutes 8 --seed 0
     OMP_NUM_THREADS=1 python -m reference.train_lora --evaluate-only   # re-measure the shipped LoRA, FP32 and W8A8
@@ -166,7 +167,8 @@ def evaluate(args) -> dict:
     seeds = list(range(len(prompts)))
     fp = diffusers.PixArtAlphaPipeline.from_pretrained(args.pipeline)
     stats = calibrate(fp, [prompt_for(d, "plain") for d in range(10)], num_inference_steps=args.steps,
-                      seeds=[100 + d for d in range(10)], **{k: v for k, v in call.items() if k != "num_inference_steps"})
+                      seeds=[100 + d for d in range(10)],
+                      **{k: v for k, v in call.items() if k != "num_inference_steps"})
     w8a8 = diffusers.PixArtAlphaPipeline.from_pretrained(
         args.pipeline, quantization_config=ViDiTQConfig(preset="w8a8", calibration=stats))
     samples = {}

@@ -86,11 +86,13 @@ def init_from_image_model(model: diffusers.LatteTransformer3DModel) -> None:
     c_img, c_vid = 4, model.config.out_channels
     rows = torch.arange(proj_w.shape[0])
     target = rows // c_img * c_vid + rows % c_img
-    model.proj_out.weight.zero_(); model.proj_out.bias.zero_()
+    model.proj_out.weight.zero_()
+    model.proj_out.bias.zero_()
     model.proj_out.weight[target], model.proj_out.bias[target] = proj_w, proj_b
     for block in model.temporal_transformer_blocks:
         for layer in (block.attn1.to_out[0], block.ff.net[2]):
-            layer.weight.zero_(); layer.bias.zero_()
+            layer.weight.zero_()
+            layer.bias.zero_()
 
 
 @torch.no_grad()
@@ -159,9 +161,11 @@ def train(args) -> None:
         step += 1
         threads = adapt_threads(step, time.time() - t_step, args.threads)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
-        bar.update(); bar.set_postfix(loss=f"{avg:.4f}", threads=threads)
+        bar.update()
+        bar.set_postfix(loss=f"{avg:.4f}", threads=threads)
         if time.time() - last > args.ckpt_minutes * 60:
-            save(); last = time.time()
+            save()
+            last = time.time()
     bar.close()
     save()
     print(f"latte: {step} steps, {(time.time() - t0) / 60:.1f} min, loss(avg) {avg}")

@@ -47,7 +47,8 @@ def render_clips(x: torch.Tensor, directions: list[str], g: torch.Generator, fra
     perp = unit.flip(1).abs()                                      # the other axis
     offsets = torch.arange(frames, dtype=torch.float32) - (frames - 1) / 2
     # displacement of the content in px per clip and frame: (N, F, 2)
-    disp = unit[:, None] * (offsets[None, :, None] * speed + along[:, None, None]) + perp[:, None] * across[:, None, None]
+    disp = (unit[:, None] * (offsets[None, :, None] * speed + along[:, None, None])
+            + perp[:, None] * across[:, None, None])
     # affine_grid samples the input at s * x + t (normalised coords, 2 / size per px): content moves by -t / s
     theta = torch.zeros(n, frames, 2, 3)
     theta[..., 0, 0], theta[..., 0, 1], theta[..., 1, 1] = s[:, None], (s * shear)[:, None], s[:, None]

@@ -25,6 +25,6 @@ if importlib.util.find_spec("peft") is not None:  # LoRA on quantized layers thr
 
 __version__ = "0.1.0"
 __all__ = [
-    "PRESETS", "ViDiTQConfig", "CalibrationStats", "calibrate", "ViDiTQLinear", "ViDiTQQuantizer", "quantize", "save_pretrained",
-    "push_to_hub", "model_card", "weight_bytes", "fp16_weight_bytes", "refine_recipes", "LayerSpec",
+    "PRESETS", "ViDiTQConfig", "CalibrationStats", "calibrate", "ViDiTQLinear", "ViDiTQQuantizer", "quantize",
+    "save_pretrained", "push_to_hub", "model_card", "weight_bytes", "fp16_weight_bytes", "refine_recipes", "LayerSpec",
 ]

@@ -232,7 +232,8 @@ def cmd_search(args) -> None:
     pipe.set_progress_bar_config(disable=True)
     stats = CalibrationStats.load(args.calibration) if args.calibration else None
     result = search(pipe, args.budget_bits, prompts, [args.seed + i for i in range(len(prompts))],
-                    block_ranges=args.block_ranges, calibration=stats, cache=args.cache or f"{args.out}.sensitivity.json",
+                    block_ranges=args.block_ranges, calibration=stats,
+                    cache=args.cache or f"{args.out}.sensitivity.json",
                     candidates=args.candidates, per_layer=args.per_layer,
                     num_inference_steps=args.steps, guidance_scale=args.guidance, **pipeline_call(pipe, args))
     write_json(args.out, result.plan)
@@ -313,12 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
                         f"ones do not apply")
     i.set_defaults(func=cmd_info)
 
-    d = sub.add_parser("demo", help="quantize the bundled trained pipeline, save an FP-vs-quantized grid, print metrics")
+    d = sub.add_parser("demo",
+                       help="quantize the bundled trained pipeline, save an FP-vs-quantized grid, print metrics")
     d.add_argument("--pipeline", default=BUNDLED_PIPELINE, help="a diffusers PixArt pipeline directory")
     d.add_argument("--presets", nargs="+", default=["w8a8"], choices=[p for p in PRESETS if p != "naive_w8a8"])
     d.add_argument("--steps", type=int, default=20)
     d.add_argument("--out", default="viditq-demo.png", help="where to save the grid PNG")
-    d.add_argument("--ui", action="store_true", help="launch the Gradio app (FP / W8A8 / W4A8-MP in the browser) instead")
+    d.add_argument("--ui", action="store_true",
+                   help="launch the Gradio app (FP / W8A8 / W4A8-MP in the browser) instead")
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("search", help="search a mixed-precision plan (W4A8 / W8A8 per layer group) under a bit budget")

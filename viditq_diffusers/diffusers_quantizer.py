@@ -71,7 +71,8 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         layer, _, leaf = param_name.rpartition(".")
         return not self.pre_quantized and leaf == "weight" and layer in self.plan_layers
 
-    def create_quantized_param(self, model, param_value, param_name, target_device, state_dict, unexpected_keys=None, **kwargs):
+    def create_quantized_param(self, model, param_value, param_name, target_device, state_dict, unexpected_keys=None,
+                               **kwargs):
         """Quantize one FP weight as it is read and swap its layer for a `ViDiTQLinear`."""
         name = param_name.rpartition(".")[0]
         old = model.get_submodule(name)
@@ -88,7 +89,8 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         for path in checkpoint_files or []:
             if str(path).endswith(".safetensors"):
                 tensor_headers(str(path))
-        unplanned = sorted({k.rpartition(".")[0] for k in loaded_keys if k.endswith(".qweight")} - set(self.plan_layers))
+        quantized_layers = {k.rpartition(".")[0] for k in loaded_keys if k.endswith(".qweight")}
+        unplanned = sorted(quantized_layers - set(self.plan_layers))
         if self.pre_quantized and unplanned:
             raise ValueError(
                 f"The checkpoint holds quantized tensors for {len(unplanned)} layer(s) that the plan in its "
@@ -101,7 +103,8 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         quantized = [k for k in missing_keys if k.rpartition(".")[0] in self.plan_layers]
         if self.pre_quantized and quantized:
             raise ValueError(
-                f"The checkpoint lacks {len(quantized)} quantized tensor(s) that its plan needs (e.g. {quantized[0]!r}). "
+                f"The checkpoint lacks {len(quantized)} quantized tensor(s) that its plan needs "
+                f"(e.g. {quantized[0]!r}). "
                 f"It is probably a floating-point checkpoint whose config.json carries a ViDiT-Q plan: remove "
                 f"'quantization_config' from config.json and pass quantization_config=ViDiTQConfig(...) instead."
             )

@@ -19,7 +19,8 @@ def fp16_weight_bytes(model: nn.Module) -> int:
     for module in model.modules():
         tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
         if isinstance(module, ViDiTQLinear):
-            total += module.in_features * module.out_features * 2 + (module.out_features * 2 if module.bias is not None else 0)
+            total += (module.in_features * module.out_features * 2
+                      + (module.out_features * 2 if module.bias is not None else 0))
             continue
         total += sum(t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in tensors)
     return total

@@ -155,8 +155,9 @@ def hashes(name: str) -> tuple[str, str, str]:
 
 
 # (state dict, output, quantization_config) sha256 per config, computed on the code BEFORE LayerSpec replaced the
-# plan dicts (main at 6b2be00), with VIDITQ_KERNELS=torch (`python -m tests.integration.test_layer_spec` prints them). They must
-# not change: a refactor that changes them changed what a plan means, a checkpoint's bytes or its outputs.
+# plan dicts (main at 6b2be00), with VIDITQ_KERNELS=torch (`python -m tests.integration.test_layer_spec` prints
+# them). They must not change: a refactor that changes them changed what a plan means, a checkpoint's bytes or its
+# outputs.
 EXPECTED = {
     "w8a8": ("6aaa0265c221f3842499178db465cb5b59d728346f3c66de30952a783e570551",
              "730202974a80b282ea6e5350cb43650c9765126173d1b21c2daecfcaa0a3a24a",

@@ -20,8 +20,8 @@ oneDNN ignores weight zero points (silently), so asymmetric 4-bit weights are pa
 (in [-255, 255]) is written as `16 hi + lo` with `hi` in [-16, 15] and `lo` in [0, 15], both halves are stacked
 along N into one GEMM of 2N outputs (pairs stay below 2 x 255 x 16 < 2^15: exact on every x86 ISA level), and
 `16 acc_hi + acc_lo` is summed with one rounding, which equals the int32 accumulator's conversion to fp32. Each
-half's sum must convert to fp32 exactly, so K is limited to `SPLIT_MAX_K`. It is twice the GEMM work of W4, and still 1.2-1.5x faster than
-the exact fp32-BLAS route at DiT shapes on AVX2 (`benchmarks/speed_cpu.py`).
+half's sum must convert to fp32 exactly, so K is limited to `SPLIT_MAX_K`. It is twice the GEMM work of W4, and
+still 1.2-1.5x faster than the exact fp32-BLAS route at DiT shapes on AVX2 (`benchmarks/speed_cpu.py`).
 
 The packed (oneDNN-layout, int8) weight is built on first use and cached per weight tensor (rebuilt when
 the codes or zero points are modified in place): 1 byte per weight on top of the stored codes (2 for the

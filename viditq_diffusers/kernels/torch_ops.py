@@ -2,8 +2,8 @@
 
 `linear_int` is what runs: activations are quantized per token and multiplied with the
 int codes by a real integer GEMM (`int_mm`: exact on fp32 BLAS on CPU, `torch._int_mm` on
-CUDA; int32 accumulation); scales, zero points and bias are applied to the int32 result. `linear_reference` is the same math in
-float64 with dequantized operands; tests hold the two against each other.
+CUDA; int32 accumulation); scales, zero points and bias are applied to the int32 result. `linear_reference` is
+the same math in float64 with dequantized operands; tests hold the two against each other.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def int_mm_exact_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     With integer operands, every product and partial sum of a K-chunk is an integer of magnitude at most
     `chunk * max|a| * max|b|`; while that stays <= 2^24 each one is an fp32 number, so the fp32 GEMM makes
     no rounding at all, in any summation order. Chunks are summed in int32. On CPUs without int8 dot
-    instructions (AVX2 without VNNI) this is ~17x faster than `torch._int_mm` (benchmarks/speed_cpu.py), and gives the same int32 result bit for bit.
+    instructions (AVX2 without VNNI) this is ~17x faster than `torch._int_mm` (benchmarks/speed_cpu.py), and gives
+    the same int32 result bit for bit.
     """
     af, bf = a.float(), b.float()  # abs in fp32: int8 abs(-128) would wrap
     bound = int(af.abs().amax()) * int(bf.abs().amax()) if a.numel() and b.numel() else 0

@@ -64,7 +64,8 @@ def _load_b_tile(b_ptr, zero_ptr, offs_n, k0, N, K, stride_bn, stride_zn, g,
     return tl.trans(w)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "GROUP_SIZE", "W4"], prune_configs_by=dict(early_config_prune=_fits_group))
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "GROUP_SIZE", "W4"],
+                 prune_configs_by=dict(early_config_prune=_fits_group))
 @triton.jit
 def _int_gemm(a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, zero_ptr, rowsum_ptr, bias_ptr,
               M, N, K, stride_am, stride_bn, stride_cm, stride_wn, stride_zn,

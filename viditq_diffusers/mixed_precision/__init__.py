@@ -1,5 +1,5 @@
-"""Metric-decoupled mixed precision (ViDiT-Q-MP; docs/mixed-precision.md): per-group sensitivity with a cheap proxy, the budgeted
-allocation, the search that ties them together, and a heatmap of the sensitivity table. The layer roles and
+"""Metric-decoupled mixed precision (ViDiT-Q-MP; docs/mixed-precision.md): per-group sensitivity with a cheap proxy,
+the budgeted allocation, the search that ties them together, and a heatmap of the sensitivity table. The layer roles and
 role x block-range groups (`viditq_diffusers.roles`) and the paper's reference heuristic (`w4a8_mp`,
 `viditq_diffusers.reference_mixed_precision`) sit lower in the package, since plans use them; their names are
 re-exported here."""

@@ -103,7 +103,8 @@ def round_to_codes(xf: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[to
     return codes.round_().clamp_(-qmax - 1, qmax).to(torch.int8), scale  # in place: one temporary, not three
 
 
-def quantize_activation_static(x: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activation_static(x: torch.Tensor, scale: torch.Tensor,
+                               bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric quantization of a 2-D tensor with one calibrated scale (values beyond it clip).
 
     Returns `(codes int8, scale fp32 [1, 1])`, the same shapes `quantize_activation_per_token` gives.
