@@ -107,7 +107,7 @@ def test_cache_resumes_and_refuses_other_settings(pipe, tmp_path):
 def test_cli_search_writes_a_plan_that_quantizes_mixed(pipe, tmp_path):
     from viditq_diffusers import ViDiTQConfig, ViDiTQLinear, quantize
     from viditq_diffusers.cli import main
-    from viditq_diffusers.plan import average_weight_bits
+    from viditq_diffusers.plan import average_weight_bits, plan_from_json
 
     path = tmp_path / "pipe"
     pipe.save_pretrained(path)
@@ -116,7 +116,7 @@ def test_cli_search_writes_a_plan_that_quantizes_mixed(pipe, tmp_path):
     assert main(["search", str(path), "--budget-bits", "6", "--prompts", str(tmp_path / "prompts.txt"),
                  "--out", str(out), "--steps", "2", "--height", "32", "--width", "32", "--block-ranges", "2",
                  "--candidates", "2", "--per-layer"]) == 0
-    plan = json.loads(out.read_text())
+    plan = plan_from_json(json.loads(out.read_text()))  # the file's JSON entries as LayerSpecs
     assert average_weight_bits(plan) <= 6
     model = quantize(DiffusionPipeline.from_pretrained(path).transformer, ViDiTQConfig(plan=str(out)))
     bits = {m.weight_bits for m in model.modules() if isinstance(m, ViDiTQLinear)}

@@ -1,7 +1,7 @@
 """Building the C++ CPU kernels (`cpu_int16.cpp`, `cpu_direct.cpp`, `cpu_amx.cpp`, `cpu_balance.cpp`) with
 `torch.utils.cpp_extension`, when `kernels.warmup()` asks for them.
 
-Each is compiled once per machine and torch version (about a minute) into its own folder under
+Each is compiled once per machine, torch install and checkout (about a minute) into its own folder under
 `~/.cache/viditq_diffusers/kernels` (or `$VIDITQ_KERNEL_CACHE`); later warmups only load it. Needs a C++
 compiler and ninja (a dependency; pip's copy is found even in an unactivated venv). Where the build fails, a
 RuntimeWarning names the reason and the routes that need the kernel say so (`kernels.routes`): the torch or
@@ -12,6 +12,7 @@ Nothing here builds behind the caller's back: `loaded` and `missing_reason` only
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
@@ -44,7 +45,10 @@ def unsupported_reason() -> str | None:
 def build_directory(name: str) -> str:
     root = os.environ.get("VIDITQ_KERNEL_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "viditq_diffusers", "kernels")
-    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
+    # The build bakes in this torch's headers and this checkout's sources: two venvs or checkouts that shared a
+    # folder would keep rebuilding each other's modules, so each pair gets its own.
+    where = hashlib.sha256(f"{os.path.dirname(torch.__file__)}|{HERE}".encode()).hexdigest()[:10]
+    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{where}".replace("+", "_")
     return os.path.join(root, tag, name)
 
 
