@@ -1,9 +1,9 @@
 """The ComfyUI pack on a real ComfyUI 0.30.0 server (CPU): fidelity, reload and time of the shipped workflows.
 
 Starts `main.py --cpu --listen 127.0.0.1 --cache-none` (every prompt re-runs every node) with the pack in
-`custom_nodes`, in a temporary base directory filled like the tier-3 tests' (tests/apps/comfyui/server_home.py:
+`custom_nodes`, in a temporary base directory filled like the tier-3 tests' (harness/comfyui/server_home.py:
 the trained reference PixArt in ComfyUI's layout, the reference LoRA), and posts the shipped API
-workflows with the tests' stand-ins for the text encoder and VAE (tests/apps/comfyui/workflows.py):
+workflows with the tests' stand-ins for the text encoder and VAE (harness/comfyui/workflows.py):
 - workflow A (`pixart_calibrate_quantize_save_api.json`): calibrate -> quantize W8A8 and W4A8 -> KSampler,
   next to the FP branch; ViDiT-Q Save of both;
 - the LoRA workflow (`pixart_quantized_lora_api.json`): W8A8 + ViDiT-Q LoRA next to FP + stock
@@ -14,7 +14,7 @@ PSNR is of the latents against the FP branch of the same graph (same seed); "bit
 latent equals the in-graph latent of A (or of the LoRA workflow). Seconds: ComfyUI's own start-to-success
 time of that row's B prompt (load, sample, decode, save). ComfyUI is not installed by this script:
 
-    python tests/apps/comfyui/install_comfyui.py      # once
+    python harness/comfyui/install_comfyui.py      # once
     OMP_NUM_THREADS=1 python -m benchmarks.comfyui [--steps 12] [--calibration-steps 6]
 """
 
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from tests.apps.comfyui import install_comfyui, server_home, workflows
-from tests.apps.comfyui.outputs import latent, psnr, succeeded
-from tests.apps.comfyui.server import ComfyServer
+from harness.comfyui import install_comfyui, server_home, workflows
+from harness.comfyui.outputs import latent, psnr, succeeded
+from harness.comfyui.server import ComfyServer
 
 
 def seconds(entry: dict) -> float:
@@ -83,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     if not install_comfyui.is_installed():
         sys.exit(f"real ComfyUI 0.30.0 is not installed at {install_comfyui.home()}: run "
-                 f"`python tests/apps/comfyui/install_comfyui.py` first (this benchmark installs nothing).")
+                 f"`python harness/comfyui/install_comfyui.py` first (this benchmark installs nothing).")
     with tempfile.TemporaryDirectory(prefix="viditq-comfyui-bench-") as tmp:
         server = ComfyServer(server_home.prepare(Path(tmp)), extra_args=("--cache-none",)).start()
         try:

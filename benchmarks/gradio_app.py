@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from gradio_app.choices import DEFAULT_SOURCE, VARIANTS
-from tests.apps.gradio_ui.server import AppServer
+from harness.gradio_ui.server import AppServer
 
 PROMPTS = ["a thick handwritten digit 7", "a thin handwritten digit 3", "an italic handwritten digit 5",
            "a faint handwritten digit 0", "a handwritten digit 8"]

@@ -6,28 +6,30 @@ first use by the `comfyui_install` fixture, tests/apps/conftest.py; skipped, say
 
 import pytest
 
-from tests.apps.comfyui import comfy_env
+from harness.comfyui import comfy_env
 
 pytestmark = pytest.mark.comfyui
 
 if not comfy_env.in_comfyui_venv():
 
     def test_nodes_in_comfyui_venv(comfyui_install):
-        comfy_env.rerun_in_comfyui_venv(__file__)
+        from tests.apps.comfyui.venv_tests import rerun_in_comfyui_venv
+
+        rerun_in_comfyui_venv(__file__)
 
 else:
     import json
 
     import torch
 
-    from tests.apps.comfyui import inprocess, reference_pixart
+    from harness.comfyui import inprocess, reference_pixart
 
     torch.set_num_threads(1)
     STEPS, CFG, SEED = 12, 4.5, 0
     PROMPT = "a thick handwritten digit 7"
 
     def conditioning(text):
-        from tests.apps.comfyui.fixture_nodes import DigitsTextEncode
+        from harness.comfyui.fixture_nodes import DigitsTextEncode
 
         return DigitsTextEncode().encode(text)[0]
 

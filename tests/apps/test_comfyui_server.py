@@ -1,6 +1,6 @@
 """Tier 3: the pack in a real ComfyUI 0.30.0 server (`main.py --cpu --listen 127.0.0.1`), driven over HTTP.
 
-Workflow A (shipped, with test stand-ins, see tests/apps/comfyui/workflows.py): load -> calibrate -> quantize
+Workflow A (shipped, with test stand-ins, see harness/comfyui/workflows.py): load -> calibrate -> quantize
 W8A8 and W4A8 -> KSampler -> SaveImage / SaveLatent next to the FP branch, and ViDiT-Q Save.
 Workflow B (shipped): ViDiT-Q Load of A's files -> KSampler. Plus bad input, after which the server
 must keep serving. ComfyUI comes from the `comfyui_install` fixture (tests/apps/conftest.py).
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.apps.comfyui import comfy_env, server_home, workflows
-from tests.apps.comfyui.outputs import latent, psnr, succeeded
-from tests.apps.comfyui.server import ComfyServer, execution_error
+from harness.comfyui import comfy_env, server_home, workflows
+from harness.comfyui.outputs import latent, psnr, succeeded
+from harness.comfyui.server import ComfyServer, execution_error
 
 pytestmark = pytest.mark.comfyui
 REPO = comfy_env.REPO
@@ -126,8 +126,8 @@ def test_bad_input_is_named_and_server_keeps_serving(server, case, message, requ
 
 
 def test_shipped_ui_workflows_match_api_workflows(server):
-    """The UI-format files are generated from the API-format ones (`python -m tests.apps.comfyui.workflow_ui`)."""
-    from tests.apps.comfyui.workflow_ui import to_ui
+    """The UI-format files are generated from the API-format ones (`python -m harness.comfyui.workflow_ui`)."""
+    from harness.comfyui.workflow_ui import to_ui
 
     object_info = server.get("/object_info")
     for api in sorted(workflows.WORKFLOWS.glob("*_api.json")):

@@ -10,6 +10,7 @@ import io
 import json
 import re
 import threading
+from pathlib import Path
 from urllib.parse import urljoin
 
 import pytest
@@ -17,11 +18,23 @@ import torch
 
 from gradio_app import variants
 from gradio_app.choices import BUNDLED, CUSTOM, DEFAULT_SOURCE
-from tests.apps.gradio_ui.server import AppServer, launch_chromium, unet_pipeline
+from harness.browser import launch_chromium
+from harness.gradio_ui.server import AppServer
 from tests.support.hub_server import LocalHub
 
 PIXART = BUNDLED[DEFAULT_SOURCE]
 TIMEOUT_MS = 180_000  # one generation is a few seconds; a cold first one on a busy CPU takes longer
+
+
+def unet_pipeline(path: Path) -> Path:
+    """A tiny real DDPMPipeline (UNet2DModel denoiser): a pipeline class the core does not quantize."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1,
+                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(path)
+    return path
 
 
 # ----------------------------------------------------------------------------------------- variant logic

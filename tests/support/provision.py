@@ -9,7 +9,7 @@ need it.
 Environment: `VIDITQ_TEST_INSTALL=0` forbids installing anything (the tests that need a missing thing skip);
 `VIDITQ_CHROMIUM` names the browser to use; `VIDITQ_TEST_LOGS` moves the logs (default ~/.cache/viditq-tests);
 `VIDITQ_TEST_COMFYUI_TIMEOUT` / `VIDITQ_TEST_CHROMIUM_TIMEOUT` change the time limits (seconds);
-`VIDITQ_COMFYUI_HOME` moves the ComfyUI install (install_comfyui.py).
+`VIDITQ_COMFYUI_HOME` moves the ComfyUI install (harness/comfyui/install_comfyui.py).
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+from harness.browser import HOW_TO_INSTALL, find_chromium, starts
+from harness.comfyui import install_comfyui
+
 COMFYUI_TIMEOUT_S = float(os.environ.get("VIDITQ_TEST_COMFYUI_TIMEOUT", 1500))  # a cold pip install of torch & co.
 CHROMIUM_TIMEOUT_S = float(os.environ.get("VIDITQ_TEST_CHROMIUM_TIMEOUT", 900))
-CHROMIUM_NAMES = ("chromium", "chromium-browser")
 
 
 class Unavailable(Exception):
@@ -70,12 +72,10 @@ def short(cmd: list[str]) -> str:
 
 
 def comfyui() -> Path:
-    """The folder of a complete ComfyUI install (tests/apps/comfyui/install_comfyui.py), installed if missing."""
-    from tests.apps.comfyui import install_comfyui
-
+    """The folder of a complete ComfyUI install (harness/comfyui/install_comfyui.py), installed if missing."""
     if install_comfyui.is_installed():
         return install_comfyui.home()
-    how = f"`{Path(sys.executable).name} tests/apps/comfyui/install_comfyui.py` installs it"
+    how = f"`{Path(sys.executable).name}  harness/comfyui/install_comfyui.py` installs it"
     if not installing_allowed():
         raise Unavailable(f"real ComfyUI is not installed at {install_comfyui.home()} and VIDITQ_TEST_INSTALL=0; {how}")
     log = logs_dir() / "comfyui-install.log"
@@ -84,29 +84,6 @@ def comfyui() -> Path:
     if error or not install_comfyui.is_installed():
         raise Unavailable(f"real ComfyUI could not be installed ({error or 'incomplete'}); log: {log}")
     return install_comfyui.home()
-
-
-def find_chromium() -> str | None:
-    """$VIDITQ_CHROMIUM, a `chromium` on PATH, or the Chromium Playwright downloaded; None if there is none."""
-    if os.environ.get("VIDITQ_CHROMIUM"):
-        return os.environ["VIDITQ_CHROMIUM"] if os.path.exists(os.environ["VIDITQ_CHROMIUM"]) else None
-    for name in CHROMIUM_NAMES:
-        if shutil.which(name):
-            return shutil.which(name)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        path = p.chromium.executable_path
-    return path if os.path.exists(path) else None
-
-
-def starts(path: str) -> str | None:
-    """None if the Chromium at `path` runs (`--version`: its shared libraries load); else why not."""
-    try:
-        run = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        return str(error)
-    return None if run.returncode == 0 else (run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1]
 
 
 def chromium() -> str:
@@ -120,8 +97,7 @@ def chromium() -> str:
             raise Unavailable(f"the Chromium at {found} does not start ({broken}); set VIDITQ_CHROMIUM to another")
         return found
     if not installing_allowed():
-        raise Unavailable("no Chromium and VIDITQ_TEST_INSTALL=0; install one with `apt-get install -y chromium` "
-                          "or `python -m playwright install chromium`, or set VIDITQ_CHROMIUM to its path")
+        raise Unavailable(f"no Chromium and VIDITQ_TEST_INSTALL=0; {HOW_TO_INSTALL}")
     log = logs_dir() / "chromium-install.log"
     log.unlink(missing_ok=True)
     errors = []

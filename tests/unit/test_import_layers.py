@@ -56,8 +56,8 @@ LEVELS = {
     "comfyui_nodes": 13, "gradio_app": 13,
 }
 # top-level names the core must never import: ComfyUI (`comfy`, `comfy_api`, its `folder_paths` and `nodes`),
-# Gradio and the apps
-FORBIDDEN_IN_CORE = {"comfy", "comfy_api", "folder_paths", "nodes", "gradio", "comfyui_nodes", "gradio_app"}
+# Gradio, the apps and the harness that starts them for tests and benchmarks
+FORBIDDEN_IN_CORE = {"comfy", "comfy_api", "folder_paths", "nodes", "gradio", "comfyui_nodes", "gradio_app", "harness"}
 
 
 def module_name(path: Path) -> str:

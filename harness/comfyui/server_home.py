@@ -1,4 +1,4 @@
-"""The base directory of a tier-3 server (tests and benchmarks/comfyui.py): the pack and the test
+"""The base directory of a tier-3 server (tests and benchmarks/comfyui.py): the pack and the stand-in
 fixture nodes in `custom_nodes`, the reference PixArt in ComfyUI's layout (and a copy, which ComfyUI
 does not recognise as already loaded) in `models/diffusion_models`, the reference LoRA in `models/loras`.
 """
@@ -21,8 +21,8 @@ def prepare(base: Path) -> Path:
     for folder in (models, loras, custom):
         folder.mkdir(parents=True, exist_ok=True)
     (custom / "viditq").symlink_to(REPO / "comfyui_nodes")
-    (custom / "viditq_test_fixtures").symlink_to(REPO / "tests" / "apps" / "comfyui" / "fixture_nodes")
-    subprocess.run([str(install_comfyui.python()), "-m", "tests.apps.comfyui.reference_pixart",
+    (custom / "viditq_test_fixtures").symlink_to(Path(__file__).resolve().with_name("fixture_nodes"))
+    subprocess.run([str(install_comfyui.python()), "-m", "harness.comfyui.reference_pixart",
                     str(models / workflows.FP_FILE)], cwd=REPO, env=comfy_env.env(), check=True)
     shutil.copy(models / workflows.FP_FILE, models / workflows.FP_COPY_FILE)
     # the diffusers/PEFT file as shipped: ComfyUI's PixArt key map reads its `transformer.*` lora_A / lora_B keys

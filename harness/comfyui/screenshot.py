@@ -1,7 +1,7 @@
 """Screenshot of a shipped workflow in ComfyUI's web UI (headless Chromium + Playwright), for the pack's README.
 
-    pip install playwright     (into ComfyUI's venv; a Chromium is installed if there is none)
-    python -m tests.apps.comfyui.screenshot [WORKFLOW_ui.json] [OUT.png]
+    pip install playwright     (into ComfyUI's venv; and a Chromium, see harness/browser.py)
+    python -m harness.comfyui.screenshot [WORKFLOW_ui.json] [OUT.png]
 
 Runs under ComfyUI's venv (for Playwright); starts a server with the pack, loads the workflow into the
 page with the frontend's `app.loadGraphData`, and saves a PNG.
@@ -14,8 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.support import provision
-
+from ..browser import chromium, launch_chromium
 from . import workflows
 from .server import ComfyServer
 
@@ -37,8 +36,7 @@ def main(workflow: Path = DEFAULT, out: Path = OUT) -> None:
     server = ComfyServer(base).start()
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=provision.chromium(),
-                                        args=["--headless", "--no-sandbox", "--disable-gpu"])
+            browser = launch_chromium(p, chromium())
             page = browser.new_page(viewport={"width": 2000, "height": 1100})
             page.goto(server.url, wait_until="networkidle")
             page.wait_for_function("window.app && window.app.graph", timeout=60000)

@@ -1,15 +1,15 @@
-"""Test-only ComfyUI nodes for the reference pipeline's text encoder and VAE.
+"""Stand-in ComfyUI nodes (tests and benchmarks/comfyui.py) for the reference pipeline's text encoder and VAE.
 
 ComfyUI cannot build reference_models/pixart_digits' tiny T5 (its T5 configs are fixed at XXL size)
 nor its VAE (GroupNorm with 32 groups is hard-coded; this VAE has 16-channel blocks), so the tests
-encode prompts and decode latents with transformers / diffusers here. Never shipped with the pack.
+and the benchmark encode prompts and decode latents with transformers / diffusers here. Never shipped with the pack.
 """
 
 from pathlib import Path
 
 import torch
 
-REFERENCE = Path(__file__).resolve().parents[4] / "reference_models" / "pixart_digits"
+REFERENCE = Path(__file__).resolve().parents[3] / "reference_models" / "pixart_digits"
 SD15_SCALE = 0.18215  # ComfyUI's latent format for PixArt-alpha divides the model's latents by this
 _cache = {}
 

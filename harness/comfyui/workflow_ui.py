@@ -3,7 +3,7 @@
 The shipped `*_ui.json` files are generated from the `*_api.json` ones, so the two never drift apart
 (tier 3 checks it). Regenerate after editing an API workflow:
 
-    python -m tests.apps.comfyui.workflow_ui  # starts ComfyUI with the pack; rewrites comfyui_nodes/workflows/*_ui.json
+    python -m harness.comfyui.workflow_ui  # starts ComfyUI with the pack; rewrites comfyui_nodes/workflows/*_ui.json
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Start the real app (`python -m gradio_app`) as a subprocess on 127.0.0.1, wait until it serves, stop it by PID.
 
-Also launches headless Chromium for Playwright, and builds the small pipelines the tests feed the app."""
+For the app's tests (tests/apps/test_gradio_app.py) and benchmarks/gradio_app.py."""
 
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.apps.comfyui.server import free_port
-
-ROOT = Path(__file__).resolve().parents[3]
+from .. import REPO as ROOT, free_port
 
 
 class AppServer:
@@ -70,18 +68,3 @@ class AppServer:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
-
-def launch_chromium(playwright, executable: str):
-    """Headless Chromium at `executable` (tests/support/provision.py finds or installs one)."""
-    return playwright.chromium.launch(executable_path=executable, args=["--headless", "--no-sandbox", "--disable-gpu"])
-
-
-def unet_pipeline(path: Path) -> Path:
-    """A tiny real DDPMPipeline (UNet2DModel denoiser): a pipeline class the core does not quantize."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1,
-                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"))
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(path)
-    return path

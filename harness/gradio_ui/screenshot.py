@@ -1,6 +1,6 @@
 """Screenshot of the Gradio app after one generation (headless Chromium + Playwright), for the README.
 
-    python -m tests.apps.gradio_ui.screenshot [OUT.png]        (default docs/gradio_app.png)
+    python -m harness.gradio_ui.screenshot [OUT.png]     (default docs/gradio_app.png; Chromium: harness/browser.py)
 
 Starts the real app (`python -m gradio_app`), generates "a thick handwritten digit 7" (seed 0, 20 steps) with
 the bundled pipeline, waits for the three images and their metrics, and writes the PNG atomically."""
@@ -12,9 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.support import provision
-
-from .server import ROOT, AppServer, launch_chromium
+from ..browser import chromium, launch_chromium
+from .server import ROOT, AppServer
 
 OUT = ROOT / "docs" / "gradio_app.png"
 PROMPT = "a thick handwritten digit 7"
@@ -27,7 +26,7 @@ def main(out: Path = OUT) -> None:
     try:
         server.wait_for_log("models ready")
         with sync_playwright() as p:
-            browser = launch_chromium(p, provision.chromium())
+            browser = launch_chromium(p, chromium())
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             page.goto(server.url, wait_until="networkidle")
             page.get_by_label("Prompt", exact=True).fill(PROMPT)

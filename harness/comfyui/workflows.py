@@ -15,7 +15,7 @@ import copy
 import json
 from pathlib import Path
 
-WORKFLOWS = Path(__file__).resolve().parents[3] / "comfyui_nodes" / "workflows"
+WORKFLOWS = Path(__file__).resolve().parents[2] / "comfyui_nodes" / "workflows"
 FP_FILE = "pixart_digits_fp.safetensors"
 FP_COPY_FILE = "pixart_digits_fp_copy.safetensors"  # the same model under a name no earlier prompt cached
 LORA_FILE = "pixart_digits_lora.safetensors"

