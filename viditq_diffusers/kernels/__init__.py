@@ -39,7 +39,7 @@ _warm_lock = threading.Lock()
 
 
 def warmup(verbose: bool = True) -> dict[str, str | None]:
-    """Build (first time on this machine and torch version, about a minute) or load the C++ CPU kernels this
+    """Build (first time on this machine, torch install and checkout; about a minute) or load the C++ CPU kernels this
     CPU's routes use; {kernel: None where loaded, else why not}. `verbose` prints a line to stderr before a
     build. Idempotent and cheap once done."""
     global _warm
@@ -52,8 +52,8 @@ def warmup(verbose: bool = True) -> dict[str, str | None]:
         if cpu_build.unsupported_reason() is None:
             fresh = [m.NAME for m in wanted if cpu_build.loaded(m.NAME) is None and not cpu_build.is_compiled(m.NAME)]
             if fresh and verbose:
-                print(f"viditq: building the C++ CPU kernels ({', '.join(fresh)}; once per machine and torch version, "
-                      f"about a minute) in {cpu_build.build_directory('')}", file=sys.stderr, flush=True)
+                print(f"viditq: building the C++ CPU kernels ({', '.join(fresh)}; once per machine, torch install and "
+                      f"checkout, about a minute) in {cpu_build.build_directory('')}", file=sys.stderr, flush=True)
             for module in wanted:
                 module.build()
         _warm = True
