@@ -12,8 +12,9 @@ bit as the torch path (`torch_ops.linear_int`; tests/unit/test_cpu_int16.py). We
 weight tensor into int16 panels with the zero points folded in (2 bytes per weight, cached like oneDNN's
 packed copy, `weight_cache`).
 
-Built by `kernels.warmup()` (`cpu_build`: once per machine, torch install and checkout, about a minute). Needs a C++ compiler and
-ninja; where the build fails, a warning names the reason and 8-bit weights stay on oneDNN's split route.
+Built by `kernels.warmup()` (`cpu_build`: once per machine, torch install and checkout, about a minute). Needs a
+C++ compiler and ninja; where the build fails, a warning names the reason and 8-bit weights stay on oneDNN's split
+route.
 """
 
 from __future__ import annotations
