@@ -180,10 +180,31 @@ EXPECTED = {
 }
 
 
+# Where they were recorded. Float BLAS and vector math (the outputs; behind the weights, the smoothing factors,
+# rotations and the recipe search's errors) may round differently on another kind of CPU, so the weight and output
+# hashes are checked on this kind only. Configs without a search write the same quantization_config everywhere.
+RECORDED_ON = ("AMD EPYC", "AVX512")  # /proc/cpuinfo's model name, torch's CPU capability
+SAME_CONFIG_EVERYWHERE = ("w8a8", "shipped_w4a8_mp_5bits", "smoothquant_w8a8", "paper_w4a8_g32_timestep_wise")
+
+
+def cpu_kind() -> tuple[str, str]:
+    model = "unknown"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    return model, torch.backends.cpu.get_cpu_capability()
+
+
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_quantized_reference_model_is_unchanged(name, monkeypatch):
-    monkeypatch.setenv("VIDITQ_KERNELS", "torch")  # the torch path: the same bits on every CPU
-    assert hashes(name) == EXPECTED[name]
+    monkeypatch.setenv("VIDITQ_KERNELS", "torch")  # the torch path: no kernel choice in the bits
+    state, output, config = hashes(name)
+    if name in SAME_CONFIG_EVERYWHERE:
+        assert config == EXPECTED[name][2]
+    if cpu_kind() != RECORDED_ON:
+        pytest.skip(f"weight and output hashes were recorded on {RECORDED_ON}; this CPU is {cpu_kind()}, where "
+                    f"float math may round differently")
+    assert (state, output, config) == EXPECTED[name]
 
 
 if __name__ == "__main__":
