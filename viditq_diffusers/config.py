@@ -22,6 +22,20 @@ from .plan import plan_from_json, plan_to_json
 from .quant.formats import check_bits
 
 
+def name_list(value, argument: str, example: str) -> list[str]:
+    """A list of names from one name or an iterable of names (a string alone is one name, not its characters)."""
+    names = [value] if isinstance(value, str) else value
+    try:
+        names = list(names)
+    except TypeError:
+        names = [names]
+    bad = [name for name in names if not isinstance(name, str)]
+    if bad:
+        raise TypeError(f"{argument} takes names (strings), got {bad[0]!r}; "
+                        f"pass e.g. {argument}=[{example!r}].")
+    return names
+
+
 class ViDiTQQuantMethod(str, Enum):
     VIDITQ = "viditq"
 
@@ -118,8 +132,8 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
         self.act_bits = int(defaults["act_bits"] if act_bits is None else act_bits)
         self.group_size = defaults["group_size"] if group_size is None else int(group_size)
         self.weight_symmetric = bool(weight_symmetric) if weight_symmetric is not None else False
-        self.modules_to_not_convert = list(modules_to_not_convert or [])
-        self.components = [components] if isinstance(components, str) else list(components)
+        self.modules_to_not_convert = name_list(modules_to_not_convert or [], "modules_to_not_convert", "proj_out")
+        self.components = name_list(components, "components", "transformer")
         self.calibration = calibration
         # in memory the plan's entries are LayerSpecs (frozen, so a shallow copy of the dicts is a copy)
         plan = read_json(plan) if isinstance(plan, (str, os.PathLike)) else plan

@@ -45,6 +45,26 @@ def test_bits_other_than_4_and_8(kwargs):
         ViDiTQConfig(**kwargs)
 
 
+def test_one_name_as_a_string_is_one_name(fp_dir):
+    """`modules_to_not_convert="transformer_blocks.0.attn2"` keeps that module in floating point (it was once split into
+    characters and silently ignored); `components` reads a string the same way."""
+    from viditq_diffusers import ViDiTQLinear
+
+    config = ViDiTQConfig(modules_to_not_convert="transformer_blocks.0.attn2", components="transformer")
+    assert (config.modules_to_not_convert, config.components) == (["transformer_blocks.0.attn2"], ["transformer"])
+    model = PIXART.cls.from_pretrained(fp_dir, quantization_config=config)
+    kinds = {name: type(m) for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, ViDiTQLinear))}
+    kept = [kind for name, kind in kinds.items() if name.startswith("transformer_blocks.0.attn2.")]
+    assert kept and all(kind is torch.nn.Linear for kind in kept)
+    assert any(kind is ViDiTQLinear for kind in kinds.values())
+
+
+@pytest.mark.parametrize("argument", ["modules_to_not_convert", "components"])
+def test_names_must_be_strings(argument):
+    with pytest.raises(TypeError, match=f"{argument} takes names"):
+        ViDiTQConfig(**{argument: ["proj_out", 3]})
+
+
 def test_group_size_must_divide(fp_dir):
     with pytest.raises(ValueError, match=r"group_size=48 does not divide in_features=32 of layer "
                                          r"'transformer_blocks\.0\.attn1\.to_q'"):
