@@ -117,8 +117,9 @@ def run_generate(choice, custom, prompt, negative_prompt, seed, steps, guidance)
 def run_calibrate(choice, custom, prompts, steps, guidance, progress=gr.Progress(track_tqdm=True)):
     variants = logic()
     steps, guidance, _ = variants.check_validity("calibration", steps, guidance, 0)
+    prompts = variants.calibration_prompts(prompts)  # checked before any pipeline loads
     progress(0, desc="loading the pipeline")
-    return variants.CACHE.get(variants.resolve_source(choice, custom)).calibrate(prompts.splitlines(), steps, guidance)
+    return variants.CACHE.get(variants.resolve_source(choice, custom)).calibrate(prompts, steps, guidance)
 
 
 @user_error

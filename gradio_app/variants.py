@@ -30,7 +30,7 @@ from viditq_diffusers.evaluation import compare_samples, generate
 from viditq_diffusers.jsonio import read_json
 from viditq_diffusers.kernels import warmup as warmup_kernels  # noqa: F401 (app.py calls it at start)
 
-from .choices import BUNDLED, CUSTOM, GUIDANCE_RANGE, STEPS_RANGE, VARIANTS
+from .choices import BUNDLED, CUSTOM, GUIDANCE_RANGE, MAX_CALIBRATION_PROMPTS, STEPS_RANGE, VARIANTS
 
 # The diffusers transformer classes the core's layer rule covers (architectures.BLOCK_LISTS also names
 # ComfyUI's own classes, which never occur in a diffusers pipeline).
@@ -85,6 +85,19 @@ def check_validity(prompt: str, steps, guidance, seed) -> tuple[int, float, int]
     if seed is None or float(seed) != int(float(seed)) or not 0 <= int(float(seed)) < 2**63:
         raise ValueError(f"The seed must be a whole number >= 0 (got {seed}).")
     return int(float(steps)), float(guidance), int(float(seed))
+
+
+def calibration_prompts(text: str | None) -> list[str]:
+    """The non-empty lines of the Calibrate box; refused when there are none or more than
+    MAX_CALIBRATION_PROMPTS."""
+    prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("No calibration prompts: write one prompt per line, like those you will generate.")
+    if len(prompts) > MAX_CALIBRATION_PROMPTS:
+        raise ValueError(f"{len(prompts)} calibration prompts: at most {MAX_CALIBRATION_PROMPTS} per request (each "
+                         f"runs the whole pipeline); keep a representative {MAX_CALIBRATION_PROMPTS}, or calibrate "
+                         f"offline with `viditq calibrate` and its --prompts file.")
+    return prompts
 
 
 def check_supported(source: str, denoisers: dict[str, str]) -> None:
@@ -256,9 +269,6 @@ class LoadedPipeline:
                     f"({os.path.dirname(self.shipped[0])}); W8A8 and W4A8-MP use them, nothing to calibrate.")
         if self.calibration is not None:
             return f"Already calibrated (cached for {self.source}); W8A8 and W4A8-MP use these statistics."
-        prompts = [p.strip() for p in prompts if p.strip()]
-        if not prompts:
-            raise ValueError("No calibration prompts: write one prompt per line, like those you will generate.")
         call = self.call_kwargs(steps, guidance, "")
         call.pop("num_inference_steps"), call.pop("guidance_scale")
         # on a copy: calibration hooks every layer it observes, and the shared FP model must stay untouched
