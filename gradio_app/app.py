@@ -25,7 +25,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls f
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .choices import BUNDLED, CALIBRATION_PROMPTS, CUSTOM, DEFAULT_SOURCE, STEPS_RANGE, VARIANTS  # noqa: E402
+from .choices import (BUNDLED, CALIBRATION_PROMPTS, CUSTOM, DEFAULT_SOURCE, MAX_CALIBRATION_PROMPTS,  # noqa: E402
+                      STEPS_RANGE, VARIANTS)
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860  # unless --host / --port or GRADIO_SERVER_NAME / _PORT say otherwise
 DISPLAY_PX = 256  # the bundled pipelines make 32x32 samples: shown enlarged, pixels kept sharp
@@ -159,8 +160,8 @@ def build_app(concurrency: int = 1) -> gr.Blocks:
                     outputs += [gr.Image(label=name, elem_id=f"image-{name}", interactive=False, format="png"),
                                 gr.Markdown(elem_id=f"metrics-{name}")]
         with gr.Accordion("Calibrate (pipelines without shipped statistics)", open=False):
-            calib_prompts = gr.Textbox(label="Calibration prompts (one per line)", lines=5,
-                                       value="\n".join(CALIBRATION_PROMPTS))
+            calib_prompts = gr.Textbox(label=f"Calibration prompts (one per line, at most {MAX_CALIBRATION_PROMPTS})",
+                                       lines=5, value="\n".join(CALIBRATION_PROMPTS))
             calibrate = gr.Button("Calibrate", elem_id="calibrate")
             calib_status = gr.Markdown(elem_id="calibrate-status")
         with gr.Accordion("Save or push a quantized variant", open=False):
