@@ -2,6 +2,10 @@
 
 The summary is computed from `config.json` and the safetensors headers only, so
 `viditq info` is instant even for large models and never materializes a tensor.
+
+Both first finish a save that was killed between the two renames of the fallback swap (`atomic.recover_folder`
+moves the old checkpoint back); the temporaries of killed saves are siblings of the folder, or hidden names
+inside it, and neither diffusers nor the `*.safetensors` glob below reads them.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import diffusers
 from safetensors import SafetensorError, safe_open
 
+from .atomic import recover_folder
 from .plan import PLAN_VERSION, average_weight_bits, plan_from_json, summarize, summarize_recipes
 
 FP16_BYTES = 2
@@ -27,6 +32,7 @@ def read_json(path: str) -> dict:
 
 def load_any(src: str, **kwargs):
     """Load a diffusers pipeline directory (model_index.json) or model directory (config.json)."""
+    recover_folder(src)
     if os.path.isfile(os.path.join(src, "model_index.json")):
         return diffusers.DiffusionPipeline.from_pretrained(src, **kwargs)
     config_path = os.path.join(src, "config.json")
@@ -93,6 +99,7 @@ def component_summary(directory: str) -> dict | None:
 
 def checkpoint_summary(directory: str) -> dict[str, dict]:
     """{component: summary} for a quantized model or pipeline directory."""
+    recover_folder(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory!r} is not a directory.")
     if os.path.isfile(os.path.join(directory, "model_index.json")):

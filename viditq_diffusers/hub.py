@@ -1,9 +1,10 @@
 """Save, model card and push to the Hugging Face Hub (through huggingface_hub).
 
 Saving goes through diffusers' own `save_pretrained` (safetensors, sharding,
-`config.json` with the plan); this module only makes it atomic (`atomic.atomic_folder`):
-everything is written into a temporary folder inside the target and then moved into place
-file by file, so a crash never leaves a half-written file under a final name.
+`config.json` with the plan); this module only makes it all-or-nothing (`atomic.atomic_folder`):
+the whole checkpoint is written into a temporary sibling of the target folder and then swapped
+with it in one step, so after a crash at any point the folder loads as the old checkpoint or
+the new one, never a mix, and never with a stale shard of an older save.
 """
 
 from __future__ import annotations
@@ -21,22 +22,34 @@ from .footprint import fp16_weight_bytes, weight_bytes
 from .plan import summarize
 
 
-def atomic_save(save, directory: str | os.PathLike, **kwargs) -> None:
-    """Run `save(tmp_dir, **kwargs)` in a temp folder inside `directory`, then move files into place."""
-    with atomic_folder(directory) as tmp:
+def atomic_save(save, directory: str | os.PathLike, *, overwrite: bool = False, **kwargs) -> None:
+    """Run `save(tmp_dir, **kwargs)` into a fresh temporary folder, then swap it with `directory` in one step.
+    A non-empty `directory` that is not a diffusers checkpoint is refused (FileExistsError) unless `overwrite`;
+    see `atomic` for what happens to extra files in a replaced checkpoint folder."""
+    with atomic_folder(directory, overwrite=overwrite) as tmp:
         save(tmp, **kwargs)
 
 
-def save_pretrained(obj, directory: str | os.PathLike, **kwargs) -> None:
-    """Atomically save a quantized model or pipeline (diffusers layout, safetensors)."""
+def save_pretrained(obj, directory: str | os.PathLike, *, overwrite: bool = False, **kwargs) -> None:
+    """Save a quantized model or pipeline all-or-nothing (diffusers layout, safetensors); `kwargs` go to its
+    `save_pretrained` (`max_shard_size`, `variant`, ...)."""
     kwargs.setdefault("safe_serialization", True)
-    atomic_save(obj.save_pretrained, directory, **kwargs)
+    atomic_save(obj.save_pretrained, directory, overwrite=overwrite, **kwargs)
+
+
+def _with_overwrite(signature: inspect.Signature) -> inspect.Signature:
+    """`signature` plus a keyword-only `overwrite=False` (before any **kwargs)."""
+    parameters = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
+    parameters.append(inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool))
+    parameters += [p for p in signature.parameters.values() if p.kind == p.VAR_KEYWORD]
+    return signature.replace(parameters=parameters)
 
 
 def attach(model) -> None:
-    """Give a quantized model atomic `save_pretrained` and a model-card `push_to_hub`."""
+    """Give a quantized model an all-or-nothing `save_pretrained(directory, *, overwrite=False, **kwargs)` and a
+    model-card `push_to_hub`."""
     save = functools.partial(atomic_save, functools.partial(type(model).save_pretrained, model))
-    save.__signature__ = inspect.signature(model.save_pretrained)  # diffusers inspects it for kwargs
+    save.__signature__ = _with_overwrite(inspect.signature(model.save_pretrained))  # diffusers inspects it
     model.save_pretrained = save
     model.push_to_hub = functools.partial(push_to_hub, model)
 

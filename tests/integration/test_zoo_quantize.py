@@ -159,7 +159,7 @@ def test_save_is_atomic(tmp_path):
 
     with pytest.raises(OSError, match="disk full"):
         atomic_save(crash_half_way, tmp_path / "out")
-    assert list((tmp_path / "out").iterdir()) == [], "nothing half-written under a final name"
+    assert list(tmp_path.iterdir()) == [], "nothing half-written under a final name, no temporary left"
 
 
 def test_saved_files_get_the_usual_permissions(tmp_path):
