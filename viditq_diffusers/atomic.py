@@ -251,6 +251,10 @@ def _check_target(directory: str, overwrite: bool) -> None:
     if not os.path.isdir(directory):
         raise NotADirectoryError(f"{directory!r} is a file, not a folder; a checkpoint is saved as a folder. "
                                  f"Pass a new folder path, or one that holds a checkpoint to replace.")
+    if os.path.ismount(directory):
+        raise OSError(errno.EBUSY, f"{directory!r} is a mount point: a save replaces the folder as a whole, which "
+                      f"cannot be done to a mount point. Save into a folder inside it, e.g. "
+                      f"{os.path.join(directory, 'checkpoint')!r}.", directory)
     entries = sorted(e for e in os.listdir(directory) if not e.startswith(TEMP_PREFIX))
     if entries and not overwrite and not is_checkpoint(directory):
         shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
@@ -312,15 +316,22 @@ def _fix_modes(folder: str) -> None:
 def _swap_in(tmp: str, directory: str) -> None:
     """Put the finished folder `tmp` at `directory` in one step; afterwards `tmp` holds the old one, or is gone."""
     parent = os.path.dirname(directory)
-    if not os.path.lexists(directory):
-        os.rename(tmp, directory)
-    else:
-        try:
-            exchange_folders(tmp, directory)
-        except OSError as error:
-            if error.errno not in UNSUPPORTED_EXCHANGE:
-                raise
-            _swap_in_two_steps(tmp, directory)
+    try:
+        if not os.path.lexists(directory):
+            os.rename(tmp, directory)
+        else:
+            try:
+                exchange_folders(tmp, directory)
+            except OSError as error:
+                if error.errno not in UNSUPPORTED_EXCHANGE:
+                    raise
+                _swap_in_two_steps(tmp, directory)
+    except OSError as error:
+        if error.errno not in (errno.EXDEV, errno.EBUSY):
+            raise
+        raise OSError(error.errno, f"{directory!r} cannot be replaced by renaming ({error.strerror}): it is a mount "
+                      f"point, or on another file system than its parent folder. Save into a folder inside it "
+                      f"instead; it was left as it was.", directory) from error
     _fsync_dir(parent)
 
 

@@ -252,3 +252,22 @@ def test_recover_folder_leaves_an_existing_target_alone(tmp_path):
     write(tmp_path / f"{OLD_PREFIX}{'1' * 32}-out", OLD)
     recover_folder(tmp_path / "out")
     assert tree(tmp_path / "out") == NEW and len(leftovers(tmp_path)) == 1  # loading never deletes
+
+
+def test_a_mount_point_target_gets_a_clear_error(tmp_path, monkeypatch):
+    def cross_device(a, b):
+        raise OSError(errno.EXDEV, "Invalid cross-device link", a)  # what a mount point as target answers
+
+    monkeypatch.setattr(atomic, "exchange_folders", cross_device)
+    write(tmp_path / "out", OLD)
+    with pytest.raises(OSError, match=r"out' cannot be replaced by renaming .*mount point.*Save into a folder inside"):
+        with atomic_folder(tmp_path / "out") as tmp:
+            write(tmp, NEW)
+    assert tree(tmp_path / "out") == OLD and leftovers(tmp_path) == []
+
+
+def test_a_mount_point_is_refused_before_anything_is_written(tmp_path):
+    assert os.path.ismount("/")
+    with pytest.raises(OSError, match=r"'/' is a mount point.*Save into a folder inside it, e.g. '/checkpoint'"):
+        with atomic_folder("/"):
+            raise AssertionError("the save must not start")
