@@ -7,7 +7,8 @@ problem and the fix, and the app shows them as `gr.Error`. Everything quantizati
 Sharing: a pipeline is loaded once per source and kept; its quantized transformers are built once (from a copy
 of the FP transformer, never in place) and swapped in only when calibration makes a better W4A8-MP. Requests
 never mutate them: each request builds its own pipeline object around the shared modules (with its own
-scheduler, which holds per-run state) and its own seeded generator (`viditq_diffusers.evaluation.generate`).
+scheduler and tokenizers, which hold per-call state) and its own seeded generator
+(`viditq_diffusers.evaluation.generate`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import diffusers
 import torch
+from transformers import PreTrainedTokenizerBase
 
 import viditq_diffusers
 from viditq_diffusers import CalibrationStats, ViDiTQConfig, ViDiTQLinear, weight_bytes
@@ -187,6 +189,12 @@ class LoadedPipeline:
         self.calibration: CalibrationStats | None = None
         self.transformers: dict[str, tuple[str, torch.nn.Module]] = {"FP": (fp_label(), self.fp.transformer)}
         self.lock = threading.Lock()  # builds and swaps variants; generation reads without it
+        # A fast tokenizer sets its padding and truncation on its one Rust object at every call, then encodes: two
+        # requests sharing it encode with each other's padding (another image, or a crash). So each thread gets its
+        # own copies, made from these pristine ones that nothing calls; a thread serves one request at a time.
+        self.tokenizer_originals = {name: copy.deepcopy(component) for name, component in self.fp.components.items()
+                                    if isinstance(component, PreTrainedTokenizerBase)}
+        self.per_thread = threading.local()
 
     @property
     def accepted(self) -> set[str]:
@@ -217,9 +225,15 @@ class LoadedPipeline:
                 self.transformers[name] = (label, model.eval())
             return self.transformers[name]
 
+    def tokenizers(self) -> dict:
+        """This thread's own copies of the pipeline's tokenizers (made on its first request)."""
+        if not hasattr(self.per_thread, "tokenizers"):
+            self.per_thread.tokenizers = copy.deepcopy(self.tokenizer_originals)
+        return self.per_thread.tokenizers
+
     def pipeline(self, transformer: torch.nn.Module):
-        """A fresh pipeline object for one request: shared modules, its own scheduler."""
-        components = {**self.fp.components, "transformer": transformer,
+        """A fresh pipeline object for one request: shared modules, its own scheduler and tokenizers."""
+        components = {**self.fp.components, **self.tokenizers(), "transformer": transformer,
                       "scheduler": copy.deepcopy(self.fp.scheduler)}
         pipe = type(self.fp)(**components)
         pipe.register_to_config(_name_or_path=self.source)
