@@ -32,7 +32,7 @@ from viditq_diffusers.evaluation import compare_samples, generate
 from viditq_diffusers.jsonio import read_json
 from viditq_diffusers.kernels import warmup as warmup_kernels  # noqa: F401 (app.py calls it at start)
 
-from .choices import BUNDLED, CUSTOM, GUIDANCE_RANGE, MAX_CALIBRATION_PROMPTS, STEPS_RANGE, VARIANTS
+from .choices import BUNDLED, CUSTOM, VARIANTS
 
 # The diffusers transformer classes the core's layer rule covers (architectures.BLOCK_LISTS also names
 # ComfyUI's own classes, which never occur in a diffusers pipeline).
@@ -72,34 +72,6 @@ def resolve_source(choice: str, custom: str = "") -> str:
         raise ValueError(f"{custom!r} is neither an existing directory nor a Hub id (owner/name). Check the path, "
                          f"or give a Hub repo id such as PixArt-alpha/PixArt-XL-2-512x512.")
     return custom
-
-
-def check_validity(prompt: str, steps, guidance, seed) -> tuple[int, float, int]:
-    """Validate one generation request; returns (steps, guidance, seed) as numbers."""
-    if not (prompt or "").strip():
-        raise ValueError("The prompt is empty: type what to generate, e.g. 'a thick handwritten digit 7'.")
-    if steps is None or float(steps) != int(float(steps)) or not STEPS_RANGE[0] <= int(float(steps)) <= STEPS_RANGE[1]:
-        raise ValueError(f"Steps must be a whole number from {STEPS_RANGE[0]} to {STEPS_RANGE[1]} (got {steps}); "
-                         f"20 is a good default.")
-    if guidance is None or not GUIDANCE_RANGE[0] <= float(guidance) <= GUIDANCE_RANGE[1]:
-        raise ValueError(f"Guidance must be between {GUIDANCE_RANGE[0]:g} and {GUIDANCE_RANGE[1]:g} (got {guidance}); "
-                         f"4.5 is a good default.")
-    if seed is None or float(seed) != int(float(seed)) or not 0 <= int(float(seed)) < 2**63:
-        raise ValueError(f"The seed must be a whole number >= 0 (got {seed}).")
-    return int(float(steps)), float(guidance), int(float(seed))
-
-
-def calibration_prompts(text: str | None) -> list[str]:
-    """The non-empty lines of the Calibrate box; refused when there are none or more than
-    MAX_CALIBRATION_PROMPTS."""
-    prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError("No calibration prompts: write one prompt per line, like those you will generate.")
-    if len(prompts) > MAX_CALIBRATION_PROMPTS:
-        raise ValueError(f"{len(prompts)} calibration prompts: at most {MAX_CALIBRATION_PROMPTS} per request (each "
-                         f"runs the whole pipeline); keep a representative {MAX_CALIBRATION_PROMPTS}, or calibrate "
-                         f"offline with `viditq calibrate` and its --prompts file.")
-    return prompts
 
 
 def check_supported(source: str, denoisers: dict[str, str]) -> None:
@@ -303,12 +275,7 @@ class LoadedPipeline:
         return self.pipeline(self.variant(name)[1])
 
     def save(self, name: str, directory: str) -> str:
-        directory = (directory or "").strip()
-        if not directory:
-            raise ValueError("No directory given: type where to save the quantized pipeline, e.g. ./pixart-w8a8.")
-        directory = os.path.abspath(os.path.expanduser(directory))
-        if os.path.isfile(directory):
-            raise ValueError(f"{directory} is a file; give a directory path (it is created if missing).")
+        """Save a quantized variant's pipeline to `directory` (checked by `inputs.save_directory`)."""
         viditq_diffusers.save_pretrained(self.quantized_pipeline(name), directory)
         return f"Saved the {name} pipeline to {directory} (reload: DiffusionPipeline.from_pretrained({directory!r}))."
 
