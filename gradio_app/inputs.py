@@ -103,8 +103,11 @@ def save_directory(root: str, directory) -> str:
         raise ValueError(f"Cannot save to {text!r}: that is {target}, and this app saves only inside its output "
                          f"folder {root}. Type a folder name inside it, such as pixart-w8a8, or restart the app "
                          f"with --output-dir set to where saves should go.")
-    if os.path.lexists(target) and not os.path.isdir(target):
-        raise ValueError(f"Cannot save to {target}: it is a file. Type the name of a new folder, such as "
+    existing = target  # the folder itself, else the nearest parent that exists: a folder too, or a save fails
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"Cannot save to {target}: {existing} is a file. Type the name of a new folder, such as "
                          f"pixart-w8a8.")
     if os.path.isdir(target) and not os.path.isfile(os.path.join(target, "model_index.json")):
         foreign = sorted(name for name in os.listdir(target) if not name.startswith(TEMP_PREFIX))

@@ -276,7 +276,11 @@ class LoadedPipeline:
 
     def save(self, name: str, directory: str) -> str:
         """Save a quantized variant's pipeline to `directory` (checked by `inputs.save_directory`)."""
-        viditq_diffusers.save_pretrained(self.quantized_pipeline(name), directory)
+        pipe = self.quantized_pipeline(name)
+        try:
+            viditq_diffusers.save_pretrained(pipe, directory)
+        except OSError as error:  # a full disk, no permission: the user's to fix, so said on the page
+            raise ValueError(f"Could not save to {directory}: {error}. Free space or pick another folder.") from error
         return f"Saved the {name} pipeline to {directory} (reload: DiffusionPipeline.from_pretrained({directory!r}))."
 
     def push(self, name: str, repo_id: str, token: str) -> str:

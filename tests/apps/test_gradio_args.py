@@ -143,7 +143,7 @@ def test_save_stays_inside_the_output_folder(tmp_path):
                            ("../elsewhere", f"that is {outside}, and this app saves only inside its output folder"),
                            (str(outside), "--output-dir"), ("/etc", "saves only inside"), (".", "saves only inside"),
                            ("link", f"that is {outside}"), ("link/w8", "saves only inside"),
-                           ("a-file", "it is a file"),
+                           ("a-file", f"{root / 'a-file'} is a file"), ("a-file/w8", f"{root / 'a-file'} is a file"),
                            ("notes", r"it holds other files \(todo.txt\) and no saved pipeline")]:
         with pytest.raises(ValueError, match=message):
             save_directory(str(root), typed)
@@ -160,5 +160,7 @@ def test_save_writes_a_pipeline_that_loads_and_can_be_saved_again(tmp_path):
     for _ in range(2):  # the second save replaces the first one's checkpoint (a folder that holds a pipeline)
         status = ui.run_save(DEFAULT_SOURCE, "", "W8A8", "pixart-w8a8", output_dir=str(root))
         assert status.startswith(f"Saved the W8A8 pipeline to {root / 'pixart-w8a8'}")
+    with pytest.raises(gr.Error, match="Could not save to .*File name too long"):  # an OSError, shown as such
+        ui.run_save(DEFAULT_SOURCE, "", "W8A8", "x" * 300, output_dir=str(root))
     saved = checkpoint_summary(str(root / "pixart-w8a8"))["transformer"]
     assert saved["model_class"] == "PixArtTransformer2DModel" and set(saved["formats"]) == {"W8A8"}, saved
