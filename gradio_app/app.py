@@ -174,7 +174,7 @@ def build_app(concurrency: int = 1, output_dir: str = DEFAULT_SAVE_ROOT) -> gr.B
         with gr.Accordion("Save or push a quantized variant", open=False):
             variant = gr.Radio(list(VARIANTS[1:]), value=VARIANTS[1], label="Variant")
             with gr.Row():
-                directory = gr.Textbox(label="Directory", placeholder="pixart-w8a8",
+                directory = gr.Textbox(label="Directory", placeholder="pixart-w8a8", elem_id="save-directory",
                                        info=f"a folder inside {output_dir} (the app saves nowhere else: --output-dir)")
                 save = gr.Button("Save", elem_id="save")
             with gr.Row():

@@ -305,10 +305,11 @@ def test_hub_pipeline_calibrate_save_and_push(browser, app, hub, saves, tmp_path
 
     page.get_by_text("Save or push a quantized variant").click()
     page.get_by_role("radio", name="W4A8-MP", exact=True).check()
-    page.get_by_label("Directory", exact=True).fill(str(tmp_path / "saved"))  # outside --output-dir: refused
+    directory = page.locator("#save-directory textarea, #save-directory input").first  # its label has the root
+    directory.fill(str(tmp_path / "saved"))  # outside --output-dir: refused
     page.click("#save")
     expect(page.get_by_text("this app saves only inside its output folder").first).to_be_visible(timeout=60_000)
-    page.get_by_label("Directory", exact=True).fill("saved")
+    directory.fill("saved")
     page.click("#save")
     expect(page.locator("#store-status")).to_contain_text("Saved the W4A8-MP pipeline", timeout=TIMEOUT_MS)
     assert not (tmp_path / "saved").exists()
