@@ -1,6 +1,7 @@
 """The Gradio UI: FP / W8A8 / W4A8-MP side by side, calibrate, save and push. Logic lives in `variants.py`.
 
-    python -m gradio_app [--host 127.0.0.1] [--port 7860] [--threads N]      (or: viditq demo --ui)
+    python -m gradio_app [--host 127.0.0.1] [--port 7860] [--threads N] [--output-dir viditq-out]
+                                                                          (or: viditq demo --ui)
 
 `--host` / `--port` default to Gradio's `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT` when those are set.
 
@@ -25,8 +26,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls f
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .choices import (BUNDLED, CALIBRATION_PROMPTS, CUSTOM, DEFAULT_SOURCE, MAX_CALIBRATION_PROMPTS,  # noqa: E402
-                      STEPS_RANGE, VARIANTS)
+from . import inputs  # noqa: E402
+from .choices import (BUNDLED, CALIBRATION_PROMPTS, CUSTOM, DEFAULT_SAVE_ROOT, DEFAULT_SOURCE,  # noqa: E402
+                      MAX_CALIBRATION_PROMPTS, MAX_CALIBRATION_STEPS, STEPS_RANGE, VARIANTS)
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860  # unless --host / --port or GRADIO_SERVER_NAME / _PORT say otherwise
 DISPLAY_PX = 256  # the bundled pipelines make 32x32 samples: shown enlarged, pixels kept sharp
@@ -99,16 +101,17 @@ def metrics_markdown(result, fp) -> str:
 
 @user_error
 def run_generate(choice, custom, prompt, negative_prompt, seed, steps, guidance):
+    prompt, steps, guidance, seed = inputs.generation(prompt, steps, guidance, seed)
     variants = logic()
-    steps, guidance, seed = variants.check_validity(prompt, steps, guidance, seed)
     source = variants.resolve_source(choice, custom)
     start = time.perf_counter()
-    results = variants.CACHE.get(source).generate(prompt.strip(), negative_prompt or "", seed, steps, guidance)
+    negative_prompt = negative_prompt if isinstance(negative_prompt, str) else ""
+    results = variants.CACHE.get(source).generate(prompt, negative_prompt, seed, steps, guidance)
     outputs = []
     for result in results:
         outputs += [gr.Image(value=to_display(result.samples), label=result.label),
                     metrics_markdown(result, results[0])]
-    status = (f"Generated “{prompt.strip()}” (seed {seed}, {steps} steps, guidance {guidance:g}) with "
+    status = (f"Generated “{prompt}” (seed {seed}, {steps} steps, guidance {guidance:g}) with "
               f"{choice if choice in BUNDLED else source}: "
               f"three variants in {time.perf_counter() - start:.1f} s.")
     return [status] + outputs
@@ -116,15 +119,16 @@ def run_generate(choice, custom, prompt, negative_prompt, seed, steps, guidance)
 
 @user_error
 def run_calibrate(choice, custom, prompts, steps, guidance, progress=gr.Progress(track_tqdm=True)):
+    prompts, steps, guidance = inputs.calibration(prompts, steps, guidance)  # before any pipeline loads
     variants = logic()
-    steps, guidance, _ = variants.check_validity("calibration", steps, guidance, 0)
-    prompts = variants.calibration_prompts(prompts)  # checked before any pipeline loads
     progress(0, desc="loading the pipeline")
     return variants.CACHE.get(variants.resolve_source(choice, custom)).calibrate(prompts, steps, guidance)
 
 
 @user_error
-def run_save(choice, custom, variant, directory):
+def run_save(choice, custom, variant, directory, output_dir=DEFAULT_SAVE_ROOT):
+    """Save under `output_dir` only (build_app binds it from --output-dir)."""
+    directory = inputs.save_directory(output_dir, directory)
     return logic().CACHE.get(logic().resolve_source(choice, custom)).save(variant, directory)
 
 
@@ -133,7 +137,8 @@ def run_push(choice, custom, variant, repo_id, token):
     return logic().CACHE.get(logic().resolve_source(choice, custom)).push(variant, repo_id, token)
 
 
-def build_app(concurrency: int = 1) -> gr.Blocks:
+def build_app(concurrency: int = 1, output_dir: str = DEFAULT_SAVE_ROOT) -> gr.Blocks:
+    output_dir = os.path.realpath(output_dir)
     # delete_cache: Gradio's copies of the results go after an hour too, checked every ten minutes
     with gr.Blocks(title="ViDiT-Q: FP vs W8A8 vs W4A8-MP", delete_cache=(600, OUTPUT_MAX_AGE_S)) as demo:
         gr.Markdown("# ViDiT-Q quantization: FP vs W8A8 vs W4A8-MP\nThe same prompt and seed through the "
@@ -148,8 +153,9 @@ def build_app(concurrency: int = 1) -> gr.Blocks:
                 prompt = gr.Textbox(label="Prompt", value="a thick handwritten digit 7")
                 negative = gr.Textbox(label="Negative prompt")
                 with gr.Row():
-                    seed = gr.Number(label="Seed", value=0, precision=0)
-                    steps = gr.Number(label=f"Steps ({STEPS_RANGE[0]}-{STEPS_RANGE[1]})", value=20, precision=0)
+                    # no precision: Gradio would round (2.5 -> 2) or fail on inf before inputs.py sees them
+                    seed = gr.Number(label="Seed", value=0)
+                    steps = gr.Number(label=f"Steps ({STEPS_RANGE[0]}-{STEPS_RANGE[1]})", value=20)
                     guidance = gr.Number(label="Guidance", value=4.5)
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
         status = gr.Markdown(elem_id="status")
@@ -160,14 +166,16 @@ def build_app(concurrency: int = 1) -> gr.Blocks:
                     outputs += [gr.Image(label=name, elem_id=f"image-{name}", interactive=False, format="png"),
                                 gr.Markdown(elem_id=f"metrics-{name}")]
         with gr.Accordion("Calibrate (pipelines without shipped statistics)", open=False):
-            calib_prompts = gr.Textbox(label=f"Calibration prompts (one per line, at most {MAX_CALIBRATION_PROMPTS})",
+            calib_prompts = gr.Textbox(label=f"Calibration prompts (one per line, at most {MAX_CALIBRATION_PROMPTS}; "
+                                             f"prompts x steps at most {MAX_CALIBRATION_STEPS})",
                                        lines=5, value="\n".join(CALIBRATION_PROMPTS))
             calibrate = gr.Button("Calibrate", elem_id="calibrate")
             calib_status = gr.Markdown(elem_id="calibrate-status")
         with gr.Accordion("Save or push a quantized variant", open=False):
             variant = gr.Radio(list(VARIANTS[1:]), value=VARIANTS[1], label="Variant")
             with gr.Row():
-                directory = gr.Textbox(label="Directory", placeholder="./pixart-w8a8")
+                directory = gr.Textbox(label="Directory", placeholder="pixart-w8a8", elem_id="save-directory",
+                                       info=f"a folder inside {output_dir} (the app saves nowhere else: --output-dir)")
                 save = gr.Button("Save", elem_id="save")
             with gr.Row():
                 repo_id = gr.Textbox(label="Hub repo id", placeholder="you/pixart-w8a8")
@@ -181,7 +189,8 @@ def build_app(concurrency: int = 1) -> gr.Blocks:
                        [status, *outputs], api_name="generate", **queue)
         calibrate.click(run_calibrate, [choice, custom, calib_prompts, steps, guidance], calib_status,
                         api_name="calibrate", **queue)
-        save.click(run_save, [choice, custom, variant, directory], store_status, api_name="save", **queue)
+        save.click(functools.partial(run_save, output_dir=output_dir), [choice, custom, variant, directory],
+                   store_status, api_name="save", **queue)
         push.click(run_push, [choice, custom, variant, repo_id, token], store_status, api_name="push", **queue)
     return demo.queue()
 
@@ -201,14 +210,21 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] = os.en
     parser.add_argument("--concurrency", type=int, default=1, help="requests that run models at the same time "
                         "(more than 1 mixes the peak memory readings on CPU)")
     parser.add_argument("--no-preload", action="store_true", help="load the default pipeline on first request")
-    return parser.parse_args(argv)
+    parser.add_argument("--output-dir", default=DEFAULT_SAVE_ROOT, help="the one folder Save writes into (default: "
+                        f"./{DEFAULT_SAVE_ROOT}, created on the first save); paths typed in the app stay inside it")
+    args = parser.parse_args(argv)
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        parser.error(f"--output-dir {args.output_dir} is a file; give a folder (it is created if missing)")
+    if args.concurrency < 1:
+        parser.error(f"--concurrency must be at least 1, got {args.concurrency}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     global TORCH_THREADS
     TORCH_THREADS = args.threads
-    demo = build_app(args.concurrency)
+    demo = build_app(args.concurrency, args.output_dir)
     demo.launch(server_name=args.host, server_port=args.port, show_error=True, prevent_thread_lock=True,
                 allowed_paths=[OUTPUT_DIR])
     print(f"serving on http://{args.host}:{args.port}", flush=True)

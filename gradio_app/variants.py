@@ -7,7 +7,8 @@ problem and the fix, and the app shows them as `gr.Error`. Everything quantizati
 Sharing: a pipeline is loaded once per source and kept; its quantized transformers are built once (from a copy
 of the FP transformer, never in place) and swapped in only when calibration makes a better W4A8-MP. Requests
 never mutate them: each request builds its own pipeline object around the shared modules (with its own
-scheduler, which holds per-run state) and its own seeded generator (`viditq_diffusers.evaluation.generate`).
+scheduler and tokenizers, which hold per-call state) and its own seeded generator
+(`viditq_diffusers.evaluation.generate`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import diffusers
 import torch
+from transformers import PreTrainedTokenizerBase
 
 import viditq_diffusers
 from viditq_diffusers import CalibrationStats, ViDiTQConfig, ViDiTQLinear, weight_bytes
@@ -30,7 +32,7 @@ from viditq_diffusers.evaluation import compare_samples, generate
 from viditq_diffusers.jsonio import read_json
 from viditq_diffusers.kernels import warmup as warmup_kernels  # noqa: F401 (app.py calls it at start)
 
-from .choices import BUNDLED, CUSTOM, GUIDANCE_RANGE, MAX_CALIBRATION_PROMPTS, STEPS_RANGE, VARIANTS
+from .choices import BUNDLED, CUSTOM, VARIANTS
 
 # The diffusers transformer classes the core's layer rule covers (architectures.BLOCK_LISTS also names
 # ComfyUI's own classes, which never occur in a diffusers pipeline).
@@ -70,34 +72,6 @@ def resolve_source(choice: str, custom: str = "") -> str:
         raise ValueError(f"{custom!r} is neither an existing directory nor a Hub id (owner/name). Check the path, "
                          f"or give a Hub repo id such as PixArt-alpha/PixArt-XL-2-512x512.")
     return custom
-
-
-def check_validity(prompt: str, steps, guidance, seed) -> tuple[int, float, int]:
-    """Validate one generation request; returns (steps, guidance, seed) as numbers."""
-    if not (prompt or "").strip():
-        raise ValueError("The prompt is empty: type what to generate, e.g. 'a thick handwritten digit 7'.")
-    if steps is None or float(steps) != int(float(steps)) or not STEPS_RANGE[0] <= int(float(steps)) <= STEPS_RANGE[1]:
-        raise ValueError(f"Steps must be a whole number from {STEPS_RANGE[0]} to {STEPS_RANGE[1]} (got {steps}); "
-                         f"20 is a good default.")
-    if guidance is None or not GUIDANCE_RANGE[0] <= float(guidance) <= GUIDANCE_RANGE[1]:
-        raise ValueError(f"Guidance must be between {GUIDANCE_RANGE[0]:g} and {GUIDANCE_RANGE[1]:g} (got {guidance}); "
-                         f"4.5 is a good default.")
-    if seed is None or float(seed) != int(float(seed)) or not 0 <= int(float(seed)) < 2**63:
-        raise ValueError(f"The seed must be a whole number >= 0 (got {seed}).")
-    return int(float(steps)), float(guidance), int(float(seed))
-
-
-def calibration_prompts(text: str | None) -> list[str]:
-    """The non-empty lines of the Calibrate box; refused when there are none or more than
-    MAX_CALIBRATION_PROMPTS."""
-    prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError("No calibration prompts: write one prompt per line, like those you will generate.")
-    if len(prompts) > MAX_CALIBRATION_PROMPTS:
-        raise ValueError(f"{len(prompts)} calibration prompts: at most {MAX_CALIBRATION_PROMPTS} per request (each "
-                         f"runs the whole pipeline); keep a representative {MAX_CALIBRATION_PROMPTS}, or calibrate "
-                         f"offline with `viditq calibrate` and its --prompts file.")
-    return prompts
 
 
 def check_supported(source: str, denoisers: dict[str, str]) -> None:
@@ -187,6 +161,12 @@ class LoadedPipeline:
         self.calibration: CalibrationStats | None = None
         self.transformers: dict[str, tuple[str, torch.nn.Module]] = {"FP": (fp_label(), self.fp.transformer)}
         self.lock = threading.Lock()  # builds and swaps variants; generation reads without it
+        # A fast tokenizer sets its padding and truncation on its one Rust object at every call, then encodes: two
+        # requests sharing it encode with each other's padding (another image, or a crash). So each thread gets its
+        # own copies, made from these pristine ones that nothing calls; a thread serves one request at a time.
+        self.tokenizer_originals = {name: copy.deepcopy(component) for name, component in self.fp.components.items()
+                                    if isinstance(component, PreTrainedTokenizerBase)}
+        self.per_thread = threading.local()
 
     @property
     def accepted(self) -> set[str]:
@@ -217,9 +197,15 @@ class LoadedPipeline:
                 self.transformers[name] = (label, model.eval())
             return self.transformers[name]
 
+    def tokenizers(self) -> dict:
+        """This thread's own copies of the pipeline's tokenizers (made on its first request)."""
+        if not hasattr(self.per_thread, "tokenizers"):
+            self.per_thread.tokenizers = copy.deepcopy(self.tokenizer_originals)
+        return self.per_thread.tokenizers
+
     def pipeline(self, transformer: torch.nn.Module):
-        """A fresh pipeline object for one request: shared modules, its own scheduler."""
-        components = {**self.fp.components, "transformer": transformer,
+        """A fresh pipeline object for one request: shared modules, its own scheduler and tokenizers."""
+        components = {**self.fp.components, **self.tokenizers(), "transformer": transformer,
                       "scheduler": copy.deepcopy(self.fp.scheduler)}
         pipe = type(self.fp)(**components)
         pipe.register_to_config(_name_or_path=self.source)
@@ -289,13 +275,12 @@ class LoadedPipeline:
         return self.pipeline(self.variant(name)[1])
 
     def save(self, name: str, directory: str) -> str:
-        directory = (directory or "").strip()
-        if not directory:
-            raise ValueError("No directory given: type where to save the quantized pipeline, e.g. ./pixart-w8a8.")
-        directory = os.path.abspath(os.path.expanduser(directory))
-        if os.path.isfile(directory):
-            raise ValueError(f"{directory} is a file; give a directory path (it is created if missing).")
-        viditq_diffusers.save_pretrained(self.quantized_pipeline(name), directory)
+        """Save a quantized variant's pipeline to `directory` (checked by `inputs.save_directory`)."""
+        pipe = self.quantized_pipeline(name)
+        try:
+            viditq_diffusers.save_pretrained(pipe, directory)
+        except OSError as error:  # a full disk, no permission: the user's to fix, so said on the page
+            raise ValueError(f"Could not save to {directory}: {error}. Free space or pick another folder.") from error
         return f"Saved the {name} pipeline to {directory} (reload: DiffusionPipeline.from_pretrained({directory!r}))."
 
     def push(self, name: str, repo_id: str, token: str) -> str:

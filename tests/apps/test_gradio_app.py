@@ -16,7 +16,7 @@ from urllib.parse import urljoin
 import pytest
 import torch
 
-from gradio_app import variants
+from gradio_app import inputs, variants
 from gradio_app.choices import BUNDLED, CUSTOM, DEFAULT_SOURCE
 from harness.browser import launch_chromium
 from harness.gradio_ui.server import AppServer
@@ -42,13 +42,13 @@ def unet_pipeline(path: Path) -> Path:
 
 def test_requests_are_validated_with_messages_that_say_the_fix(tmp_path):
     for args, message in [(("", 20, 4.5, 0), "prompt is empty"), (("  ", 20, 4.5, 0), "prompt is empty"),
-                          (("a digit", 0, 4.5, 0), "Steps must be a whole number from 1 to 100"),
+                          (("a digit", 0, 4.5, 0), "Steps must be a whole number from 2 to 100"),
                           (("a digit", 101, 4.5, 0), "(got 101)"), (("a digit", 2.5, 4.5, 0), "(got 2.5)"),
-                          (("a digit", 20, -1, 0), "Guidance must be between"),
+                          (("a digit", 20, -1, 0), "Guidance must be a number from 0 to 30"),
                           (("a digit", 20, 4.5, -3), "seed must be a whole number")]:
         with pytest.raises(ValueError, match=re.escape(message)):
-            variants.check_validity(*args)
-    assert variants.check_validity("a digit", 20.0, 4, 7.0) == (20, 4.0, 7)
+            inputs.generation(*args)
+    assert inputs.generation("a digit", 20.0, 4, 7.0) == ("a digit", 20, 4.0, 7)
 
     assert variants.resolve_source(DEFAULT_SOURCE) == PIXART
     assert variants.resolve_source(CUSTOM, " owner/model-name ") == "owner/model-name"
@@ -124,12 +124,17 @@ def hub():
 
 
 @pytest.fixture(scope="module")
-def app(hub, tmp_path_factory):
+def saves(tmp_path_factory):
+    return tmp_path_factory.mktemp("saves")  # the app's --output-dir
+
+
+@pytest.fixture(scope="module")
+def app(hub, saves, tmp_path_factory):
     home = tmp_path_factory.mktemp("hf-home")
     env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(home),
            "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1",
            "HF_TOKEN_PATH": str(home / "token")}
-    server = AppServer(tmp_path_factory.mktemp("app") / "app.log", env=env).start()
+    server = AppServer(tmp_path_factory.mktemp("app") / "app.log", env=env, args=("--output-dir", str(saves))).start()
     try:
         server.wait_for_log("models ready")
         yield server
@@ -156,7 +161,7 @@ def open_page(browser, app):
 def submit(page, prompt: str, seed: int, steps: int = 20):
     page.get_by_label("Prompt", exact=True).fill(prompt)
     page.get_by_label("Seed").fill(str(seed))
-    page.get_by_label("Steps (1-100)").fill(str(steps))
+    page.get_by_label("Steps (2-100)").fill(str(steps))
     page.click("#generate")
 
 
@@ -231,7 +236,7 @@ def test_bad_inputs_show_the_error_and_the_app_keeps_serving(browser, app, tmp_p
     submit(page, "", 0)
     shows("The prompt is empty")
     submit(page, "a handwritten digit 1", 0, steps=500)
-    shows("Steps must be a whole number from 1 to 100 (got 500)")
+    shows("Steps must be a whole number from 2 to 100 (got 500)")
     page.get_by_role("radio", name=CUSTOM).check()
     page.locator("#custom-source textarea, #custom-source input").first.fill(str(tmp_path / "empty"))
     submit(page, "a handwritten digit 1", 0)
@@ -271,7 +276,7 @@ def test_two_concurrent_sessions_both_get_their_own_results(browser, app):
 
 
 @pytest.mark.browser
-def test_hub_pipeline_calibrate_save_and_push(browser, app, hub, tmp_path, monkeypatch):
+def test_hub_pipeline_calibrate_save_and_push(browser, app, hub, saves, tmp_path, monkeypatch):
     """A Hub id as the pipeline (no shipped statistics): Calibrate, generate, save W4A8-MP, push W8A8."""
     from playwright.sync_api import expect
     from viditq_diffusers.checkpoint import checkpoint_summary
@@ -284,7 +289,7 @@ def test_hub_pipeline_calibrate_save_and_push(browser, app, hub, tmp_path, monke
     page = open_page(browser, app)
     page.get_by_role("radio", name=CUSTOM).check()
     page.locator("#custom-source textarea, #custom-source input").first.fill("user/pixart-digits")
-    page.get_by_label("Steps (1-100)").fill("10")
+    page.get_by_label("Steps (2-100)").fill("10")
     page.get_by_text("Calibrate (pipelines without shipped statistics)").click()
     page.click("#calibrate")
     # gr.Progress follows the core's tqdm bar while the statistics are recorded
@@ -300,10 +305,15 @@ def test_hub_pipeline_calibrate_save_and_push(browser, app, hub, tmp_path, monke
 
     page.get_by_text("Save or push a quantized variant").click()
     page.get_by_role("radio", name="W4A8-MP", exact=True).check()
-    page.get_by_label("Directory", exact=True).fill(str(tmp_path / "saved"))
+    directory = page.locator("#save-directory textarea, #save-directory input").first  # its label has the root
+    directory.fill(str(tmp_path / "saved"))  # outside --output-dir: refused
+    page.click("#save")
+    expect(page.get_by_text("this app saves only inside its output folder").first).to_be_visible(timeout=60_000)
+    directory.fill("saved")
     page.click("#save")
     expect(page.locator("#store-status")).to_contain_text("Saved the W4A8-MP pipeline", timeout=TIMEOUT_MS)
-    saved = checkpoint_summary(str(tmp_path / "saved"))["transformer"]
+    assert not (tmp_path / "saved").exists()
+    saved = checkpoint_summary(str(saves / "saved"))["transformer"]
     assert saved["model_class"] == "PixArtTransformer2DModel" and {"W4A8", "W8A8"} <= set(saved["formats"]), saved
 
     page.get_by_role("radio", name="W8A8", exact=True).check()
