@@ -46,7 +46,7 @@ from torch import nn
 
 from .architectures import default_layers
 from .atomic import atomic_path
-from .checks import MAX_SEED, integer, name_list, real, shown
+from .checks import GENERATOR_SEEDS, integer, name_list, real, shown
 
 SAMPLE_ROWS = 64
 FORMAT_VERSION = 1
@@ -394,8 +394,9 @@ def calibrate(
             raise ValueError(f"calibrate: timestep_range must be > 0, got {timestep_range}; e.g. 1000.")
     if seeds is not None and (isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__")):
         raise TypeError(f"calibrate: seeds must be a list of integers (one per prompt) or None, got {shown(seeds)}.")
+    low, high = GENERATOR_SEEDS
     seeds = list(range(len(prompts))) if seeds is None else [
-        integer(s, f"calibrate: seeds[{i}]", minimum=0, maximum=MAX_SEED) for i, s in enumerate(seeds)]
+        integer(s, f"calibrate: seeds[{i}]", minimum=low, maximum=high) for i, s in enumerate(seeds)]
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; pass one seed per prompt (or none).")
     if layers is not None:

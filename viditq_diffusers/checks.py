@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import numbers
 
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds; one bit kept for `seed + layer index`
+MAX_SEED = 2**63 - 1  # rotation seeds: torch.Generator.manual_seed takes 64-bit seeds; one bit kept for `+ index`
+GENERATOR_SEEDS = (-(2**63), 2**64 - 1)  # the seeds torch.Generator.manual_seed takes (e.g. ComfyUI's up to 2^64-1)
 
 
 def shown(value) -> str:

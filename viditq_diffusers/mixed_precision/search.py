@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import metrics
-from ..checks import MAX_SEED, boolean, integer, real, shown
+from ..checks import GENERATOR_SEEDS, boolean, integer, real, shown
 from ..config import ViDiTQConfig
 from ..api import quantize
 from ..evaluation import generate, with_transformer
@@ -118,7 +118,7 @@ def check_search_arguments(budget_bits, prompts, seeds, options, tolerances, can
         raise ValueError(f"search: seeds must be a list of one integer per prompt ({len(prompts)}), got "
                          f"{shown(seeds)}.")
     for i, seed in enumerate(seeds):
-        integer(seed, f"search: seeds[{i}]", minimum=0, maximum=MAX_SEED)
+        integer(seed, f"search: seeds[{i}]", minimum=GENERATOR_SEEDS[0], maximum=GENERATOR_SEEDS[1])
     if options is not None and (not isinstance(options, dict) or not options
                                 or not all(isinstance(o, dict) for o in options.values())):
         raise TypeError(f"search: options must be a non-empty {{label: ViDiTQConfig keyword arguments}} dict, e.g. "
