@@ -46,6 +46,7 @@ from torch import nn
 
 from .architectures import default_layers
 from .atomic import atomic_path
+from .checks import GENERATOR_SEEDS, integer, name_list, real, shown
 
 SAMPLE_ROWS = 64
 FORMAT_VERSION = 1
@@ -79,6 +80,22 @@ def input_absmax(model: nn.Module, run: Callable[[], object]) -> dict[str, float
     if not absmax:
         raise ValueError("the calibration run never called a linear layer of this model; check that `run` uses it.")
     return absmax
+
+
+def _prompt_list(prompts) -> list[str]:
+    """One prompt (a string) or a non-empty list of prompts, as a list; anything else a TypeError naming it."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if prompts is None or isinstance(prompts, (bytes, dict)) or not hasattr(prompts, "__iter__"):
+        raise TypeError(f"calibrate: prompts must be a list of prompt strings, got {shown(prompts)}; pass e.g. "
+                        f"prompts=['a photo of a cat'] (64-256 prompts like your real ones).")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("calibrate got no prompts; pass a non-empty list (e.g. 64-256 prompts like your real ones).")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"calibrate: prompts must be strings, got {shown(bad[0])}; pass e.g. prompts=['a cat'].")
+    return prompts
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -133,25 +150,29 @@ class CalibrationStats:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CalibrationStats":
         """Read a file written by `save` (safetensors + JSON only; nothing is unpickled)."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no calibration statistics at {path!r}; create them with `viditq calibrate`.")
-        with safe_open(path, framework="pt") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
-            if raw is None:
-                raise ValueError(f"{path!r} is a safetensors file but not ViDiT-Q calibration statistics "
-                                 f"(no {METADATA_KEY!r} metadata); create them with `viditq calibrate`.")
-            meta = json.loads(raw)
-            if meta.get("version") != FORMAT_VERSION:
-                raise ValueError(f"calibration file version {meta.get('version')!r} is not supported (this "
-                                 f"viditq_diffusers reads version {FORMAT_VERSION}); recalibrate with "
-                                 f"`viditq calibrate`.")
-            tensors = {kind: {} for kind in KINDS}
-            for key in f.keys():
-                kind, name = key.split("/", 1)
-                tensors[kind][name] = f.get_tensor(key)
+        try:
+            with safe_open(path, framework="pt") as f:
+                raw = (f.metadata() or {}).get(METADATA_KEY)
+                if raw is None:
+                    raise ValueError(f"{path!r} is a safetensors file but not ViDiT-Q calibration statistics "
+                                     f"(no {METADATA_KEY!r} metadata); create them with `viditq calibrate`.")
+                meta = _read_metadata(path, raw)
+                tensors = {kind: {} for kind in KINDS}
+                for key in f.keys():
+                    kind, _, name = key.partition("/")
+                    if kind not in KINDS or name not in meta["in_features"]:
+                        raise ValueError(f"{path!r}: tensor {key!r} is not '<kind>/<layer>' with a kind of {KINDS} "
+                                         f"and a layer of its 'in_features'; {_REDO}.")
+                    tensors[kind][name] = f.get_tensor(key)
+        except SafetensorError as e:
+            raise ValueError(f"{path!r} is not a valid safetensors file ({e}); it is truncated or corrupt. "
+                             f"{_REDO[0].upper()}{_REDO[1:]}") from None
+        _check_tensors(path, meta["in_features"], tensors)
         return cls(model_class=meta["model_class"], in_features=meta["in_features"], settings=meta["settings"],
                    **tensors)
 
@@ -181,6 +202,64 @@ class CalibrationStats:
             shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
             raise ValueError(f"calibration statistics were recorded on another {self.model_class} "
                              f"({len(problems)} mismatch(es)):\n  {shown}\n{fix}.")
+
+
+_REDO = "recalibrate with `viditq calibrate PIPE --prompts FILE --out STATS.safetensors`"
+# per kind: (dtype, shape as a function of the layer's in_features; None = any size there)
+_LAYOUT = {"channel_absmax": (torch.float32, lambda n: (n,)), "bucket_absmax": (torch.float32, lambda n: (None, n)),
+           "cfg_absmax": (torch.float32, lambda n: (2, n)), "token_absmax_range": (torch.float32, lambda n: (2,)),
+           "sample_tokens": (torch.float32, lambda n: (None, n)), "sample_bucket": (torch.int64, lambda n: (None,))}
+_REQUIRED = ("channel_absmax", "bucket_absmax", "token_absmax_range")  # calibrate writes these for every layer
+
+
+def _read_metadata(path: str, raw: str) -> dict:
+    """The JSON metadata of a statistics file, checked: a ValueError names the file and the key."""
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path!r}: its {METADATA_KEY!r} metadata is not valid JSON ({e}); {_REDO}.") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path!r}: its {METADATA_KEY!r} metadata is not a JSON object; {_REDO}.")
+    if meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"calibration file version {meta.get('version')!r} is not supported (this "
+                         f"viditq_diffusers reads version {FORMAT_VERSION}); recalibrate with `viditq calibrate`.")
+    for key, kind in (("model_class", str), ("in_features", dict), ("settings", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise ValueError(f"{path!r}: metadata key {key!r} must be a {kind.__name__}, got "
+                             f"{type(meta.get(key)).__name__}{' (missing)' if key not in meta else ''}; {_REDO}.")
+    for name, n in meta["in_features"].items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{path!r}: in_features[{name!r}] must be a positive integer, got {n!r}; {_REDO}.")
+    return meta
+
+
+def _check_tensors(path: str, in_features: dict[str, int], tensors: dict[str, dict]) -> None:
+    """Every statistic of a loaded file has its layer's shape and dtype and finite, non-negative maxima."""
+    for name, n in in_features.items():
+        for kind in _REQUIRED:
+            if name not in tensors[kind]:
+                raise ValueError(f"{path!r}: no '{kind}/{name}' tensor (every layer has one); {_REDO}.")
+        if (name in tensors["sample_tokens"]) != (name in tensors["sample_bucket"]):
+            raise ValueError(f"{path!r}: layer {name!r} has one of 'sample_tokens' / 'sample_bucket' without the "
+                             f"other; {_REDO}.")
+    for kind, layers in tensors.items():
+        dtype, shape_of = _LAYOUT[kind]
+        for name, t in layers.items():
+            shape = shape_of(in_features[name])
+            if t.dtype != dtype or t.dim() != len(shape) or any(s is not None and s != d for s, d in
+                                                                 zip(shape, t.shape)):
+                want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+                raise ValueError(f"{path!r}: tensor '{kind}/{name}' must be {str(dtype).removeprefix('torch.')} "
+                                 f"{want}, got {str(t.dtype).removeprefix('torch.')} {list(t.shape)}; {_REDO}.")
+            if dtype.is_floating_point and not torch.isfinite(t).all():
+                raise ValueError(f"{path!r}: tensor '{kind}/{name}' holds NaN or Inf; {_REDO}.")
+            if kind.endswith(("absmax", "absmax_range")) and (t < 0).any():
+                raise ValueError(f"{path!r}: tensor '{kind}/{name}' holds negative maxima of |x|; {_REDO}.")
+    for name, rows in tensors["sample_tokens"].items():
+        buckets, picked = tensors["bucket_absmax"][name].shape[0], tensors["sample_bucket"][name]
+        if len(picked) != len(rows) or len(picked) and not (0 <= int(picked.min()) and int(picked.max()) < buckets):
+            raise ValueError(f"{path!r}: 'sample_bucket/{name}' must give each of the {len(rows)} sampled rows a "
+                             f"bucket in [0, {buckets}); {_REDO}.")
 
 
 class _LayerStats:
@@ -302,17 +381,26 @@ def calibrate(
     from accelerate.utils import parse_flag_from_env
     from tqdm.auto import tqdm
 
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-        raise ValueError("calibrate got no prompts; pass a non-empty list (e.g. 64-256 prompts like your real ones).")
-    if num_inference_steps <= 0:
-        raise ValueError(f"num_inference_steps must be a positive number of denoising steps, "
-                         f"got {num_inference_steps}.")
-    if timestep_buckets < 1 or sample_rows < 1:
-        raise ValueError(f"timestep_buckets and sample_rows must be >= 1, got {timestep_buckets} and {sample_rows}.")
-    seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
+    prompts = _prompt_list(prompts)
+    num_inference_steps = integer(num_inference_steps, "calibrate: num_inference_steps", minimum=1,
+                                  fix="pass a positive number of denoising steps, e.g. num_inference_steps=20")
+    guidance_scale = real(guidance_scale, "calibrate: guidance_scale",
+                          fix="pass the guidance scale you generate with, e.g. 4.5 (1 or below: no CFG)")
+    timestep_buckets = integer(timestep_buckets, "calibrate: timestep_buckets", minimum=1, fix="e.g. 4")
+    sample_rows = integer(sample_rows, "calibrate: sample_rows", minimum=1, fix=f"e.g. {SAMPLE_ROWS}")
+    if timestep_range is not None:
+        timestep_range = real(timestep_range, "calibrate: timestep_range", fix="e.g. 1000, or 1.0 for sigmas")
+        if timestep_range <= 0:
+            raise ValueError(f"calibrate: timestep_range must be > 0, got {timestep_range}; e.g. 1000.")
+    if seeds is not None and (isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__")):
+        raise TypeError(f"calibrate: seeds must be a list of integers (one per prompt) or None, got {shown(seeds)}.")
+    low, high = GENERATOR_SEEDS
+    seeds = list(range(len(prompts))) if seeds is None else [
+        integer(s, f"calibrate: seeds[{i}]", minimum=low, maximum=high) for i, s in enumerate(seeds)]
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; pass one seed per prompt (or none).")
+    if layers is not None:
+        layers = name_list(layers, "calibrate: layers", "transformer_blocks.0.attn1.to_q")
     reserved = {"prompt", "generator", "num_inference_steps", "guidance_scale", "output_type"} & set(call_kwargs)
     if reserved:
         raise ValueError(f"calibrate sets {sorted(reserved)} itself; pass them as calibrate's own arguments.")
@@ -398,6 +486,12 @@ def calibrate(
         if error is None and failed.any():
             raise RuntimeError(f"calibration failed on process(es) {failed.nonzero().flatten().tolist()}; "
                                f"see their error above.")
+    if isinstance(error, (IndexError, TypeError, KeyError)) and is_pipeline and num_inference_steps == 1:
+        # e.g. diffusers' PixArt pipelines take a one-step path meant for one-step (distilled) schedulers
+        raise ValueError(f"{type(pipe_or_model).__name__} with its {type(scheduler).__name__} failed at "
+                         f"num_inference_steps=1 ({type(error).__name__}: {error}); this pipeline and scheduler do "
+                         f"not support a single step. Calibrate with num_inference_steps >= 2 (e.g. the number of "
+                         f"steps you generate with).") from error
     if error is not None:
         raise error
     if state.num_processes > 1:
@@ -405,8 +499,8 @@ def calibrate(
 
     silent = [n for n, s in stats.items() if s.calls == 0]
     if silent:
-        shown = ", ".join(silent[:8]) + (", ..." if len(silent) > 8 else "")
-        raise ValueError(f"{len(silent)} layer(s) never ran during calibration: {shown}. Is it unused at these "
+        listed = ", ".join(silent[:8]) + (", ..." if len(silent) > 8 else "")
+        raise ValueError(f"{len(silent)} layer(s) never ran during calibration: {listed}. Is it unused at these "
                          f"settings (e.g. Latte's temporal blocks with enable_temporal_attentions=False)? Change "
                          f"the settings or leave it out with layers=[...].")
 

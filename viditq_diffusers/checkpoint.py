@@ -31,9 +31,18 @@ def read_json(path: str) -> dict:
 
 
 def load_any(src: str, **kwargs):
-    """Load a diffusers pipeline directory (model_index.json) or model directory (config.json)."""
+    """Load a diffusers pipeline directory (model_index.json) or model directory (config.json).
+
+    Before diffusers reads anything, the files are checked (`check_model_directory`), so a truncated file or a
+    quantized checkpoint without its quantization_config fails with a message that names the file."""
     recover_folder(src)
+    config = kwargs.get("quantization_config")
     if os.path.isfile(os.path.join(src, "model_index.json")):
+        components = check_components(src, config)
+        for name in components:
+            if os.path.isfile(os.path.join(src, name, "config.json")):
+                check_model_directory(os.path.join(src, name), quantizing=config is not None and name in
+                                      getattr(config, "components", ()))
         return diffusers.DiffusionPipeline.from_pretrained(src, **kwargs)
     config_path = os.path.join(src, "config.json")
     if not os.path.isfile(config_path):
@@ -44,7 +53,64 @@ def load_any(src: str, **kwargs):
     model_cls = getattr(diffusers, str(class_name), None)
     if model_cls is None:
         raise ValueError(f"{config_path} names model class {class_name!r}, which this diffusers does not have.")
+    check_model_directory(src, quantizing=config is not None)
     return model_cls.from_pretrained(src, **kwargs)
+
+
+def check_components(src: str, config) -> list[str]:
+    """The component names of the pipeline at `src`; a ValueError when a ViDiT-Q config's `components` names one
+    that is not among its diffusers models (diffusers itself only logs that and loads nothing quantized)."""
+    index = read_json(os.path.join(src, "model_index.json"))
+    names = [n for n in index if not n.startswith("_")]
+    wanted = getattr(config, "components", None)
+    if wanted is None or getattr(config, "quant_method", None) != "viditq":
+        return names
+    models = [n for n in names if is_diffusers_model(index[n])]
+    unknown = [c for c in wanted if c not in models]
+    if unknown:
+        raise ValueError(f"components={wanted} names {unknown}, which {'is' if len(unknown) == 1 else 'are'} not a "
+                         f"diffusers model of the pipeline at {src!r} (its diffusers models: {', '.join(models)}; "
+                         f"all components: {', '.join(names)}). Pass e.g. components=['transformer'].")
+    return names
+
+
+def is_diffusers_model(entry) -> bool:
+    """Whether a model_index.json entry (`["diffusers", "PixArtTransformer2DModel"]`) is a diffusers model."""
+    if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == "diffusers"):
+        return False
+    cls = getattr(diffusers, str(entry[1]), None)
+    return isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)
+
+
+def check_model_directory(directory: str, quantizing: bool = False) -> None:
+    """Read every safetensors header of a model directory (a truncated or corrupt file is named with our message,
+    not diffusers' generic one) and refuse ViDiT-Q quantized weights whose config.json lost its
+    quantization_config (diffusers would advise `ignore_mismatched_sizes=True`, which loads garbage)."""
+    qconfig = read_json(os.path.join(directory, "config.json")).get("quantization_config")
+    quantized = quantized_weight_file(directory)
+    if quantized and not (isinstance(qconfig, dict) and qconfig.get("quant_method") == "viditq"):
+        raise ValueError(missing_config_message(directory, *quantized, quantizing))
+
+
+def quantized_weight_file(directory: str) -> tuple[str, str] | None:
+    """`(file, reason)` for the first safetensors file in `directory` that holds ViDiT-Q quantized weights (by its
+    metadata or its `.qweight` tensors), else None. Every header is read, so a truncated file fails here."""
+    found = None
+    for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+        headers, metadata = tensor_headers(path), safetensors_metadata(path)
+        codes = [k for k in headers if k.endswith(".qweight")]
+        if found is None and ("viditq_format" in metadata or codes):
+            found = (path, f"tensor {codes[0]!r}" if codes else "viditq_format metadata")
+    return found
+
+
+def missing_config_message(directory: str, path: str, reason: str, quantizing: bool = False) -> str:
+    also = " (quantizing it again with a ViDiTQConfig would re-round integer codes)" if quantizing else ""
+    return (f"{directory!r} holds ViDiT-Q quantized weights ({os.path.basename(path)}: {reason}), but its "
+            f"config.json has no 'quantization_config' with quant_method 'viditq', so the quantized layers cannot be "
+            f"rebuilt{also}. Restore the config.json saved with these weights. Do not load it with "
+            f"ignore_mismatched_sizes=True: the quantized layers would keep uninitialized weights and the model "
+            f"would output garbage (NaN).")
 
 
 def tensor_headers(path: str) -> dict[str, tuple[str, list[int]]]:
@@ -59,6 +125,18 @@ def tensor_headers(path: str) -> dict[str, tuple[str, list[int]]]:
         ) from error
 
 
+def safetensors_metadata(path: str) -> dict[str, str]:
+    """The string metadata of a safetensors file's header (a clear error for truncated/corrupt files)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"{path} is not a valid safetensors file ({error}); it is truncated or corrupt. "
+            f"Re-download it or save the model again."
+        ) from error
+
+
 def component_summary(directory: str) -> dict | None:
     """Plan summary and weight bytes of one quantized model directory, or None if not ViDiT-Q."""
     config_path = os.path.join(directory, "config.json")
@@ -66,7 +144,10 @@ def component_summary(directory: str) -> dict | None:
         return None
     config = read_json(config_path)
     qconfig = config.get("quantization_config") or {}
-    if qconfig.get("quant_method") != "viditq":
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != "viditq":
+        quantized = quantized_weight_file(directory)
+        if quantized:
+            raise ValueError(missing_config_message(directory, *quantized))
         return None
     plan_json = qconfig.get("plan") or {"version": PLAN_VERSION, "layers": {}}
     plan = plan_from_json(plan_json)

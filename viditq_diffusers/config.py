@@ -16,24 +16,48 @@ from enum import Enum
 from diffusers import PipelineQuantizationConfig
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
-from .jsonio import read_json
+from .checks import MAX_SEED, boolean, integer, name_list, real, shown
 from .layer_spec import precision_label
-from .plan import plan_from_json, plan_to_json
-from .quant.formats import check_bits
+from .plan import plan_from_json, plan_to_json, read_plan
 
 
-def name_list(value, argument: str, example: str) -> list[str]:
-    """A list of names from one name or an iterable of names (a string alone is one name, not its characters)."""
-    names = [value] if isinstance(value, str) else value
-    try:
-        names = list(names)
-    except TypeError:
-        names = [names]
-    bad = [name for name in names if not isinstance(name, str)]
-    if bad:
-        raise TypeError(f"{argument} takes names (strings), got {bad[0]!r}; "
-                        f"pass e.g. {argument}=[{example!r}].")
-    return names
+def bits_argument(value, argument: str, default, allowed: tuple) -> int:
+    """A bit width from the caller, or the preset's `default` when the caller gave None."""
+    if value is None:
+        return default
+    fix = "ViDiT-Q quantizes to 4 or 8 bits" + (" (16 keeps activations in floating point)" if 16 in allowed else "")
+    return integer(value, f"ViDiTQConfig: {argument}", allowed=allowed, fix=f"{fix}, e.g. {argument}=8")
+
+
+def calibration_argument(value):
+    """Statistics (`CalibrationStats`), the path of a statistics file (as a str), `{layer: input absmax}` for the
+    naive baseline, or None."""
+    from .calibration import CalibrationStats
+
+    if value is None or isinstance(value, CalibrationStats):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        for name, absmax in value.items():
+            if not isinstance(name, str):
+                raise TypeError(f"ViDiTQConfig: calibration={{layer: absmax}} takes layer names as keys, got "
+                                f"{shown(name)}.")
+            real(absmax, f"ViDiTQConfig: calibration[{name!r}]", minimum=0,
+                 fix="pass each layer's largest |input| (viditq_diffusers.calibration.input_absmax)")
+        return dict(value)
+    raise TypeError(f"ViDiTQConfig: calibration must be CalibrationStats (viditq_diffusers.calibrate), the path of "
+                    f"a statistics file, {{layer: input absmax}} or None, got {type(value).__name__}.")
+
+
+def plan_argument(value) -> dict:
+    """A plan dict (entries as JSON or `LayerSpec`s) or the path of a plan file, checked field by field."""
+    if isinstance(value, (str, os.PathLike)):
+        return read_plan(value)
+    if not isinstance(value, dict):
+        raise TypeError(f"ViDiTQConfig: plan must be a plan dict or the path of a plan JSON file, got "
+                        f"{type(value).__name__}.")
+    return plan_from_json(value)
 
 
 class ViDiTQQuantMethod(str, Enum):
@@ -121,44 +145,49 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
         early_timestep: float = 750.0,
         quant_method: str = ViDiTQQuantMethod.VIDITQ,
     ):
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise ValueError(f"Unknown preset {preset!r}. Choose one of: {', '.join(PRESETS)}.")
-        if ViDiTQQuantMethod(quant_method) is not ViDiTQQuantMethod.VIDITQ:  # pragma: no cover - enum has one value
-            raise ValueError(f"quant_method must be 'viditq', got {quant_method!r}")
+        if quant_method != ViDiTQQuantMethod.VIDITQ:
+            raise ValueError(f"ViDiTQConfig: quant_method must be 'viditq', got {shown(quant_method)}; leave it out.")
         defaults = PRESETS[preset]
         self.quant_method = ViDiTQQuantMethod.VIDITQ
         self.preset = preset
-        self.weight_bits = int(defaults["weight_bits"] if weight_bits is None else weight_bits)
-        self.act_bits = int(defaults["act_bits"] if act_bits is None else act_bits)
-        self.group_size = defaults["group_size"] if group_size is None else int(group_size)
-        self.weight_symmetric = bool(weight_symmetric) if weight_symmetric is not None else False
-        self.modules_to_not_convert = name_list(modules_to_not_convert or [], "modules_to_not_convert", "proj_out")
+        self.weight_bits = bits_argument(weight_bits, "weight_bits", defaults["weight_bits"], (4, 8))
+        self.act_bits = bits_argument(act_bits, "act_bits", defaults["act_bits"], (4, 8, 16))
+        self.group_size = defaults["group_size"] if group_size is None else integer(
+            group_size, "ViDiTQConfig: group_size", minimum=1,
+            fix="pass a positive divisor of every quantized layer's in_features (e.g. 64), or None for one scale "
+                "per output channel")
+        self.weight_symmetric = False if weight_symmetric is None else boolean(
+            weight_symmetric, "ViDiTQConfig: weight_symmetric", "pass weight_symmetric=True or False")
+        self.modules_to_not_convert = name_list(
+            [] if modules_to_not_convert is None else modules_to_not_convert, "modules_to_not_convert", "proj_out")
         self.components = name_list(components, "components", "transformer")
-        self.calibration = calibration
+        if not self.components:
+            raise ValueError("ViDiTQConfig: components is empty, so a pipeline would load without any quantized "
+                             "component; pass components=['transformer'] (the default).")
+        self.calibration = calibration_argument(calibration)
         # in memory the plan's entries are LayerSpecs (frozen, so a shallow copy of the dicts is a copy)
-        plan = read_json(plan) if isinstance(plan, (str, os.PathLike)) else plan
-        self.plan = None if plan is None else plan_from_json(plan)
+        self.plan = None if plan is None else plan_argument(plan)
         if balance == "preset":
             balance = defaults.get("balance", "search" if calibration is not None else None)
-        if balance not in BALANCES:
-            raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}.")
+        if not (balance is None or isinstance(balance, str)) or balance not in BALANCES:
+            raise ValueError(f"ViDiTQConfig: balance must be one of {BALANCES}, got {shown(balance)}.")
         self.balance = balance if self.act_bits < 16 else None
         if self.balance == "search" and self.static_acts:
             raise ValueError(f"balance='search' chooses recipes for dynamic per-token activations; preset {preset!r} "
                              f"uses static activation scales: pass balance=None or 'smooth'.")
-        self.alpha = defaults.get("alpha", "auto") if alpha is None else alpha
-        if self.alpha != "auto" and not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
-            raise ValueError(f"alpha must be in [0, 1] (ViDiT-Q convention) or 'auto', got {self.alpha!r}.")
-        self.rotation_seed = int(rotation_seed)
-        self.early_weight_bits = None if early_weight_bits is None else int(early_weight_bits)
-        self.early_timestep = float(early_timestep)
-        if self.early_weight_bits is not None:
-            check_bits(self.early_weight_bits, "early_weight_bits")
-        check_bits(self.weight_bits, "weight_bits")
-        if self.act_bits != 16:
-            check_bits(self.act_bits, "act_bits")
-        if self.group_size is not None and self.group_size <= 0:
-            raise ValueError(f"group_size must be a positive divisor of in_features or None, got {self.group_size}.")
+        alpha = defaults.get("alpha", "auto") if alpha is None else alpha
+        if not (isinstance(alpha, str) and alpha == "auto"):
+            alpha = real(alpha, "ViDiTQConfig: alpha", minimum=0, maximum=1,
+                         fix="pass a smoothing exponent in [0, 1] (ViDiT-Q convention) or alpha='auto'")
+        self.alpha = alpha
+        self.rotation_seed = integer(rotation_seed, "ViDiTQConfig: rotation_seed", minimum=0, maximum=MAX_SEED,
+                                     fix="pass a non-negative whole number, e.g. rotation_seed=0")
+        self.early_weight_bits = None if early_weight_bits is None else bits_argument(
+            early_weight_bits, "early_weight_bits", None, (4, 8))
+        self.early_timestep = real(early_timestep, "ViDiTQConfig: early_timestep",
+                                   fix="pass the timestep from which on early_weight_bits apply, e.g. 750")
         if self.plan is None and self.needs_calibration and calibration is None:
             raise ValueError(
                 f"preset {preset!r} (balance={self.balance!r}) needs activation statistics: calibrate first, "

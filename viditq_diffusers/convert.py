@@ -6,13 +6,16 @@ already-loaded model) both build their layers with these functions.
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import fields
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .layer_spec import LayerSpec
 from .nn import ViDiTQLinear
-from .plan import build_plan, plan_from_json, validate_plan
+from .plan import PLAN_VERSION, build_plan, plan_from_json, validate_plan
 from .recipe import decide_layer
 
 
@@ -52,6 +55,10 @@ def resolve_plan(model: nn.Module, config) -> dict:
     if isinstance(config.calibration, CalibrationStats):
         config.calibration.check_matches(model)
     if config.plan is not None:
+        if config.modules_to_not_convert:
+            warnings.warn(f"modules_to_not_convert={config.modules_to_not_convert} is not used: the explicit plan "
+                          f"decides every layer (layers absent from it stay in floating point). Remove those "
+                          f"layers from the plan instead.", stacklevel=3)
         validate_plan(model, config.plan)
         return plan_from_json(config.plan)
     return build_plan(model, config)
@@ -94,3 +101,49 @@ def quantized_layers(model: nn.Module, config):
                 yield name, layer
 
     return plan, build()
+
+
+# safetensors dtype names of the integer buffers a ViDiTQLinear stores
+SAFETENSORS_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.int32: "I32"}
+QUANTIZED_LEAVES = ("qweight", "weight_scale", "weight_zero", "act_smooth", "early_qweight", "early_weight_scale",
+                    "early_weight_zero")
+
+
+def stored_tensor_problems(plan: dict, headers: dict[str, tuple[str, list[int]]]) -> list[str]:
+    """What does not fit between a plan and a checkpoint's integer tensors (`{name: (safetensors dtype, shape)}`,
+    `checkpoint.tensor_headers`): per planned layer, each tensor its `ViDiTQLinear` stores must be there with its
+    shape and dtype, and no other quantized tensor. Bits, group size, symmetry, per-tensor scales, smoothing and
+    the timestep-wise copy all show in these tensors; a plan edited by hand would otherwise load other numbers."""
+    problems = []
+    for name, spec in plan_from_json(plan)["layers"].items():
+        layer = ViDiTQLinear(spec, device="meta")
+        expected = {leaf: (SAFETENSORS_DTYPES[t.dtype], list(t.shape)) for leaf, t in layer.named_buffers()
+                    if t.dtype in SAFETENSORS_DTYPES}
+        stored = {leaf: headers[f"{name}.{leaf}"] for leaf in QUANTIZED_LEAVES if f"{name}.{leaf}" in headers}
+        for leaf in sorted(set(expected) | set(stored)):
+            if leaf not in stored:
+                problems.append(f"{name}: the plan ({spec.label()}, symmetric={spec.symmetric}, smoothed="
+                                f"{spec.smoothed}) needs a '{leaf}' tensor, the checkpoint has none")
+            elif leaf not in expected:
+                problems.append(f"{name}: the checkpoint has a '{leaf}' tensor that the plan ({spec.label()}, "
+                                f"symmetric={spec.symmetric}, smoothed={spec.smoothed}) does not use")
+            elif (stored[leaf][0], list(stored[leaf][1])) != expected[leaf]:
+                problems.append(f"{name}.{leaf}: the plan ({spec.label()}) needs {expected[leaf][0]} "
+                                f"{expected[leaf][1]}, the checkpoint has {stored[leaf][0]} {list(stored[leaf][1])}")
+    return problems
+
+
+def recorded_plan_problems(plan: dict, recorded_layers: dict) -> list[str]:
+    """What differs between a plan and the plan entries a checkpoint's weights were saved with (the safetensors
+    metadata `viditq_plan`): the fields no tensor shows (rotation seed, static activation scale, smoothing
+    exponent, timestep-wise switch) would otherwise load silently changed."""
+    recorded = plan_from_json({"version": PLAN_VERSION, "layers": recorded_layers})["layers"]
+    problems = []
+    for name, spec in plan_from_json(plan)["layers"].items():
+        saved = recorded.get(name)
+        if saved is None or saved == spec:
+            continue
+        changed = [f.name for f in fields(spec) if f.compare and getattr(spec, f.name) != getattr(saved, f.name)]
+        problems.append(f"{name}: " + ", ".join(f"{f}={getattr(spec, f)!r} (saved with {getattr(saved, f)!r})"
+                                               for f in changed))
+    return problems

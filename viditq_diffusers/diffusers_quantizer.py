@@ -11,6 +11,8 @@ Two loading paths, one plan:
 from __future__ import annotations
 
 import copy
+import json
+import os
 
 import torch
 from diffusers.configuration_utils import FrozenDict
@@ -19,15 +21,31 @@ from diffusers.quantizers.base import DiffusersQuantizer
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import tensor_headers
+from .checkpoint import missing_config_message, safetensors_metadata, tensor_headers
 from .config import ViDiTQConfig, ViDiTQQuantMethod
-from .convert import own_aligned_memory, quantized_layer, resolve_plan, set_submodule
+from .convert import (own_aligned_memory, quantized_layer, recorded_plan_problems, resolve_plan, set_submodule,
+                      stored_tensor_problems)
 from .timestep_clock import install_clock
 from .hub import attach, detach
 from .nn import ViDiTQLinear
-from .plan import validate_plan
+from .plan import plan_to_json, validate_plan
 
 SAFETENSORS_METADATA = {"viditq_format": "1", "viditq_weight_scale": "float32 bit patterns stored as int32"}
+PLAN_METADATA_KEY = "viditq_plan"
+
+
+def recorded_plan_layers(path: str) -> dict:
+    """The plan entries (JSON) a weights file was saved with (its `viditq_plan` metadata); {} for files saved
+    before it was recorded."""
+    raw = safetensors_metadata(path).get(PLAN_METADATA_KEY)
+    try:
+        layers = {} if raw is None else json.loads(raw)
+    except json.JSONDecodeError as e:
+        layers = e
+    if not isinstance(layers, dict):
+        raise ValueError(f"{path}: its '{PLAN_METADATA_KEY}' metadata is not a JSON object of plan entries; the file "
+                         f"is corrupt or was edited. Re-download it or save the model again.")
+    return layers
 
 
 class ViDiTQQuantizer(DiffusersQuantizer):
@@ -85,10 +103,27 @@ class ViDiTQQuantizer(DiffusersQuantizer):
 
     def maybe_update_loaded_keys(self, loaded_keys, checkpoint_files):
         # Read every safetensors header up front: a truncated shard fails here with a clear message
-        # instead of half-way through loading.
+        # instead of half-way through loading; then check the plan against the stored tensors.
+        headers, recorded = {}, {}
         for path in checkpoint_files or []:
             if str(path).endswith(".safetensors"):
-                tensor_headers(str(path))
+                headers.update(tensor_headers(str(path)))
+                recorded.update(recorded_plan_layers(str(path)))
+        codes = [k for k in loaded_keys if k.endswith(".qweight")]
+        if not self.pre_quantized and codes:
+            where = os.path.dirname(str(checkpoint_files[0])) if checkpoint_files else "the checkpoint"
+            raise ValueError(missing_config_message(where, str(checkpoint_files[0]), f"tensor {codes[0]!r}",
+                                                    quantizing=True))
+        if self.pre_quantized and headers and any(f"{name}.qweight" in headers for name in self.plan_layers):
+            problems = stored_tensor_problems(self.quantization_config.plan, headers)
+            problems += recorded_plan_problems(self.quantization_config.plan, recorded) if recorded else []
+            if problems:
+                shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
+                raise ValueError(
+                    f"The plan in config.json does not match the weights saved with it ({len(problems)} problem(s)):\n"
+                    f"  {shown}\nconfig.json was edited or belongs to other weights: restore the config.json saved "
+                    f"with these weights (a plan cannot be changed after quantization; quantize the "
+                    f"floating-point model with the new plan instead).")
         quantized_layers = {k.rpartition(".")[0] for k in loaded_keys if k.endswith(".qweight")}
         unplanned = sorted(quantized_layers - set(self.plan_layers))
         if self.pre_quantized and unplanned:
@@ -133,7 +168,9 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         if lora:  # such a checkpoint would not reload: the plan knows no LoRA layers
             raise ValueError(f"LoRA layers are loaded (e.g. {lora[0]!r}); call unload_lora() first, or fuse_lora() "
                              f"then unload_lora() to save the LoRA baked into the quantized weights.")
-        return state_dict, dict(SAFETENSORS_METADATA)
+        layers = plan_to_json(self.quantization_config.plan)["layers"]
+        # the plan the tensors are written with, so a load can refuse a config.json edited afterwards
+        return state_dict, {**SAFETENSORS_METADATA, PLAN_METADATA_KEY: json.dumps(layers, sort_keys=True)}
 
     def _dequantize(self, model):
         for name, spec in self.plan_layers.items():

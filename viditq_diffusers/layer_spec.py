@@ -10,6 +10,9 @@ from dataclasses import dataclass, field, fields, replace
 
 from torch import nn
 
+from .checks import MAX_SEED, boolean, integer, real, shown
+from .quant.hadamard import rotatable
+
 LAYER_KEYS = {"weight_bits", "act_bits", "group_size", "symmetric", "method", "in_features", "out_features", "bias"}
 # Optional per-layer fields (absent = default): the naive baseline's per-tensor weights and static activation
 # scale; channel balancing's smoothing exponent and rotation seed; timestep-wise precision's early weight copy.
@@ -58,12 +61,48 @@ class LayerSpec:
     json_keys: tuple = field(default=(), compare=False, repr=False)
 
     def __post_init__(self):
-        if self.method not in METHODS:
+        # A plan entry comes from JSON a person may have edited: every field is checked, none is coerced in a way
+        # that changes its meaning ("no" is not True, 8.7 is not 8). Integers are stored as Python ints.
+        def set_int(name, **bounds):
+            object.__setattr__(self, name, integer(getattr(self, name), name, **bounds))
+
+        set_int("weight_bits", allowed=(4, 8))
+        set_int("act_bits", allowed=(4, 8, 16))
+        set_int("in_features", minimum=1)
+        set_int("out_features", minimum=1)
+        for name in ("symmetric", "bias", "weight_per_tensor"):
+            object.__setattr__(self, name, boolean(getattr(self, name), name))
+        if not isinstance(self.method, str) or self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r} (known: {sorted(METHODS)})")
-        if isinstance(self.smooth_alpha, str) and self.smooth_alpha not in UNDECIDED_ALPHAS:
-            raise ValueError(f"smooth_alpha must be a number, None, 'auto' or 'search', got {self.smooth_alpha!r}")
-        if self.early_weight_bits is not None and self.early_timestep is None:
-            raise ValueError("early_weight_bits needs early_timestep (the timestep from which on they apply)")
+        if self.group_size is not None:
+            set_int("group_size", minimum=1)
+            if self.in_features % self.group_size:
+                raise ValueError(f"group_size={self.group_size} does not divide in_features={self.in_features}")
+        if isinstance(self.smooth_alpha, str):
+            if self.smooth_alpha not in UNDECIDED_ALPHAS:
+                raise ValueError(f"smooth_alpha must be a number, None, 'auto' or 'search', got {self.smooth_alpha!r}")
+        elif self.smooth_alpha is not None:
+            self._set_real("smooth_alpha", real(self.smooth_alpha, "smooth_alpha", minimum=0, maximum=1))
+        if self.rotation_seed is not None:
+            set_int("rotation_seed", minimum=0, maximum=MAX_SEED)
+            if not rotatable(self.in_features):
+                raise ValueError(f"rotation_seed is set, but no Hadamard rotation of order in_features="
+                                 f"{self.in_features} exists; set rotation_seed to null")
+        if self.early_weight_bits is not None:
+            set_int("early_weight_bits", allowed=(4, 8))
+            if self.early_timestep is None:
+                raise ValueError("early_weight_bits needs early_timestep (the timestep from which on they apply)")
+        if self.early_timestep is not None:
+            self._set_real("early_timestep", real(self.early_timestep, "early_timestep"))
+        if self.act_scale is not None:
+            self._set_real("act_scale", real(self.act_scale, "act_scale", minimum=0))
+        if not isinstance(self.json_keys, tuple):
+            raise TypeError(f"json_keys must be a tuple, got {shown(self.json_keys)}")
+
+    def _set_real(self, name: str, checked: float) -> None:
+        """Keep a Python int or float as written (the JSON re-saves byte for byte); numpy numbers become floats."""
+        if type(getattr(self, name)) not in (int, float):
+            object.__setattr__(self, name, checked)
 
     @classmethod
     def for_linear(cls, linear: nn.Module, weight_bits: int = 8, act_bits: int = 8, group_size: int | None = None,
@@ -77,14 +116,16 @@ class LayerSpec:
         """The spec of a plan's JSON entry; a ValueError naming unknown or missing keys (`name`: the layer)."""
         if isinstance(data, LayerSpec):
             return data
+        if not isinstance(data, dict):
+            raise TypeError(f"plan entry '{name}' must be a JSON object of the layer's fields, got {shown(data)}")
         unknown, missing = set(data) - LAYER_KEYS - set(OPTIONAL_LAYER_KEYS), LAYER_KEYS - set(data)
         if unknown or missing:
             raise ValueError(f"plan entry '{name}': unknown keys {sorted(unknown)} / missing keys {sorted(missing)}; "
                              f"the plan was written by another version of viditq-diffusers, or edited by hand.")
         try:
             return cls(**data, json_keys=tuple(data))
-        except ValueError as e:
-            raise ValueError(f"plan entry '{name}': {e}") from None
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"plan entry '{name}': {e}") from None
 
     def to_json(self) -> dict:
         """The JSON entry: the `json_keys` in their order, then any other required key or optional key that

@@ -28,12 +28,17 @@ Glossary (one name per concept):
 from __future__ import annotations
 
 import fnmatch
+import json
+import os
+import warnings
 from dataclasses import replace
 
 import torch
 from torch import nn
 
 from .architectures import is_quantized_by_default
+from .checks import shown
+from .jsonio import read_json
 from .layer_spec import LayerSpec
 from .quant.formats import qrange
 from .quant.hadamard import check_order, rotatable
@@ -41,17 +46,50 @@ from .quant.hadamard import check_order, rotatable
 PLAN_VERSION = 1
 
 
+PLAN_KEYS = {"version", "layers", "model_class", "dtype"}
+PLAN_DTYPES = ("float32", "float16", "bfloat16", "float64")  # `dtype`: the compute dtype the model was quantized in
+
+
 def plan_from_json(plan: dict) -> dict:
     """A plan read from JSON, its `"layers"` entries as `LayerSpec`s (entries that are already specs are kept).
-    A ValueError names what does not fit this version's format."""
+    A ValueError (TypeError for a wrong type) names what does not fit this version's format."""
     if not isinstance(plan, dict) or not isinstance(plan.get("layers"), dict):
-        raise ValueError("plan must be a dict with a 'layers' mapping (see viditq_diffusers.plan).")
-    if plan.get("version") != PLAN_VERSION:
+        raise ValueError(f"plan must be a JSON object with a 'layers' mapping (see viditq_diffusers.plan), got "
+                         f"{shown(plan) if not isinstance(plan, dict) else 'keys ' + str(sorted(map(str, plan)))}.")
+    if plan.get("version") != PLAN_VERSION or isinstance(plan.get("version"), bool):
         raise ValueError(
             f"plan version {plan.get('version')!r} is not supported by this viditq_diffusers (reads version "
             f"{PLAN_VERSION}); upgrade viditq-diffusers or re-quantize the model."
         )
+    unknown = set(plan) - PLAN_KEYS
+    if unknown:
+        raise ValueError(f"plan has unknown keys {sorted(map(str, unknown))} (known: {sorted(PLAN_KEYS)}); it was "
+                         f"written by another version of viditq-diffusers, or edited by hand.")
+    if plan.get("model_class") is not None and not isinstance(plan["model_class"], str):
+        raise TypeError(f"plan 'model_class' must be a class name (a string), got {shown(plan['model_class'])}.")
+    if plan.get("dtype") is not None and plan["dtype"] not in PLAN_DTYPES:
+        raise ValueError(f"plan 'dtype' must be one of {PLAN_DTYPES}, got {shown(plan['dtype'])}.")
+    bad = [name for name in plan["layers"] if not isinstance(name, str) or not name]
+    if bad:
+        raise TypeError(f"plan 'layers' keys must be layer names, got {bad[0]!r}.")
     return {**plan, "layers": {name: LayerSpec.from_json(spec, name) for name, spec in plan["layers"].items()}}
+
+
+def read_plan(path: str | os.PathLike) -> dict:
+    """A plan JSON file (e.g. written by `viditq search`), checked: the errors name the file and what is wrong."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no plan file at {path!r}; pass the path of a plan JSON written by `viditq search` "
+                                f"or `viditq refine` (or a plan dict).")
+    try:
+        data = read_json(path)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"plan file {path!r} is not valid JSON ({e}); it is empty, truncated or not a plan. "
+                         f"Write it again (`viditq search --out`) or fix it.") from None
+    try:
+        return plan_from_json(data)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"plan file {path!r}: {e}") from None
 
 
 def plan_to_json(plan: dict) -> dict:
@@ -111,8 +149,21 @@ def layer_spec(name: str, linear: nn.Module, config, index: int = 0) -> LayerSpe
                                 config.weight_symmetric, **optional)
 
 
+def warn_unmatched(model: nn.Module, patterns: list[str]) -> None:
+    """Warn about each `modules_to_not_convert` entry that names no module of `model` (a typo keeps nothing in
+    floating point, silently otherwise)."""
+    names = [name for name, _ in model.named_modules() if name]
+    for pattern in patterns:
+        if not any(matches_any(name, [pattern]) for name in names):
+            warnings.warn(f"modules_to_not_convert entry {pattern!r} matches no module of {type(model).__name__}, so "
+                          f"it keeps nothing in floating point; check the name against model.named_modules() "
+                          f"(a name, a prefix, or an fnmatch pattern such as 'transformer_blocks.*.ff.*').",
+                          stacklevel=3)
+
+
 def build_plan(model: nn.Module, config) -> dict:
     """The default plan: every attention / FFN linear of the blocks, minus `modules_to_not_convert`."""
+    warn_unmatched(model, config.modules_to_not_convert)
     names = [
         name for name, module in model.named_modules()
         if isinstance(module, nn.Linear)
@@ -138,6 +189,9 @@ def validate_plan(model: nn.Module, plan: dict) -> None:
     """Check that `plan` (entries as `LayerSpec`s or JSON) fits `model`'s architecture; raise a ValueError that
     names the mismatch."""
     plan = plan_from_json(plan)
+    if not plan["layers"]:
+        raise ValueError(f"the quantization plan for {type(model).__name__} has no layers ('layers' is empty): a "
+                         f"plan quantizes at least one layer. Quantize without a plan to get the default one.")
     modules = dict(model.named_modules())
     problems = []
     for name, spec in plan["layers"].items():

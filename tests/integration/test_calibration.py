@@ -139,7 +139,7 @@ def test_stats_for_another_model_are_refused(pipe, stats, tmp_path):
 def test_errors_are_clear(pipe):
     with pytest.raises(ValueError, match="got no prompts"):
         calibrate(pipe, [])
-    with pytest.raises(ValueError, match="num_inference_steps must be a positive"):
+    with pytest.raises(ValueError, match="num_inference_steps must be an integer >= 1, got 0"):
         calibrate(pipe, PROMPTS, num_inference_steps=0)
     with pytest.raises(ValueError, match="got 1 seeds for 2 prompts"):
         calibrate(pipe, PROMPTS, seeds=[1])

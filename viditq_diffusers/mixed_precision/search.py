@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import metrics
+from ..checks import GENERATOR_SEEDS, boolean, integer, real, shown
 from ..config import ViDiTQConfig
 from ..api import quantize
 from ..evaluation import generate, with_transformer
@@ -105,12 +106,46 @@ def confirm(pipe, groups: dict[str, list[str]], options: dict[str, dict], table:
     return best, report
 
 
+def check_search_arguments(budget_bits, prompts, seeds, options, tolerances, candidates, per_layer) -> None:
+    """`search`'s arguments, before any model runs: each error names the argument, the value and the fix."""
+    real(budget_bits, "search: budget_bits", minimum=1e-9, maximum=64,
+         fix="pass the average stored weight bits the plan may use, e.g. budget_bits=6.0 (4-bit W4A8 layers "
+             "store about 4, W8A8 ones about 8)")
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts \
+            or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"search: prompts must be a non-empty list of prompt strings, got {shown(prompts)}.")
+    if not isinstance(seeds, (list, tuple)) or len(seeds) != len(prompts):
+        raise ValueError(f"search: seeds must be a list of one integer per prompt ({len(prompts)}), got "
+                         f"{shown(seeds)}.")
+    for i, seed in enumerate(seeds):
+        integer(seed, f"search: seeds[{i}]", minimum=GENERATOR_SEEDS[0], maximum=GENERATOR_SEEDS[1])
+    if options is not None and (not isinstance(options, dict) or not options
+                                or not all(isinstance(o, dict) for o in options.values())):
+        raise TypeError(f"search: options must be a non-empty {{label: ViDiTQConfig keyword arguments}} dict, e.g. "
+                        f"{DEFAULT_OPTIONS}, got {shown(options)}.")
+    for label, option in (options or {}).items():
+        if "plan" in option or "calibration" in option:
+            raise ValueError(f"search: option {label!r} sets {'plan' if 'plan' in option else 'calibration'}; an "
+                             f"option is a preset and its overrides (the search builds the plan, and takes the "
+                             f"statistics as its own calibration argument).")
+    if tolerances is not None:
+        if not isinstance(tolerances, dict):
+            raise TypeError(f"search: tolerances must be a {{metric: largest allowed degradation}} dict or None, "
+                            f"got {shown(tolerances)}.")
+        for metric, tolerance in tolerances.items():
+            real(tolerance, f"search: tolerances[{metric!r}]", minimum=0)
+    integer(candidates, "search: candidates", minimum=1, fix="1 keeps the allocation's best plan; N > 1 measures "
+                                                             "the N best whole")
+    boolean(per_layer, "search: per_layer")
+
+
 def search(pipe, budget_bits: float, prompts: list[str], seeds: list[int], score=fidelity_scorer,
            options: dict[str, dict] | None = None, block_ranges=4, tolerances: dict[str, float] | None = None,
            calibration=None, cache=None, candidates: int = 1, per_layer: bool = False, **call) -> SearchResult:
     """Measure every group (every layer, with `per_layer`) at every option, allocate the `candidates` best plans
     under `budget_bits` average weight bits and, when there are several, keep the one that measures best whole
     (`confirm`)."""
+    check_search_arguments(budget_bits, prompts, seeds, options, tolerances, candidates, per_layer)
     options = dict(options or DEFAULT_OPTIONS)
     groups = quantizable_groups(pipe.transformer, block_ranges, per_layer)
     table = measure(pipe, groups, options, prompts, seeds, score, calibration=calibration, cache=cache, **call)
