@@ -121,7 +121,11 @@ class Load(io.ComfyNode):
     @classmethod
     def execute(cls, model_name):
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
-        return io.NodeOutput(build_model(*file_format.read(path)))
+        meta, tensors = file_format.read(path)  # its errors name the file
+        try:
+            return io.NodeOutput(build_model(meta, tensors))
+        except ValueError as e:
+            raise ValueError(f"{model_name}: {e}") from None
 
 
 class Lora(io.ComfyNode):

@@ -125,6 +125,29 @@ else:
         with pytest.raises(ValueError, match="corrupt.safetensors is not a readable safetensors file"):
             nodes_mod.Load.execute("corrupt.safetensors")
 
+    def test_load_checks_quantized_tensors_and_names_the_file(comfy):
+        """A saved file whose qweight was rewritten as int32: refused by ViDiT-Q Load with the file's name (it
+        loaded before, ComfyUI's loader assigning tensors as they are, and failed at the first sampling step)."""
+        from safetensors.torch import load_file, save_file
+
+        nodes_mod, fp, _, base, _ = comfy
+        nodes_mod.Save.execute(nodes_mod.Quantize.execute(fp, "w4a8").result[0], "edited_w4a8")
+        folder = base / "models" / "diffusion_models"
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "edited_w4a8.safetensors"), "pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(str(folder / "edited_w4a8.safetensors"))
+        tensors["blocks.0.attn.qkv.qweight"] = tensors["blocks.0.attn.qkv.qweight"].to(torch.int32)
+        save_file(tensors, str(folder / "edited_w4a8.safetensors"), metadata=metadata)
+        with pytest.raises(ValueError, match=r"edited_w4a8.safetensors: tensor blocks.0.attn.qkv.qweight is int32 "
+                                             r"\[384, 64\], but layer 'blocks.0.attn.qkv' \(W4A8\) stores uint8"):
+            nodes_mod.Load.execute("edited_w4a8.safetensors")
+        metadata["viditq_comfyui"] = metadata["viditq_comfyui"][:-1]  # cut JSON
+        save_file(tensors, str(folder / "edited_w4a8.safetensors"), metadata=metadata)
+        with pytest.raises(ValueError, match="edited_w4a8.safetensors: its 'viditq_comfyui' metadata is not valid"):
+            nodes_mod.Load.execute("edited_w4a8.safetensors")
+
     def test_quantizing_twice_and_saving_fp_are_refused(comfy):
         nodes_mod, fp, _, _, _ = comfy
         w8 = nodes_mod.Quantize.execute(fp, "w8a8").result[0]

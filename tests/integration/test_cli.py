@@ -1,6 +1,7 @@
 """The `viditq` console script, run as a user would (a real subprocess)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,11 @@ import pytest
 from viditq_diffusers.testing.zoo import build_tiny_pixart_pipeline
 
 VIDITQ = str(Path(sys.executable).with_name("viditq"))
+ENV = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))  # this checkout's package
 
 
 def viditq(*args, check=True):
-    result = subprocess.run([VIDITQ, *map(str, args)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([VIDITQ, *map(str, args)], capture_output=True, text=True, timeout=300, env=ENV)
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -50,15 +52,15 @@ def test_demo_prints_metrics_and_saves_grid(tmp_path):
 
 def test_demo_without_pipeline_says_how(tmp_path):
     result = viditq("demo", "--pipeline", tmp_path, check=False)
-    assert result.returncode == 2 and "no diffusers pipeline at" in result.stderr
+    assert result.returncode == 1 and "no diffusers pipeline at" in result.stderr
 
 
 @pytest.mark.slow
 def test_errors_are_clear(tmp_path):
     result = viditq("info", tmp_path, check=False)
-    assert result.returncode == 2 and "holds no ViDiT-Q quantized model" in result.stderr
+    assert result.returncode == 1 and "holds no ViDiT-Q quantized model" in result.stderr
     result = viditq("quantize", tmp_path / "nope", "--out", tmp_path / "x", check=False)
-    assert result.returncode == 2 and "is not a diffusers model or pipeline directory" in result.stderr
+    assert result.returncode == 1 and "is not a folder; pass a diffusers model folder" in result.stderr
 
 
 @pytest.mark.slow
@@ -79,5 +81,5 @@ def test_calibrate_writes_statistics(tmp_path):
                              ("missing.txt", "no prompts file at")]:
         result = viditq("calibrate", src, "--prompts", tmp_path / prompts, "--out", tmp_path / "x.safetensors",
                         check=False)
-        assert result.returncode == 2 and message in result.stderr
+        assert result.returncode == 1 and message in result.stderr
     assert not (tmp_path / "x.safetensors").exists()
