@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from viditq_diffusers import ViDiTQLinear
-from viditq_diffusers.kernels import LayerCall, cpu_amx, cpu_build, select_route
+from viditq_diffusers.kernels import LayerCall, cpu_amx, cpu_build, select_route, triton_available
 from viditq_diffusers.layer_spec import LayerSpec
 from viditq_diffusers.quant.formats import quantize_activation_per_token, quantize_activation_static
 from tests.support.kernel_routes import (assert_route_matches, assert_same_nonfinite, interpreter_exact_rows, run_route,
@@ -141,6 +141,21 @@ def test_the_float64_reference_agrees(balance, monkeypatch):
     layer = layer_for(8, False, False, balance)
     monkeypatch.setenv("VIDITQ_KERNELS", "torch")
     assert_same_nonfinite(layer.reference_forward(x).float(), layer(x), "reference_forward")
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_triton_rotation_with_a_dense_factor_keeps_a_lone_inf(monkeypatch):
+    """K = 96 rotates as a dense factor of order 3, held as a 4-row tile: its padding row is 0 * Inf = NaN, which
+    made the whole row NaN where the torch path gives +-Inf (found by test_kernel_properties.py)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 12)
+    layer = ViDiTQLinear.from_linear(linear, LayerSpec.for_linear(linear, 8, 8, rotation_seed=3))
+    x = torch.randn(3, 96)
+    x[0, 0], x[1, 50] = INF, -INF
+    args = (x, layer.qweight, 8, layer.scales(), layer.weight_zero, layer.bias, None, None, 3)
+    expected = triton_reference(*args[:6], None, 3)
+    assert torch.isinf(expected[:2]).all()
+    assert_route_matches("triton", run_route("triton", *args), expected)
 
 
 def test_static_scales_do_not_clip_nan_or_inf():

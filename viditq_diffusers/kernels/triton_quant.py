@@ -130,7 +130,8 @@ def _quantize_rotated_rows(x_ptr, smooth_ptr, sign_ptr, dense_ptr, codes_ptr, sc
             y_c = _smoothed_scaled(x_row, smooth_ptr, sign_ptr, c * POW2 + j, HAS_SMOOTH)
             h_c = tl.load(dense_ptr + c * P + a, mask=a < P, other=0.0)
             acc += h_c[:, None] * y_c[None, :]
-        y = _round_to(acc, dtype)
+        # the padding rows (a >= P) hold 0 * x, NaN where x is Inf: zero them, or the row's absmax would be NaN
+        y = tl.where((a < P)[:, None], _round_to(acc, dtype), 0.0)
     for s in tl.static_range(LOG2):
         y = _butterfly(y, dtype, P_BLOCK, POW2, 1 << s)
     absmax = tl.max(tl.max(_magnitude_bits(y), axis=1), axis=0).to(tl.float32, bitcast=True)
