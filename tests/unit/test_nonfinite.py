@@ -10,11 +10,13 @@ their per-token scale. A NaN or Inf weight scale (a hand-edited checkpoint) make
 Triton runs under its CPU interpreter here (tests/conftest.py); the AMX kernel's GEMM only on CPUs with AMX, its
 quantization (AVX-512) wherever AVX-512 is."""
 
+import os
+
 import pytest
 import torch
 
 from viditq_diffusers import ViDiTQLinear
-from viditq_diffusers.kernels import LayerCall, cpu_amx, cpu_build, select_route, triton_available
+from viditq_diffusers.kernels import ROUTE_NAMES, LayerCall, cpu_amx, cpu_build, select_route, triton_available
 from viditq_diffusers.layer_spec import LayerSpec
 from viditq_diffusers.quant.formats import quantize_activation_per_token, quantize_activation_static
 from tests.support.kernel_routes import (assert_route_matches, assert_same_nonfinite, interpreter_exact_rows, run_route,
@@ -88,6 +90,21 @@ def check_every_route(layer, x, monkeypatch, what):
         else:
             assert_route_matches(name, run_route(name, *args), expected, what)
     return expected
+
+
+def test_every_route_that_can_run_here_is_exercised():
+    """The calls above reach every route of the table this machine can run (each call's own pick included, which
+    `check_every_route` asserts); those they do not reach cannot run here."""
+    reached = set()
+    for bits in (8, 4):
+        for symmetric in (False, True):
+            for static in (False, True):
+                for groups in (1, 2):
+                    reached.update(runnable_routes(LayerCall(K, N, bits, 8, groups, not symmetric, static)))
+    missing = set(ROUTE_NAMES) - reached
+    assert missing <= {"cpu_amx", "triton"}, missing
+    assert "cpu_amx" not in missing or not cpu_amx.available()
+    assert "triton" not in missing or not triton_available() or os.environ.get("TRITON_INTERPRET") != "1"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
