@@ -68,7 +68,9 @@ class ViDiTQLinear(nn.Module):
             self.register_buffer("act_smooth", torch.empty(spec.in_features, dtype=torch.int32, device=device))
         else:
             self.act_smooth = None
-        self.bias = nn.Parameter(torch.empty(spec.out_features, device=device, dtype=dtype)) if spec.bias else None
+        # frozen, as the codes: a bias asking for grad would make torch.compile trace a backward the op does not have
+        self.bias = (nn.Parameter(torch.empty(spec.out_features, device=device, dtype=dtype), requires_grad=False)
+                     if spec.bias else None)
 
     # the plan entry's fields, read by the kernels' callers, LoRA and the apps
     in_features = property(lambda self: self.spec.in_features)
@@ -178,6 +180,9 @@ class ViDiTQLinear(nn.Module):
         return None if self.act_scale is None else torch.tensor(self.act_scale, dtype=torch.float32, device=x.device)
 
     def _apply_2d(self, x: torch.Tensor, fn) -> torch.Tensor:
+        if not x.is_floating_point():  # nn.Linear refuses these too; the kernels would return integers
+            raise TypeError(f"ViDiTQLinear expects a floating-point input (float32, bfloat16 or float16), got "
+                            f"{x.dtype}; cast it first, e.g. x.float()")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"ViDiTQLinear expects {self.in_features} input features, got shape {tuple(x.shape)}")
         y = fn(x.reshape(-1, self.in_features))

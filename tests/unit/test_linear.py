@@ -126,3 +126,16 @@ def test_cuda_integer_path(shape, weight_bits, group_size, dtype):
     torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
     if dtype == torch.float32:
         torch.testing.assert_close(y.cpu(), cpu, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_a_non_float_input_is_refused_like_nn_linear(dtype, act_bits):
+    """nn.Linear raises on an integer input; the quantized layer used to accept it and return int64."""
+    linear, layer = make(8, act_bits)
+    x = torch.ones(2, 64).to(dtype)
+    with pytest.raises(RuntimeError):
+        linear(x)
+    for forward in (layer, layer.reference_forward):
+        with pytest.raises(TypeError, match=f"expects a floating-point input .*got {dtype}; cast it first"):
+            forward(x)

@@ -15,6 +15,12 @@ gives the torch route's bits:
 - `torch`: everything else (adaLN / timestep layers and static scales on CUDA, A16, group-wise weights on
   CPU, ...): torch ops around an exact integer GEMM (`torch_ops`; A16 a float GEMM on dequantized weights).
 
+NaN and Inf give the torch route's outputs too (tests/unit/test_nonfinite.py, test_kernel_properties.py): a NaN in an
+input row makes its output row NaN; an Inf (and no NaN) makes it +-Inf or NaN, never finite (unrotated, a lone Inf
+gives the sign of FP's `Inf * w`), also with static activation scales; a NaN or Inf weight scale reaches its output
+channel.
+`quant.formats.round_to_codes` defines the codes; every kernel takes the same steps.
+
 Before a CPU route the input's channel balancing rotates in C++ where it can (`cpu_balance`, same bits).
 The C++ CPU kernels are built (once per machine) or loaded by `warmup()`, which the CLI and the apps call at
 start and the first quantized forward on CPU calls otherwise; the route choice itself never builds.

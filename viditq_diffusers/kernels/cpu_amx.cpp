@@ -16,6 +16,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_quantize.h"
 
 #define AMX_TARGET __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq")))
 
@@ -30,14 +31,20 @@ int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
 // Whether this CPU has AMX-INT8 (and the AVX-512 the epilogue uses) and Linux lets this process use the tiles
 // (they need a permission: arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA).
+// Whether this CPU has the AVX-512 subsets the quantization and the epilogue use (F, DQ, BW, VL).
+bool avx512_ready() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  return (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31));
+}
+
 bool amx_ready() {
   static const bool ready = [] {
     unsigned a, b, c, d;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-    const bool avx512 = (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31));  // F DQ BW VL
+    if (!avx512_ready() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
     const bool amx = (d & (1u << 24)) && (d & (1u << 25));  // AMX-TILE, AMX-INT8
     constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
-    return avx512 && amx && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    return amx && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
   }();
   return ready;
 }
@@ -90,13 +97,19 @@ AMX_TARGET inline __mmask16 first(int64_t count) {  // the first min(count, 16) 
 
 // One row quantized per token into `dst` (K values, then 0 up to `kp`), its code sum into `sum`; returns the
 // scale. The float steps of viditq::quantize_row (cpu_quantize.h) and so of the torch path: absmax / 127,
-// IEEE division, round half to even, clamp to [-128, 127].
+// IEEE division by viditq::code_divisor, round half to even, clamp to [-128, 127].
 template <typename T>
 AMX_TARGET float quantize_row_s8(const T* src, int64_t k, int64_t kp, int8_t* dst, int32_t* sum) {
-  __m512 vmax = _mm512_setzero_ps();
-  for (int64_t j = 0; j < k; j += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(src + j, first(k - j))));
-  const float scale = _mm512_reduce_max_ps(vmax) / 127.0f;
-  const __m512 divisor = _mm512_set1_ps(scale > 0.f ? scale : 1.0f);  // a zero row: scale 0, codes 0, no NaN
+  // max |x| on the bit patterns with the sign cleared, as viditq::row_absmax: a NaN is never dropped
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+  __m512i vmax = _mm512_setzero_si512();
+  for (int64_t j = 0; j < k; j += 16)
+    vmax = _mm512_max_epu32(vmax, _mm512_and_si512(magnitude, _mm512_castps_si512(load16(src + j, first(k - j)))));
+  const uint32_t bits = _mm512_reduce_max_epu32(vmax);
+  float absmax;
+  std::memcpy(&absmax, &bits, 4);
+  const float scale = absmax / 127.0f;
+  const __m512 divisor = _mm512_set1_ps(viditq::code_divisor(scale));  // 0, NaN and Inf scales as the torch path
   const __m512 lo = _mm512_set1_ps(-128.f), hi = _mm512_set1_ps(127.f);
   __m512i total = _mm512_setzero_si512();
   for (int64_t j = 0; j < kp; j += 16) {  // past k the lanes load 0 and quantize to 0
@@ -119,7 +132,7 @@ AMX_TARGET void quantize_rows(const T* x, int64_t r0, int64_t r1, int64_t k, int
 // x fp32 or bf16 [M, K] -> (int8 codes [Mp, Kp], zero-padded to 32 rows and 64 columns; scale fp32 [M];
 // sum of the codes int32 [M]): quant.formats.quantize_activation_per_token's codes and scales on x in fp32.
 std::vector<torch::Tensor> quantize_s8(torch::Tensor x) {
-  TORCH_CHECK(amx_ready(), "quantize_s8: this CPU or process cannot use AMX (check amx_ready() first)");
+  TORCH_CHECK(avx512_ready(), "quantize_s8: this CPU has no AVX-512 (check amx_ready() first)");
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
               "quantize_s8: fp32 or bf16 [M, K] input");
   x = x.contiguous();
@@ -286,6 +299,7 @@ torch::Tensor gemm(torch::Tensor codes, torch::Tensor x_scale, torch::Tensor row
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("amx_ready", &amx_ready, "whether this CPU has AMX-INT8 and this process may use it");
+  module.def("avx512_ready", &avx512_ready, "whether quantize_s8 (AVX-512 only, no AMX) runs on this CPU");
   module.def("pack_weight", &pack_weight, "int8 [N, K] weight codes in the AMX tile layout");
   module.def("quantize_s8", &quantize_s8, "per-token int8 quantization, padded for the tiles, with row sums");
   module.def("gemm", &gemm, "the int8 GEMM on AMX tiles with the fused zero-point / scale / bias epilogue");

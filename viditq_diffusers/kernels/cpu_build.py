@@ -8,10 +8,16 @@ RuntimeWarning names the reason and the routes that need the kernel say so (`ker
 oneDNN route runs instead.
 
 Nothing here builds behind the caller's back: `loaded` and `missing_reason` only report.
+
+A build killed midway (Ctrl-C, an OOM kill) leaves torch's lock file (`lock`) in its folder, and torch's next build
+there waits for it forever. So every build (and load) holds our own advisory lock (`builder.lock`, `fcntl.flock`,
+which the OS releases when its process dies) around torch's: whoever holds ours knows no other of our builds is
+running, so a torch lock found then is stale, and is removed with a log line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -87,6 +93,39 @@ def build(name: str, source: str, purpose: str, fallback: str):
         return _modules[name]
 
 
+TORCH_LOCK = "lock"  # torch.utils.cpp_extension's FileBaton in the build folder
+BUILDER_LOCK = "builder.lock"
+
+
+@contextlib.contextmanager
+def builder_lock(directory: str):
+    """Hold the advisory lock of our builds in `directory` (waits while another process builds there)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no stale-lock recovery, torch's lock alone
+        yield
+        return
+    with open(os.path.join(directory, BUILDER_LOCK), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def clear_stale_torch_lock(directory: str) -> bool:
+    """Remove torch's lock file from `directory`, which a killed build left: call it holding `builder_lock`, under
+    which no live build of ours can own it. True where there was one."""
+    path = os.path.join(directory, TORCH_LOCK)
+    if not os.path.exists(path):
+        return False
+    logger.warning("viditq: removing the stale build lock %s, left by a C++ kernel build that was interrupted; "
+                   "building again", path)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+    return True
+
+
 def _load(name: str, source: str, purpose: str, fallback: str):
     from torch.utils.cpp_extension import load
 
@@ -96,8 +135,10 @@ def _load(name: str, source: str, purpose: str, fallback: str):
     directory = build_directory(name)
     os.makedirs(directory, exist_ok=True)
     try:
-        return load(name=name, sources=[os.path.join(HERE, source)], extra_cflags=CFLAGS,
-                    extra_ldflags=["-fopenmp"], extra_include_paths=[HERE], build_directory=directory)
+        with builder_lock(directory):
+            clear_stale_torch_lock(directory)
+            return load(name=name, sources=[os.path.join(HERE, source)], extra_cflags=CFLAGS,
+                        extra_ldflags=["-fopenmp"], extra_include_paths=[HERE], build_directory=directory)
     except Exception as error:  # no compiler, no ninja, no Python headers
         first_line = str(error).splitlines()[0][:200] if str(error) else ""
         warnings.warn(f"viditq: {purpose} could not be built ({type(error).__name__}: {first_line}; build files "

@@ -25,3 +25,43 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, weight_bits: int, scale: torc
 @linear.register_fake
 def _(x, qweight, weight_bits, scale, zero, bias, act_bits, act_scale, smooth, rotation_seed):
     return x.new_empty((x.shape[0], qweight.shape[0]))  # qweight is [N, K] (W8) or [N, ceil(K / 2)] (W4)
+
+
+# --- autograd: none yet, said clearly ------------------------------------------------------------------------------
+# The layer is frozen (integer codes; its bias does not require grad), but its input may require grad outside
+# `torch.no_grad()`, e.g. after a float layer. Without a formula, autograd and torch.compile's AOT tracing fail with
+# torch's "no autograd formula" error even for inference. The formula below traces (`no_backward`'s fake returns
+# the gradient's shape) and raises only when a backward actually runs.
+
+NO_BACKWARD = ("ViDiTQLinear has no backward pass yet (its weights are integer codes and torch.ops.viditq.linear "
+               "has no gradient formula): run inference under torch.no_grad() or torch.inference_mode(), or keep "
+               "the layers you train in floating point (modules_to_not_convert).")
+
+
+@torch.library.custom_op("viditq::no_backward", mutates_args=())
+def no_backward(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The gradient for `like` through `viditq::linear`: there is none yet, so this raises."""
+    raise RuntimeError(NO_BACKWARD)
+
+
+@no_backward.register_fake
+def _(grad, like):
+    return torch.empty_like(like)
+
+
+_DIFFERENTIABLE = (0, 3, 5, 7, 8)  # x, scale, bias, act_scale, smooth: the floating-point tensor inputs
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*(inputs[i] for i in _DIFFERENTIABLE))
+
+
+def _backward(ctx, grad):
+    grads = [None] * 10
+    for i, like in zip(_DIFFERENTIABLE, ctx.saved_tensors):
+        if ctx.needs_input_grad[i]:
+            grads[i] = no_backward(grad, like)
+    return tuple(grads)
+
+
+linear.register_autograd(_backward, setup_context=_setup_context)

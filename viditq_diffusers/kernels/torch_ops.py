@@ -146,13 +146,14 @@ def linear_reference(
     act_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Float64 reference of the quantized linear ("fake quantization"), for tests."""
+    w64 = dequantize_weight(codes, scale, zero).to(torch.float64)
     if act_bits < 16:
         xq, x_scale = quantize_activations(x, act_bits, act_scale)
-        x64 = xq.to(torch.float64) * x_scale.to(torch.float64)
+        # the token scale after the sum, as linear_int applies it: an Inf scale then gives +-Inf with the sign of
+        # the sum (not NaN from the codes that are 0), the outputs the kernels give
+        y = (xq.to(torch.float64) @ w64.t()) * x_scale.to(torch.float64)
     else:
-        x64 = x.to(torch.float64)
-    w64 = dequantize_weight(codes, scale, zero).to(torch.float64)
-    y = x64 @ w64.t()
+        y = x.to(torch.float64) @ w64.t()
     if bias is not None:
         y = y + bias.to(torch.float64)
     return y

@@ -26,6 +26,7 @@ from ..quant.channel_balance import balance_activation
 from ..quant.hadamard import rotation_factors
 
 MAX_ROTATED_TILE = 16384  # the rotated row is held as one [p (to a power of two), 2^k] register tile
+_FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 _RNE = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds an fp32 to an integer, half to even
 
 
@@ -48,10 +49,20 @@ def _smoothed(x, m):
 
 
 @triton.jit
+def _magnitude_bits(v):
+    """|v| as int32 bit patterns. Their max is the float max |v|, but NaN where one is NaN, as torch's amax (a
+    float max may drop it): non-negative floats order as their bits, and every NaN lies above Inf."""
+    return v.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
 def _codes(v, scale, QMAX: tl.constexpr):
-    """int32 codes `clamp(round_half_even(v / scale), -QMAX - 1, QMAX)`; a zero scale gives zeros."""
-    v = tl.div_rn(v, tl.where(scale > 0, scale, 1.0))
+    """int32 codes `clamp(round_half_even(v / divisor), -QMAX - 1, QMAX)` with `quant.formats.round_to_codes`'s
+    divisor: a zero or NaN scale divides by 1, an Inf one by the largest float32 (+-Inf saturate). NaN values
+    give code 0 (their row's NaN scale makes the output NaN)."""
+    v = tl.div_rn(v, tl.where(scale > 0, tl.minimum(scale, _FLOAT32_MAX), 1.0))
     v = (v + _RNE) - _RNE
+    v = tl.where(v == v, v, 0.0)
     return tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0).to(tl.int32)
 
 
@@ -65,7 +76,8 @@ def _quantize_rows(x_ptr, smooth_ptr, codes_ptr, scale_ptr, rowsum_ptr, K, strid
     xf = x.to(tl.float32)
     if HAS_SMOOTH:
         xf = _smoothed(x, tl.load(smooth_ptr + cols, mask=mask, other=0.0))
-    scale = tl.div_rn(tl.max(tl.abs(xf), axis=0), QMAX * 1.0)
+    absmax = tl.max(_magnitude_bits(xf), axis=0).to(tl.float32, bitcast=True)
+    scale = tl.div_rn(absmax, QMAX * 1.0)
     q = _codes(xf, scale, QMAX)
     tl.store(codes_ptr + row.to(tl.int64) * stride_c + cols, q.to(tl.int8), mask=mask)
     tl.store(scale_ptr + row, scale)
@@ -118,10 +130,12 @@ def _quantize_rotated_rows(x_ptr, smooth_ptr, sign_ptr, dense_ptr, codes_ptr, sc
             y_c = _smoothed_scaled(x_row, smooth_ptr, sign_ptr, c * POW2 + j, HAS_SMOOTH)
             h_c = tl.load(dense_ptr + c * P + a, mask=a < P, other=0.0)
             acc += h_c[:, None] * y_c[None, :]
-        y = _round_to(acc, dtype)
+        # the padding rows (a >= P) hold 0 * x, NaN where x is Inf: zero them, or the row's absmax would be NaN
+        y = tl.where((a < P)[:, None], _round_to(acc, dtype), 0.0)
     for s in tl.static_range(LOG2):
         y = _butterfly(y, dtype, P_BLOCK, POW2, 1 << s)
-    scale = tl.div_rn(tl.max(tl.max(tl.abs(y), axis=1), axis=0), QMAX * 1.0)
+    absmax = tl.max(tl.max(_magnitude_bits(y), axis=1), axis=0).to(tl.float32, bitcast=True)
+    scale = tl.div_rn(absmax, QMAX * 1.0)
     q = _codes(y, scale, QMAX)
     offs = a[:, None] * POW2 + j[None, :]
     tl.store(codes_ptr + row.to(tl.int64) * stride_c + offs, q.to(tl.int8), mask=offs < P * POW2)

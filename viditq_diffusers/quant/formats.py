@@ -87,29 +87,49 @@ def quantize_activation_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch
     """Symmetric dynamic per-row quantization of a 2-D `[tokens, channels]` tensor.
 
     Returns `(codes int8, scale fp32 [tokens, 1])`. A zero row gets scale 0 and codes 0
-    (no NaN); `torch.round` rounds half to even.
+    (no NaN); `torch.round` rounds half to even. Non-finite rows (`round_to_codes`): a row holding a NaN gets
+    scale NaN, one holding an Inf (and no NaN) scale Inf, so the linear's output row is NaN or +-Inf.
     """
     _, qmax = qrange(bits)
     xf = x.to(torch.float32)
-    absmax = torch.maximum(xf.amax(dim=-1, keepdim=True), xf.amin(dim=-1, keepdim=True).neg())  # no |x| copy
-    return round_to_codes(xf, ieee_div(absmax, qmax), bits)
+    return round_to_codes(xf, ieee_div(row_absmax(xf), qmax), bits)
+
+
+def row_absmax(xf: torch.Tensor) -> torch.Tensor:
+    """`max |x|` of each row `[rows, 1]`; NaN where the row holds a NaN (amax propagates it), else Inf where it
+    holds an Inf."""
+    return torch.maximum(xf.amax(dim=-1, keepdim=True), xf.amin(dim=-1, keepdim=True).neg())  # no |x| copy
+
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def round_to_codes(xf: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric codes of fp32 `xf` for a broadcastable fp32 `scale` (a zero scale gives zero codes)."""
+    """Symmetric codes of fp32 `xf` for a broadcastable fp32 `scale` (a zero scale gives zero codes).
+
+    The divisor is the scale, except: a zero or NaN scale divides by 1 (the NaN scale makes the output NaN
+    anyway, whatever the codes), and an Inf scale by the largest float32, so that +-Inf saturate to the code
+    limits (127 / -128) and the output row has the sign of FP's `Inf * w` instead of coming from `Inf / Inf`.
+    Every kernel takes the same divisor (`cpu_quantize.h`, `triton_quant.py`)."""
     _, qmax = qrange(bits)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    safe = torch.where(scale > 0, scale.clamp(max=FLOAT32_MAX), torch.ones_like(scale))
     codes = xf / safe
     return codes.round_().clamp_(-qmax - 1, qmax).to(torch.int8), scale  # in place: one temporary, not three
 
 
 def quantize_activation_static(x: torch.Tensor, scale: torch.Tensor,
                                bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric quantization of a 2-D tensor with one calibrated scale (values beyond it clip).
+    """Symmetric quantization of a 2-D tensor with one calibrated scale (finite values beyond it clip).
 
-    Returns `(codes int8, scale fp32 [1, 1])`, the same shapes `quantize_activation_per_token` gives.
+    Returns `(codes int8, scale fp32 [tokens, 1])`, the shapes `quantize_activation_per_token` gives. A row
+    holding a NaN or an Inf does not clip: it takes its per-token scale (NaN or Inf), so its output row is NaN
+    or +-Inf as with per-token scales, never a finite row that hides it.
     """
-    return round_to_codes(x.to(torch.float32), scale.to(torch.float32).reshape(1, 1), bits)
+    _, qmax = qrange(bits)
+    xf = x.to(torch.float32)
+    absmax = row_absmax(xf)
+    rows = torch.where(torch.isfinite(absmax), scale.to(torch.float32).reshape(1, 1), ieee_div(absmax, qmax))
+    return round_to_codes(xf, rows, bits)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
