@@ -572,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--buckets", type=integer(1, MAX_STEPS), default=4, help="timestep buckets")
     add_generation_args(c)
     c.set_defaults(func=cmd_calibrate)
+    parser.commands = sub.choices  # so that main() reports an unknown option under its command's name
     return parser
 
 
@@ -600,7 +601,10 @@ def describe(error: BaseException) -> str:
 
 def main(argv=None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as done:  # argparse: --help (0) or a usage error, already printed as one line (2)
         return done.code
     prefix = f"viditq {args.command}"

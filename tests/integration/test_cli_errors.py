@@ -75,6 +75,7 @@ def pipes(tmp_path_factory):
     (["quantize", "P", "--out", "D", "--act-bits", "4"], "argument --act-bits: invalid choice: 4"),
     (["quantize", "P", "--out", "D", "--group-size", "0"], "argument --group-size: must be an integer >= 1"),
     (["quantize", "P"], "the following arguments are required: --out"),
+    (["demo", "--seed", "1"], "unrecognized arguments: --seed 1"),  # under the command's name, not plain `viditq`
 ])
 def test_bad_argument_values_are_usage_errors_naming_the_option(argv, named, capsys):
     assert main(argv) == 2
