@@ -61,22 +61,31 @@ def check_components(src: str, config) -> list[str]:
     """The component names of the pipeline at `src`; a ValueError when a ViDiT-Q config's `components` names one
     that is not among its diffusers models (diffusers itself only logs that and loads nothing quantized)."""
     index = read_json(os.path.join(src, "model_index.json"))
-    names = [n for n in index if not n.startswith("_")]
+    problem = unknown_components(index, config, f"the pipeline at {src!r}")
+    if problem:
+        raise ValueError(problem)
+    return [n for n in index if not n.startswith("_")]
+
+
+def unknown_components(index: dict, config, where: str) -> str | None:
+    """The error message when a ViDiT-Q config's `components` names something that is not a diffusers model of a
+    pipeline whose model_index (name -> [library, class]) is `index`; None when all are, or for other configs."""
     wanted = getattr(config, "components", None)
     if wanted is None or getattr(config, "quant_method", None) != "viditq":
-        return names
+        return None
+    names = [n for n in index if not n.startswith("_")]
     models = [n for n in names if is_diffusers_model(index[n])]
     unknown = [c for c in wanted if c not in models]
-    if unknown:
-        raise ValueError(f"components={wanted} names {unknown}, which {'is' if len(unknown) == 1 else 'are'} not a "
-                         f"diffusers model of the pipeline at {src!r} (its diffusers models: {', '.join(models)}; "
-                         f"all components: {', '.join(names)}). Pass e.g. components=['transformer'].")
-    return names
+    if not unknown:
+        return None
+    return (f"components={wanted} names {unknown}, which {'is' if len(unknown) == 1 else 'are'} not a diffusers "
+            f"model of {where} (its diffusers models: {', '.join(models)}; all components: {', '.join(names)}). "
+            f"Pass e.g. components=['transformer'].")
 
 
 def is_diffusers_model(entry) -> bool:
     """Whether a model_index.json entry (`["diffusers", "PixArtTransformer2DModel"]`) is a diffusers model."""
-    if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == "diffusers"):
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] == "diffusers"):
         return False
     cls = getattr(diffusers, str(entry[1]), None)
     return isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)

@@ -21,7 +21,7 @@ from diffusers.quantizers.base import DiffusersQuantizer
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import missing_config_message, safetensors_metadata, tensor_headers
+from .checkpoint import missing_config_message, safetensors_metadata, tensor_headers, unknown_components
 from .config import ViDiTQConfig, ViDiTQQuantMethod
 from .convert import (own_aligned_memory, quantized_layer, recorded_plan_problems, resolve_plan, set_submodule,
                       stored_tensor_problems)
@@ -208,3 +208,27 @@ def register() -> None:
     key = ViDiTQQuantMethod.VIDITQ.value
     diffusers_auto.AUTO_QUANTIZER_MAPPING[key] = ViDiTQQuantizer
     diffusers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING[key] = ViDiTQConfig
+    refuse_unknown_components()
+
+
+def refuse_unknown_components() -> None:
+    """Make `components` naming no model of the pipeline an error in `DiffusionPipeline.from_pretrained` too.
+
+    diffusers checks the names in one function, called before any component loads, that only logs a warning, so a
+    typo (`components=["transformr"]`) would load a pipeline with nothing quantized. The function is wrapped: for a
+    ViDiT-Q config it raises our error; every other config gets diffusers' own behaviour. Skipped where a diffusers
+    version has no such function."""
+    from diffusers.pipelines import pipeline_utils
+
+    check = getattr(pipeline_utils, "_maybe_warn_for_wrong_component_in_quant_config", None)
+    if check is None or getattr(check, "viditq_wrapped", False):
+        return
+
+    def check_components(init_dict, quant_config):
+        problem = unknown_components(init_dict, quant_config, "this pipeline")
+        if problem:
+            raise ValueError(problem)
+        return check(init_dict, quant_config)
+
+    check_components.viditq_wrapped = True
+    pipeline_utils._maybe_warn_for_wrong_component_in_quant_config = check_components

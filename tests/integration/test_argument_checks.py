@@ -121,6 +121,9 @@ def test_pipeline_components_that_match_nothing_are_an_error(pipe_dir):
         load_any(str(pipe_dir), quantization_config=ViDiTQConfig(components="transformr"))
     with pytest.raises(ValueError, match=r"names \['scheduler'\]"):
         load_any(str(pipe_dir), quantization_config=ViDiTQConfig(components=["transformer", "scheduler"]))
+    # diffusers' own from_pretrained too (it only logs a warning for other backends), before anything loads
+    with pytest.raises(ValueError, match=r"names \['transformr'\], which is not a diffusers model of this pipeline"):
+        DiffusionPipeline.from_pretrained(pipe_dir, quantization_config=ViDiTQConfig(components="transformr"))
 
 
 # -- a quantized checkpoint without its quantization_config, a truncated weights file ----------------------
