@@ -84,6 +84,7 @@ def test_bad_argument_values_are_usage_errors_naming_the_option(argv, named, cap
     assert named in err
 
 
+@pytest.mark.slow  # a real `viditq` process (torch and diffusers imported anew): several seconds
 def test_existing_file_as_out_is_refused_before_loading(pipes, tmp_path, capsys):
     src, _, _ = pipes
     (tmp_path / "afile").write_text("x")
@@ -96,6 +97,7 @@ def test_existing_file_as_out_is_refused_before_loading(pipes, tmp_path, capsys)
     assert f"--out '{tmp_path}' is a folder; pass a file path inside it" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a real `viditq` process (torch and diffusers imported anew): several seconds
 def test_calibrate_out_in_missing_folder_fails_before_the_run(pipes, tmp_path):
     src, _, prompts = pipes
     out = tmp_path / "missing" / "s.safetensors"
@@ -150,6 +152,7 @@ def test_calibration_is_asked_for_as_the_cli_option(pipes, tmp_path, capsys):
     assert "smooth" in balancing, balancing
 
 
+@pytest.mark.slow  # a real `viditq` process (torch and diffusers imported anew): several seconds
 def test_info_on_a_folder_without_weights(pipes, tmp_path):
     """A ViDiT-Q config.json with no safetensors file: a ZeroDivisionError traceback before."""
     _, q8, _ = pipes
@@ -163,12 +166,14 @@ def test_info_on_a_folder_without_weights(pipes, tmp_path):
     assert "Traceback" in viditq("info", tmp_path, "--debug").stderr  # after the command too
 
 
+@pytest.mark.slow  # a real `viditq` process (torch and diffusers imported anew): several seconds
 def test_demo_with_a_video_pipeline_names_the_supported_ones(tmp_path):
     line = error_line(viditq("demo", "--pipeline", REPO / "reference_models" / "latte_digits", "--steps", "2",
                              "--out", tmp_path / "g.png"), "demo", 2)
     assert "is a LattePipeline; the demo generates with PixArtAlphaPipeline or PixArtSigmaPipeline only" in line
 
 
+@pytest.mark.slow  # a real `viditq` process (torch and diffusers imported anew): several seconds
 def test_push_with_the_hub_unreachable(pipes, tmp_path):
     """No network (an endpoint that refuses connections): the checkpoint is kept, the error says so."""
     src, _, _ = pipes
@@ -178,6 +183,7 @@ def test_push_with_the_hub_unreachable(pipes, tmp_path):
     assert (tmp_path / "q" / WEIGHTS).exists()
 
 
+@pytest.mark.slow  # a real `viditq` process (torch and diffusers imported anew): several seconds
 def test_read_only_target_fails_before_the_work(pipes, tmp_path):
     src, _, prompts = pipes
     mount = tmp_path / "ro"
@@ -190,6 +196,7 @@ def test_read_only_target_fails_before_the_work(pipes, tmp_path):
     assert "is not writable (Read-only file system)" in error_line(result, "calibrate", 1)
 
 
+@pytest.mark.slow  # a real `viditq` process (torch and diffusers imported anew): several seconds
 def test_full_disk(pipes, tmp_path):
     src, _, prompts = pipes
     mount = tmp_path / "small"
@@ -201,6 +208,7 @@ def test_full_disk(pipes, tmp_path):
     assert "No space left on device (the disk is full" in line
 
 
+@pytest.mark.slow  # a real `viditq` process (torch and diffusers imported anew): several seconds
 def test_ctrl_c_is_one_line_and_exit_130(pipes, tmp_path):
     src, _, prompts = pipes
     (tmp_path / "many.txt").write_text("a digit 7\n" * 50)
