@@ -60,7 +60,8 @@ __attribute__((noinline)) void tile_4x16(const int16_t* a, const int16_t* b, int
 
 }  // namespace
 
-// codes int8 [N, K] (zero int8 [N] or None) -> int16 panels [ceil(N/16), ceil(K/2), 16, 2] of codes - zero.
+// codes int8 [N, K] (zero int8 [N] or [N, G] or None: one zero point per channel or per group of K / G inputs)
+// -> int16 panels [ceil(N/16), ceil(K/2), 16, 2] of codes - zero.
 torch::Tensor pack_weight(torch::Tensor codes, c10::optional<torch::Tensor> zero) {
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt8, "pack_weight: int8 [N, K] codes");
   codes = codes.contiguous();
@@ -68,39 +69,30 @@ torch::Tensor pack_weight(torch::Tensor codes, c10::optional<torch::Tensor> zero
   auto out = torch::zeros({panels, pairs, NR, 2}, torch::kInt16);
   const int8_t* c = codes.data_ptr<int8_t>();
   torch::Tensor z;
-  if (zero.has_value()) z = zero->to(torch::kInt8).contiguous().reshape({-1});
+  if (zero.has_value()) z = zero->to(torch::kInt8).contiguous().reshape({n, -1});
+  const int64_t groups = z.defined() ? z.size(1) : 1;
+  TORCH_CHECK(k % groups == 0, "pack_weight: K must be a multiple of the number of zero-point groups");
+  const int64_t size = k / groups;
   const int8_t* zp = z.defined() ? z.data_ptr<int8_t>() : nullptr;
   int16_t* p = out.data_ptr<int16_t>();
   for (int64_t col = 0; col < n; col++) {
-    const int16_t offset = zp ? zp[col] : 0;
     int16_t* dst = p + (col / NR) * pairs * NR * 2 + (col % NR) * 2;
-    for (int64_t j = 0; j < k; j++) dst[(j / 2) * NR * 2 + (j % 2)] = int16_t(c[col * k + j]) - offset;
+    for (int64_t j = 0; j < k; j++) {
+      const int16_t offset = zp ? zp[col * groups + j / size] : 0;
+      dst[(j / 2) * NR * 2 + (j % 2)] = int16_t(c[col * k + j]) - offset;
+    }
   }
   return out;
 }
 
-// fp32 x [M, K] -> ((float)(Q(x) @ (codes - zero)^T) * w_scale[n]) * x_scale[m] (+ bias[n]), fp32 [M, N].
-torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t n, torch::Tensor w_scale,
-                     c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "linear: fp32 [M, K] input");
-  x = x.contiguous();
-  const int64_t m = x.size(0), k = x.size(1), pairs = ceil_div(k, 2);
-  const int64_t m_panels = ceil_div(m, MR), n_panels = ceil_div(n, NR);
-  TORCH_CHECK(packed.scalar_type() == torch::kInt16 && packed.dim() == 4 && packed.size(0) == n_panels &&
-              packed.size(1) == pairs, "linear: the packed weight does not match the input or N");
-  auto out = torch::empty({m, n}, torch::kFloat32);
-  if (m == 0 || n == 0) return out;
-  const auto ws = w_scale.to(torch::kFloat32).contiguous().reshape({-1});
-  TORCH_CHECK(ws.numel() == n, "linear: w_scale must have N elements");
-  torch::Tensor bs;
-  if (bias.has_value()) bs = bias->to(torch::kFloat32).contiguous().reshape({-1});
-  const float* xp = x.data_ptr<float>();
-  const float* wsp = ws.data_ptr<float>();
-  const float* bsp = bs.defined() ? bs.data_ptr<float>() : nullptr;
-  float* o = out.data_ptr<float>();
+namespace {
 
+// fp32 x [M, K] quantized per token and packed as [ceil(M/4) panels][ceil(K/2) pairs][4 rows][2] int16;
+// the token scales go to `x_scale` (ceil(M/4) * 4 entries, 0 past M).
+torch::Tensor pack_activations(const float* xp, int64_t m, int64_t k, std::vector<float>& x_scale) {
+  const int64_t pairs = ceil_div(k, 2), m_panels = ceil_div(m, MR);
   auto apack = torch::empty({m_panels, pairs, MR, 2}, torch::kInt16);  // every element is written below
-  std::vector<float> x_scale(m_panels * MR, 0.f);
+  x_scale.assign(m_panels * MR, 0.f);
   int16_t* a = apack.data_ptr<int16_t>();
   static_assert(MR == 4, "the interleave below is a 4 x 4 transpose");
   at::parallel_for(0, m_panels, 1, [&](int64_t p0, int64_t p1) {
@@ -133,6 +125,56 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t n, torch::Te
         for (int64_t r = 0; r < MR; r++) std::memcpy(dst + (p * MR + r) * 2, rows.data() + r * stride + 2 * p, 4);
     }
   });
+  return apack;
+}
+
+// The tile's fp32 results (row r, columns 8h..8h+7 at 2r + h) times x_scale (+ bias) into the output: whole tiles
+// straight to the output rows, a ragged one through `vals`.
+void store_tile(const __m256* y, const float* x_scale, const float* bcol, bool has_bias, float* o, int64_t m,
+                int64_t n, int64_t rp, int64_t cp) {
+  const bool whole = cp * NR + NR <= n && rp * MR + MR <= m;
+  alignas(32) float vals[MR * NR];
+  float* dst = whole ? o + rp * MR * n + cp * NR : vals;
+  const int64_t ld = whole ? n : NR;
+  for (int r = 0; r < MR; r++) {
+    const __m256 s = _mm256_set1_ps(x_scale[rp * MR + r]);
+    for (int h = 0; h < 2; h++) {
+      __m256 v = _mm256_mul_ps(y[2 * r + h], s);
+      if (has_bias) v = _mm256_add_ps(v, _mm256_load_ps(bcol + 8 * h));
+      _mm256_storeu_ps(dst + r * ld + 8 * h, v);
+    }
+  }
+  if (whole) return;
+  const int64_t cols = std::min(NR, n - cp * NR);
+  for (int r = 0; r < MR && rp * MR + r < m; r++)
+    std::memcpy(o + (rp * MR + r) * n + cp * NR, vals + r * NR, cols * sizeof(float));
+}
+
+}  // namespace
+
+// fp32 x [M, K] -> ((float)(Q(x) @ (codes - zero)^T) * w_scale[n]) * x_scale[m] (+ bias[n]), fp32 [M, N].
+torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t n, torch::Tensor w_scale,
+                     c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "linear: fp32 [M, K] input");
+  x = x.contiguous();
+  const int64_t m = x.size(0), k = x.size(1), pairs = ceil_div(k, 2);
+  const int64_t m_panels = ceil_div(m, MR), n_panels = ceil_div(n, NR);
+  TORCH_CHECK(packed.scalar_type() == torch::kInt16 && packed.dim() == 4 && packed.size(0) == n_panels &&
+              packed.size(1) == pairs, "linear: the packed weight does not match the input or N");
+  auto out = torch::empty({m, n}, torch::kFloat32);
+  if (m == 0 || n == 0) return out;
+  const auto ws = w_scale.to(torch::kFloat32).contiguous().reshape({-1});
+  TORCH_CHECK(ws.numel() == n, "linear: w_scale must have N elements");
+  torch::Tensor bs;
+  if (bias.has_value()) bs = bias->to(torch::kFloat32).contiguous().reshape({-1});
+  const float* xp = x.data_ptr<float>();
+  const float* wsp = ws.data_ptr<float>();
+  const float* bsp = bs.defined() ? bs.data_ptr<float>() : nullptr;
+  float* o = out.data_ptr<float>();
+
+  std::vector<float> x_scale;
+  const auto apack = pack_activations(xp, m, k, x_scale);
+  const int16_t* a = apack.data_ptr<int16_t>();
 
   const int16_t* b = packed.data_ptr<int16_t>();
   at::parallel_for(0, n_panels, 1, [&](int64_t c0, int64_t c1) {
@@ -160,24 +202,80 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t n, torch::Te
             for (int i = 0; i < 8; i++) _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + 8 * i), acc[i]);
             continue;
           }
-          // a whole tile goes straight to the output rows, a ragged one through `vals`
-          const bool whole = cp * NR + NR <= n && rp * MR + MR <= m;
-          alignas(32) float vals[MR * NR];
-          float* dst = whole ? o + rp * MR * n + cp * NR : vals;
-          const int64_t ld = whole ? n : NR;
-          for (int r = 0; r < MR; r++) {
-            const __m256 s = _mm256_set1_ps(x_scale[rp * MR + r]);
-            for (int h = 0; h < 2; h++) {
-              __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[2 * r + h]), _mm256_load_ps(wcol + 8 * h));
-              v = _mm256_mul_ps(v, s);
-              if (bsp) v = _mm256_add_ps(v, _mm256_load_ps(bcol + 8 * h));
-              _mm256_storeu_ps(dst + r * ld + 8 * h, v);
+          __m256 y[8];
+          for (int i = 0; i < 8; i++)
+            y[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i]), _mm256_load_ps(wcol + 8 * (i & 1)));
+          store_tile(y, x_scale.data(), bcol, bsp != nullptr, o, m, n, rp, cp);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// Group-wise weight scales (`w_scale [N, G]`, groups of K / G inputs, an even size): per group, the exact int32
+// sum p_g of the tile, then y = (float)p_0 * s_0, y = y + (float)p_g * s_g for g = 1..G-1 (mul then add, in
+// torch_ops.linear_int's order), then y * x_scale[m] (+ bias[n]). K blocks hold whole groups; the fp32 sums of a
+// column panel stay per thread between blocks.
+torch::Tensor linear_grouped(torch::Tensor x, torch::Tensor packed, int64_t n, torch::Tensor w_scale,
+                             c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "linear_grouped: fp32 [M, K] input");
+  x = x.contiguous();
+  const int64_t m = x.size(0), k = x.size(1), pairs = ceil_div(k, 2);
+  const int64_t m_panels = ceil_div(m, MR), n_panels = ceil_div(n, NR);
+  TORCH_CHECK(packed.scalar_type() == torch::kInt16 && packed.dim() == 4 && packed.size(0) == n_panels &&
+              packed.size(1) == pairs, "linear_grouped: the packed weight does not match the input or N");
+  const auto ws = w_scale.to(torch::kFloat32).contiguous();
+  TORCH_CHECK(ws.dim() == 2 && ws.size(0) == n, "linear_grouped: w_scale must be [N, G]");
+  const int64_t groups = ws.size(1);
+  TORCH_CHECK(groups > 0 && k % groups == 0 && (k / groups) % 2 == 0,
+              "linear_grouped: K must split into groups of an even size");
+  auto out = torch::empty({m, n}, torch::kFloat32);
+  if (m == 0 || n == 0) return out;
+  const int64_t group_pairs = k / groups / 2, block = group_pairs * std::max<int64_t>(1, KC_PAIRS / group_pairs);
+  torch::Tensor bs;
+  if (bias.has_value()) bs = bias->to(torch::kFloat32).contiguous().reshape({-1});
+  const float* bsp = bs.defined() ? bs.data_ptr<float>() : nullptr;
+  const float* wsp = ws.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+
+  std::vector<float> x_scale;
+  const auto apack = pack_activations(x.data_ptr<float>(), m, k, x_scale);
+  const int16_t* a = apack.data_ptr<int16_t>();
+  const int16_t* b = packed.data_ptr<int16_t>();
+  at::parallel_for(0, n_panels, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> partial(pairs > block ? m_panels * MR * NR : 0);  // fp32 sums between K blocks
+    std::vector<float> scol(groups * NR);  // this panel's scales, [G][16]
+    for (int64_t cp = c0; cp < c1; cp++) {
+      alignas(32) float bcol[NR];
+      for (int j = 0; j < NR; j++) {
+        const int64_t col = cp * NR + j;
+        bcol[j] = bsp && col < n ? bsp[col] : 0.f;
+        for (int64_t g = 0; g < groups; g++) scol[g * NR + j] = col < n ? wsp[col * groups + g] : 0.f;
+      }
+      for (int64_t k0 = 0; k0 < pairs; k0 += block) {
+        const int64_t kp = std::min(block, pairs - k0);
+        const bool first = k0 == 0, last = k0 + kp == pairs;
+        for (int64_t rp = 0; rp < m_panels; rp++) {
+          __m256 y[8];
+          float* tile = partial.empty() ? nullptr : partial.data() + rp * MR * NR;
+          if (!first)
+            for (int i = 0; i < 8; i++) y[i] = _mm256_loadu_ps(tile + 8 * i);
+          for (int64_t g0 = k0; g0 < k0 + kp; g0 += group_pairs) {
+            __m256i acc[8];
+            for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_si256();
+            tile_4x16(a + (rp * pairs + g0) * MR * 2, b + (cp * pairs + g0) * NR * 2, group_pairs, acc);
+            const float* s = scol.data() + (g0 / group_pairs) * NR;
+            for (int i = 0; i < 8; i++) {
+              const __m256 part = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i]), _mm256_loadu_ps(s + 8 * (i & 1)));
+              y[i] = g0 == 0 ? part : _mm256_add_ps(y[i], part);
             }
           }
-          if (whole) continue;
-          const int64_t cols = std::min(NR, n - cp * NR);
-          for (int r = 0; r < MR && rp * MR + r < m; r++)
-            std::memcpy(o + (rp * MR + r) * n + cp * NR, vals + r * NR, cols * sizeof(float));
+          if (!last) {
+            for (int i = 0; i < 8; i++) _mm256_storeu_ps(tile + 8 * i, y[i]);
+            continue;
+          }
+          store_tile(y, x_scale.data(), bcol, bsp != nullptr, o, m, n, rp, cp);
         }
       }
     }
@@ -188,4 +286,5 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t n, torch::Te
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("pack_weight", &pack_weight, "int8 codes [N, K] (and zero points) -> int16 weight panels");
   module.def("linear", &linear, "per-token int8 quantization, exact integer GEMM and fp32 epilogue");
+  module.def("linear_grouped", &linear_grouped, "the same with group-wise weight scales summed in fp32");
 }
