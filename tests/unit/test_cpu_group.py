@@ -14,6 +14,7 @@ from viditq_diffusers.kernels import LayerCall, cpu_int16, select_route
 from viditq_diffusers.kernels.torch_ops import linear_int
 from viditq_diffusers.quant.formats import pack_int4, quantize_weight
 from tests.support.kernel_routes import assert_route_matches
+from tests.support.quantized_weights import random_weights
 
 pytestmark = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64")
@@ -41,12 +42,25 @@ def test_warmup_loads_the_kernel_on_every_avx2_cpu():
     assert cpu_int16.available()
 
 
+@pytest.fixture(params=["avx2", "vnni"])
+def microkernel(request):
+    """Each GEMM microkernel this CPU has: `vpmaddwd` + `vpaddd` (every AVX2 CPU), `vpdpwssd` (AVX-512 VNNI)."""
+    kernels.warmup(verbose=False)
+    ext = cpu_int16.extension()
+    default = ext.microkernel("")
+    try:
+        ext.microkernel(request.param)
+    except RuntimeError:
+        pytest.skip(f"no {request.param} on this CPU")
+    yield request.param
+    ext.microkernel(default)
+
+
 @pytest.mark.parametrize("size", [32, 64, 128])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_the_torch_path_bit_for_bit(size, bits, symmetric, dtype):
-    kernels.warmup(verbose=False)
+def test_matches_the_torch_path_bit_for_bit(size, bits, symmetric, dtype, microkernel):
     shapes = [(1, 128, 16), (3, 256, 48), (4, 1152, 16), (17, 1152, 1152), (64, 256, 48), (64, 1152, 48)]
     for i, (m, k, n) in enumerate(shapes):
         codes, qweight, scale, zero = grouped_weights(bits, n, k, size, symmetric, seed=i)
@@ -66,7 +80,7 @@ def test_more_shapes_at_group_size_64(m, k, n):
                        linear_int(x, codes, scale, zero, None, 8))
 
 
-def test_exact_at_the_widest_codes_over_many_groups():
+def test_exact_at_the_widest_codes_over_many_groups(microkernel):
     """Codes +-127 against `code - zero` at -255 / +255, K = 4608 in groups of 128 (36 groups, 4 K blocks): each
     group's int32 sum is exact, and the fp32 group sums add in the torch path's order."""
     k, g = 4608, torch.Generator().manual_seed(5)
@@ -75,14 +89,12 @@ def test_exact_at_the_widest_codes_over_many_groups():
     d = codes.to(torch.int64) - zero.repeat_interleave(128, dim=1).to(torch.int64)
     x = torch.where(d < 0, -127.0, 127.0)
     scale = torch.rand(4, k // 128, generator=g) + 0.5
-    kernels.warmup(verbose=False)
     out = cpu_int16.linear_grouped(x, codes, 8, scale, zero, None)
     assert torch.equal(out, linear_int(x, codes, scale, zero, None, 8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_nan_and_inf_rows_give_the_torch_paths_outputs(dtype):
-    kernels.warmup(verbose=False)
+def test_nan_and_inf_rows_give_the_torch_paths_outputs(dtype, microkernel):
     codes, qweight, scale, zero = grouped_weights(4, 48, 256, 64, False)
     x = inputs(8, 256, torch.float32)
     x[1, 3] = float("nan")
@@ -96,6 +108,13 @@ def test_nan_and_inf_rows_give_the_torch_paths_outputs(dtype):
     expected = linear_int(x, codes, scale, zero, bias, 8)
     assert torch.isnan(expected[1]).all() and not torch.isfinite(expected[2:6]).any()
     assert_route_matches("cpu_group", cpu_int16.linear_grouped(x, qweight, 4, scale, zero, bias), expected)
+
+
+def test_per_channel_w8_on_both_microkernels(microkernel):
+    """The per-channel int16 route runs the same microkernel."""
+    codes, _, scale, zero = random_weights(8, 40, 1152)
+    x = inputs(17, 1152, torch.float32)
+    assert torch.equal(cpu_int16.linear_int16(x, codes, scale, zero, None), linear_int(x, codes, scale, zero, None, 8))
 
 
 def test_w4a8_g64_takes_the_route():

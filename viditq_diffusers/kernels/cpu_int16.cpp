@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "cpu_quantize.h"
@@ -35,28 +36,48 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // acc (8 vectors: row r, columns 8h..8h+7 at 2r + h) += the 4 x 16 tile product over `pairs` K pairs.
 // Named accumulators, not an array: GCC keeps them in registers. Not inlined: compiled on its own, the loop
 // keeps every accumulator in place (inlined into the caller, GCC spills and copies them).
-__attribute__((noinline)) void tile_4x16(const int16_t* a, const int16_t* b, int64_t pairs, __m256i* acc) {
-  __m256i c0 = acc[0], c1 = acc[1], c2 = acc[2], c3 = acc[3], c4 = acc[4], c5 = acc[5], c6 = acc[6], c7 = acc[7];
-#pragma GCC unroll 2  // unrolled, GCC adds in place instead of copying 8 accumulators per pair (vmovdqa)
-  for (int64_t i = 0; i < pairs; i++, a += MR * 2, b += NR * 2) {
-    const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(b));
-    const __m256i b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(b + 16));
-    // one pair of K values of row r, broadcast to every int32 lane (a single load uop, aliasing-safe)
-    __m256i x = _mm256_broadcastd_epi32(_mm_loadu_si32(a));
-    c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(x, b0));
-    c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(x, b1));
-    x = _mm256_broadcastd_epi32(_mm_loadu_si32(a + 2));
-    c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(x, b0));
-    c3 = _mm256_add_epi32(c3, _mm256_madd_epi16(x, b1));
-    x = _mm256_broadcastd_epi32(_mm_loadu_si32(a + 4));
-    c4 = _mm256_add_epi32(c4, _mm256_madd_epi16(x, b0));
-    c5 = _mm256_add_epi32(c5, _mm256_madd_epi16(x, b1));
-    x = _mm256_broadcastd_epi32(_mm_loadu_si32(a + 6));
-    c6 = _mm256_add_epi32(c6, _mm256_madd_epi16(x, b0));
-    c7 = _mm256_add_epi32(c7, _mm256_madd_epi16(x, b1));
+// `MADD(c, x, b)` is c + (pairwise products of x and b, summed in int32): `vpmaddwd` + `vpaddd` on AVX2, one
+// `vpdpwssd` with VNNI (the same int32 result, wrapping, never saturating).
+#define VIDITQ_TILE_4X16(NAME, TARGET, MADD)                                                                    \
+  __attribute__((noinline, target(TARGET))) void NAME(const int16_t* a, const int16_t* b, int64_t pairs,       \
+                                                       __m256i* acc) {                                         \
+    __m256i c0 = acc[0], c1 = acc[1], c2 = acc[2], c3 = acc[3], c4 = acc[4], c5 = acc[5], c6 = acc[6],         \
+            c7 = acc[7];                                                                                       \
+    _Pragma("GCC unroll 2")                                                                                    \
+    for (int64_t i = 0; i < pairs; i++, a += MR * 2, b += NR * 2) {                                            \
+      const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(b));                               \
+      const __m256i b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(b + 16));                          \
+      __m256i x = _mm256_broadcastd_epi32(_mm_loadu_si32(a));                                                  \
+      c0 = MADD(c0, x, b0);                                                                                    \
+      c1 = MADD(c1, x, b1);                                                                                    \
+      x = _mm256_broadcastd_epi32(_mm_loadu_si32(a + 2));                                                      \
+      c2 = MADD(c2, x, b0);                                                                                    \
+      c3 = MADD(c3, x, b1);                                                                                    \
+      x = _mm256_broadcastd_epi32(_mm_loadu_si32(a + 4));                                                      \
+      c4 = MADD(c4, x, b0);                                                                                    \
+      c5 = MADD(c5, x, b1);                                                                                    \
+      x = _mm256_broadcastd_epi32(_mm_loadu_si32(a + 6));                                                      \
+      c6 = MADD(c6, x, b0);                                                                                    \
+      c7 = MADD(c7, x, b1);                                                                                    \
+    }                                                                                                          \
+    acc[0] = c0, acc[1] = c1, acc[2] = c2, acc[3] = c3, acc[4] = c4, acc[5] = c5, acc[6] = c6, acc[7] = c7;    \
   }
-  acc[0] = c0, acc[1] = c1, acc[2] = c2, acc[3] = c3, acc[4] = c4, acc[5] = c5, acc[6] = c6, acc[7] = c7;
+
+#define VIDITQ_MADD_AVX2(c, x, b) _mm256_add_epi32(c, _mm256_madd_epi16(x, b))
+#define VIDITQ_MADD_VNNI(c, x, b) _mm256_dpwssd_epi32(c, x, b)
+VIDITQ_TILE_4X16(tile_4x16_avx2, "avx2", VIDITQ_MADD_AVX2)
+VIDITQ_TILE_4X16(tile_4x16_vnni, "avx2,avx512f,avx512vl,avx512vnni", VIDITQ_MADD_VNNI)
+
+using TileFn = void (*)(const int16_t*, const int16_t*, int64_t, __m256i*);
+
+bool cpu_has_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
 }
+
+// The microkernel this CPU runs: VNNI's fused multiply-add where the CPU has AVX-512 VNNI (`microkernel` switches
+// it, for the tests that hold both to the torch path).
+TileFn tile_4x16 = cpu_has_vnni() ? tile_4x16_vnni : tile_4x16_avx2;
 
 }  // namespace
 
@@ -283,7 +304,16 @@ torch::Tensor linear_grouped(torch::Tensor x, torch::Tensor packed, int64_t n, t
   return out;
 }
 
+// The microkernel in use ("avx2" or "vnni"); `name` non-empty switches to it first (for tests).
+std::string microkernel(const std::string& name) {
+  TORCH_CHECK(name.empty() || name == "avx2" || (name == "vnni" && cpu_has_vnni()),
+              "microkernel: \"avx2\", or \"vnni\" on a CPU with AVX-512 VNNI; got \"", name, "\"");
+  if (!name.empty()) tile_4x16 = name == "vnni" ? tile_4x16_vnni : tile_4x16_avx2;
+  return tile_4x16 == tile_4x16_vnni ? "vnni" : "avx2";
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("microkernel", &microkernel, "the GEMM microkernel in use; a name switches to it");
   module.def("pack_weight", &pack_weight, "int8 codes [N, K] (and zero points) -> int16 weight panels");
   module.def("linear", &linear, "per-token int8 quantization, exact integer GEMM and fp32 epilogue");
   module.def("linear_grouped", &linear_grouped, "the same with group-wise weight scales summed in fp32");
