@@ -1,6 +1,7 @@
 """Group-wise weight scales on the int16 CPU kernel (route `cpu_group`, `cpu_int16.linear_grouped`): bit for bit the
 torch path (`torch_ops.linear_int`: per group the exact int32 sum, converted to fp32, times the group's scale, added
-in group order), W8 and W4, symmetric or not, group sizes 32 / 64 / 128, fp32 and bf16 inputs, NaN and Inf rows.
+in group order), on each microkernel, W8 and W4, symmetric or not, group sizes 32 / 64 / 128, fp32 and bf16
+inputs, NaN and Inf rows.
 
 On an x86 CPU with AVX2 the kernel must build here, so a failed build fails these tests instead of skipping them."""
 
@@ -44,7 +45,8 @@ def test_warmup_loads_the_kernel_on_every_avx2_cpu():
 
 @pytest.fixture(params=["avx2", "vnni"])
 def microkernel(request):
-    """Each GEMM microkernel this CPU has: `vpmaddwd` + `vpaddd` (every AVX2 CPU), `vpdpwssd` (AVX-512 VNNI)."""
+    """Each GEMM microkernel this CPU has: `vpmaddwd` + `vpaddd` (every AVX2 CPU); with AVX-512 VNNI `vpdpwssd`, and
+    `vpdpbusd` on the int8 layout where `code - zero` fits int8."""
     kernels.warmup(verbose=False)
     ext = cpu_int16.extension()
     default = ext.microkernel("")
@@ -65,6 +67,8 @@ def test_matches_the_torch_path_bit_for_bit(size, bits, symmetric, dtype, microk
     for i, (m, k, n) in enumerate(shapes):
         codes, qweight, scale, zero = grouped_weights(bits, n, k, size, symmetric, seed=i)
         x = inputs(m, k, dtype, seed=i)
+        int8_layout = cpu_int16.packed_grouped_weight(qweight, bits, k, k // size, zero)[1] is not None
+        assert int8_layout == (microkernel == "vnni" and (bits == 4 or symmetric))  # vpdpbusd where code - zero fits
         for bias in (torch.randn(n), None):
             out = cpu_int16.linear_grouped(x, qweight, bits, scale, zero, bias)
             assert out.dtype == dtype
@@ -91,6 +95,10 @@ def test_exact_at_the_widest_codes_over_many_groups(microkernel):
     scale = torch.rand(4, k // 128, generator=g) + 0.5
     out = cpu_int16.linear_grouped(x, codes, 8, scale, zero, None)
     assert torch.equal(out, linear_int(x, codes, scale, zero, None, 8))
+    # without zero points (the int8 layout under VNNI): codes -128 / 127 against activation codes +-127
+    x = torch.where(codes < 0, -127.0, 127.0)
+    out = cpu_int16.linear_grouped(x, codes, 8, scale, None, None)
+    assert torch.equal(out, linear_int(x, codes, scale, None, None, 8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -65,8 +65,13 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 #define VIDITQ_MADD_AVX2(c, x, b) _mm256_add_epi32(c, _mm256_madd_epi16(x, b))
 #define VIDITQ_MADD_VNNI(c, x, b) _mm256_dpwssd_epi32(c, x, b)
+#define VIDITQ_MADD_U8S8(c, x, b) _mm256_dpbusd_epi32(c, x, b)
 VIDITQ_TILE_4X16(tile_4x16_avx2, "avx2", VIDITQ_MADD_AVX2)
 VIDITQ_TILE_4X16(tile_4x16_vnni, "avx2,avx512f,avx512vl,avx512vnni", VIDITQ_MADD_VNNI)
+// The int8 layout (`pack_weight_s8`): K in quads of u8 activations (code + 128) x s8 weights; one unit is 4 bytes per
+// row or column, as a pair of int16 is, so the same tile loop walks it. `vpdpbusd` adds 4 products in int32 (wrapping,
+// exact), twice the multiply-adds of `vpdpwssd`.
+VIDITQ_TILE_4X16(tile_4x16_u8s8, "avx2,avx512f,avx512vl,avx512vnni", VIDITQ_MADD_U8S8)
 
 using TileFn = void (*)(const int16_t*, const int16_t*, int64_t, __m256i*);
 
@@ -106,7 +111,61 @@ torch::Tensor pack_weight(torch::Tensor codes, c10::optional<torch::Tensor> zero
   return out;
 }
 
+// codes int8 [N, K], zero int8 [N, G] or None -> (int8 panels [ceil(N/16), K/4, 16, 4] of codes - zero, which
+// must fit int8 (W4; W8 without zero points), and int32 [ceil(N/16), G, 16]: 128 x each group's weight sum, what the
+// u8 activations' offset of 128 adds to a group's sum).
+std::vector<torch::Tensor> pack_weight_s8(torch::Tensor codes, c10::optional<torch::Tensor> zero, int64_t groups) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt8, "pack_weight_s8: int8 [N, K] codes");
+  codes = codes.contiguous();
+  const int64_t n = codes.size(0), k = codes.size(1), panels = ceil_div(n, NR);
+  TORCH_CHECK(groups > 0 && k % groups == 0 && (k / groups) % 4 == 0, "pack_weight_s8: groups of a multiple of 4");
+  const int64_t size = k / groups, quads = k / 4;
+  torch::Tensor z;
+  if (zero.has_value()) z = zero->to(torch::kInt8).contiguous().reshape({n, groups});
+  const int8_t* zp = z.defined() ? z.data_ptr<int8_t>() : nullptr;
+  auto out = torch::zeros({panels, quads, NR, 4}, torch::kInt8);
+  auto corr = torch::zeros({panels, groups, NR}, torch::kInt32);
+  const int8_t* c = codes.data_ptr<int8_t>();
+  int8_t* p = out.data_ptr<int8_t>();
+  int32_t* q = corr.data_ptr<int32_t>();
+  for (int64_t col = 0; col < n; col++) {
+    int8_t* dst = p + (col / NR) * quads * NR * 4 + (col % NR) * 4;
+    for (int64_t j = 0; j < k; j++) {
+      const int d = int(c[col * k + j]) - (zp ? zp[col * groups + j / size] : 0);
+      TORCH_CHECK(d >= -128 && d <= 127, "pack_weight_s8: code - zero = ", d, " does not fit int8");
+      dst[(j / 4) * NR * 4 + (j % 4)] = int8_t(d);
+      q[((col / NR) * groups + j / size) * NR + col % NR] += 128 * d;
+    }
+  }
+  return {out, corr};
+}
+
 namespace {
+
+// fp32 x [M, K] (K a multiple of 4) quantized per token, as u8 code + 128, packed as [ceil(M/4) panels][K/4 quads]
+// [4 rows][4]; the token scales go to `x_scale` (ceil(M/4) * 4 entries, 0 past M).
+torch::Tensor pack_activations_u8(const float* xp, int64_t m, int64_t k, std::vector<float>& x_scale) {
+  const int64_t quads = k / 4, m_panels = ceil_div(m, MR);
+  auto apack = torch::empty({m_panels, quads, MR, 4}, torch::kUInt8);
+  x_scale.assign(m_panels * MR, 0.f);
+  uint8_t* a = apack.data_ptr<uint8_t>();
+  at::parallel_for(0, m_panels, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<int16_t> codes(k + 1, 0);
+    for (int64_t panel = p0; panel < p1; panel++) {
+      uint8_t* dst = a + panel * quads * MR * 4;
+      for (int64_t r = 0; r < MR; r++) {
+        const int64_t row = panel * MR + r;
+        if (row < m) {
+          x_scale[row] = viditq::quantize_row(xp + row * k, k, codes.data());
+        } else {
+          std::fill(codes.begin(), codes.end(), int16_t(0));  // rows past M: codes 0
+        }
+        for (int64_t j = 0; j < k; j++) dst[((j / 4) * MR + r) * 4 + j % 4] = uint8_t(codes[j] + 128);
+      }
+    }
+  });
+  return apack;
+}
 
 // fp32 x [M, K] quantized per token and packed as [ceil(M/4) panels][ceil(K/2) pairs][4 rows][2] int16;
 // the token scales go to `x_scale` (ceil(M/4) * 4 entries, 0 past M).
@@ -238,22 +297,31 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t n, torch::Te
 // sum p_g of the tile, then y = (float)p_0 * s_0, y = y + (float)p_g * s_g for g = 1..G-1 (mul then add, in
 // torch_ops.linear_int's order), then y * x_scale[m] (+ bias[n]). K blocks hold whole groups; the fp32 sums of a
 // column panel stay per thread between blocks.
+// With `correction` (`pack_weight_s8`'s second tensor), `packed` is the int8 layout and the GEMM runs on
+// `vpdpbusd` (AVX-512 VNNI): each group's sum less its correction is the same exact int32 p_g.
 torch::Tensor linear_grouped(torch::Tensor x, torch::Tensor packed, int64_t n, torch::Tensor w_scale,
-                             c10::optional<torch::Tensor> bias) {
+                             c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> correction) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "linear_grouped: fp32 [M, K] input");
   x = x.contiguous();
-  const int64_t m = x.size(0), k = x.size(1), pairs = ceil_div(k, 2);
+  const bool u8 = correction.has_value();
+  const int64_t m = x.size(0), k = x.size(1), pairs = u8 ? k / 4 : ceil_div(k, 2);  // K units of 4 bytes a row
   const int64_t m_panels = ceil_div(m, MR), n_panels = ceil_div(n, NR);
-  TORCH_CHECK(packed.scalar_type() == torch::kInt16 && packed.dim() == 4 && packed.size(0) == n_panels &&
-              packed.size(1) == pairs, "linear_grouped: the packed weight does not match the input or N");
+  TORCH_CHECK(packed.scalar_type() == (u8 ? torch::kInt8 : torch::kInt16) && packed.dim() == 4 &&
+              packed.size(0) == n_panels && packed.size(1) == pairs,
+              "linear_grouped: the packed weight does not match the input or N");
   const auto ws = w_scale.to(torch::kFloat32).contiguous();
   TORCH_CHECK(ws.dim() == 2 && ws.size(0) == n, "linear_grouped: w_scale must be [N, G]");
-  const int64_t groups = ws.size(1);
-  TORCH_CHECK(groups > 0 && k % groups == 0 && (k / groups) % 2 == 0,
-              "linear_grouped: K must split into groups of an even size");
+  const int64_t groups = ws.size(1), unit = u8 ? 4 : 2;
+  TORCH_CHECK(groups > 0 && k % groups == 0 && (k / groups) % unit == 0,
+              "linear_grouped: K must split into groups of a multiple of ", unit);
+  TORCH_CHECK(!u8 || (cpu_has_vnni() && correction->scalar_type() == torch::kInt32 &&
+                      correction->numel() == n_panels * groups * NR),
+              "linear_grouped: the int8 layout needs AVX-512 VNNI and its [N/16, G, 16] int32 correction");
+  const int32_t* corr = u8 ? correction->data_ptr<int32_t>() : nullptr;
+  const TileFn tile_fn = u8 ? tile_4x16_u8s8 : tile_4x16;
   auto out = torch::empty({m, n}, torch::kFloat32);
   if (m == 0 || n == 0) return out;
-  const int64_t group_pairs = k / groups / 2, block = group_pairs * std::max<int64_t>(1, KC_PAIRS / group_pairs);
+  const int64_t group_pairs = k / groups / unit, block = group_pairs * std::max<int64_t>(1, KC_PAIRS / group_pairs);
   torch::Tensor bs;
   if (bias.has_value()) bs = bias->to(torch::kFloat32).contiguous().reshape({-1});
   const float* bsp = bs.defined() ? bs.data_ptr<float>() : nullptr;
@@ -261,9 +329,11 @@ torch::Tensor linear_grouped(torch::Tensor x, torch::Tensor packed, int64_t n, t
   float* o = out.data_ptr<float>();
 
   std::vector<float> x_scale;
-  const auto apack = pack_activations(x.data_ptr<float>(), m, k, x_scale);
-  const int16_t* a = apack.data_ptr<int16_t>();
-  const int16_t* b = packed.data_ptr<int16_t>();
+  const auto apack = u8 ? pack_activations_u8(x.data_ptr<float>(), m, k, x_scale)
+                        : pack_activations(x.data_ptr<float>(), m, k, x_scale);
+  // both layouts as 4-byte units (the tile loop steps and loads in bytes)
+  const int16_t* a = reinterpret_cast<const int16_t*>(apack.data_ptr());
+  const int16_t* b = reinterpret_cast<const int16_t*>(packed.data_ptr());
   at::parallel_for(0, n_panels, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> partial(pairs > block ? m_panels * MR * NR : 0);  // fp32 sums between K blocks
     std::vector<float> scol(groups * NR);  // this panel's scales, [G][16]
@@ -285,7 +355,13 @@ torch::Tensor linear_grouped(torch::Tensor x, torch::Tensor packed, int64_t n, t
           for (int64_t g0 = k0; g0 < k0 + kp; g0 += group_pairs) {
             __m256i acc[8];
             for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_si256();
-            tile_4x16(a + (rp * pairs + g0) * MR * 2, b + (cp * pairs + g0) * NR * 2, group_pairs, acc);
+            tile_fn(a + (rp * pairs + g0) * MR * 2, b + (cp * pairs + g0) * NR * 2, group_pairs, acc);
+            if (u8) {
+              const int32_t* c = corr + (cp * groups + g0 / group_pairs) * NR;
+              const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
+              const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 8));
+              for (int i = 0; i < 8; i++) acc[i] = _mm256_sub_epi32(acc[i], i & 1 ? c1 : c0);
+            }
             const float* s = scol.data() + (g0 / group_pairs) * NR;
             for (int i = 0; i < 8; i++) {
               const __m256 part = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i]), _mm256_loadu_ps(s + 8 * (i & 1)));
@@ -317,4 +393,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("pack_weight", &pack_weight, "int8 codes [N, K] (and zero points) -> int16 weight panels");
   module.def("linear", &linear, "per-token int8 quantization, exact integer GEMM and fp32 epilogue");
   module.def("linear_grouped", &linear_grouped, "the same with group-wise weight scales summed in fp32");
+  module.def("pack_weight_s8", &pack_weight_s8, "int8 codes [N, K] (and zero points) -> int8 panels, correction");
 }

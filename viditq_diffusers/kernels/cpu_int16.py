@@ -72,22 +72,31 @@ def linear_int16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
     return y.to(x.dtype)
 
 
-def packed_grouped_weight(qweight: torch.Tensor, weight_bits: int, in_features: int,
-                          zero: torch.Tensor | None) -> torch.Tensor:
-    """int16 panels of `codes - zero` with one zero point per group (`zero [N, G]` or None), cached per layer
-    weight (`qweight`: int8 codes, or W4 codes packed two per byte)."""
+def packed_grouped_weight(qweight: torch.Tensor, weight_bits: int, in_features: int, groups: int,
+                          zero: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight in the layout `linear_grouped` runs now, cached per layer weight (`qweight`: int8 codes, or W4
+    codes packed two per byte; `zero [N, G]` or None): int8 panels and their correction for `vpdpbusd` where the
+    microkernel is VNNI's and `code - zero` fits int8 (W4, or W8 without zero points) in groups of a multiple of 4,
+    else int16 panels of `code - zero` and None."""
+    int8 = (extension().microkernel("") == "vnni" and (weight_bits == 4 or zero is None)
+            and (in_features // groups) % 4 == 0)
+
     def build():
         codes = unpack_int4(qweight, in_features) if weight_bits == 4 else qweight
         z = None if zero is None else zero.expand(codes.shape[0], -1).contiguous()
-        return extension().pack_weight(codes, z)
-    return weight_cache.packed(f"cpu_int16_group_w{weight_bits}", qweight, zero, build)
+        if int8:
+            packed, correction = extension().pack_weight_s8(codes, z, groups)
+            return packed, correction
+        return extension().pack_weight(codes, z), None
+    kind = f"cpu_int16_group_w{weight_bits}_{'s8' if int8 else 's16'}"
+    return weight_cache.packed(kind, qweight, zero, build)
 
 
 def linear_grouped(x: torch.Tensor, qweight: torch.Tensor, weight_bits: int, scale: torch.Tensor,
                    zero: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
     """W8A8 or W4A8 with per-token activations and group-wise weights (`scale [N, G]`, an even group size) on a
     2-D `x [M, K]`: `torch_ops.linear_int(x, codes, scale, zero, bias, 8)`, bit for bit, in x's dtype."""
-    n = qweight.shape[0]
-    packed = packed_grouped_weight(qweight, weight_bits, x.shape[1], zero)
-    y = extension().linear_grouped(x.to(torch.float32), packed, n, scale.expand(n, -1), bias)
+    n, groups = qweight.shape[0], scale.shape[1]
+    packed, correction = packed_grouped_weight(qweight, weight_bits, x.shape[1], groups, zero)
+    y = extension().linear_grouped(x.to(torch.float32), packed, n, scale.expand(n, -1), bias, correction)
     return y.to(x.dtype)
