@@ -38,29 +38,69 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // keeps every accumulator in place (inlined into the caller, GCC spills and copies them).
 // `MADD(c, x, b)` is c + (pairwise products of x and b, summed in int32): `vpmaddwd` + `vpaddd` on AVX2, one
 // `vpdpwssd` with VNNI (the same int32 result, wrapping, never saturating).
+// One K unit (a pair of int16, or a quad of int8: 4 bytes per row and per column) of the 4 x 16 tile into c0..c7.
+#define VIDITQ_TILE_STEP(MADD)                                                                                 \
+  {                                                                                                            \
+    const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(b));                                 \
+    const __m256i b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(b + 16));                            \
+    __m256i x = _mm256_broadcastd_epi32(_mm_loadu_si32(a));                                                    \
+    c0 = MADD(c0, x, b0);                                                                                      \
+    c1 = MADD(c1, x, b1);                                                                                      \
+    x = _mm256_broadcastd_epi32(_mm_loadu_si32(a + 2));                                                        \
+    c2 = MADD(c2, x, b0);                                                                                      \
+    c3 = MADD(c3, x, b1);                                                                                      \
+    x = _mm256_broadcastd_epi32(_mm_loadu_si32(a + 4));                                                        \
+    c4 = MADD(c4, x, b0);                                                                                      \
+    c5 = MADD(c5, x, b1);                                                                                      \
+    x = _mm256_broadcastd_epi32(_mm_loadu_si32(a + 6));                                                        \
+    c6 = MADD(c6, x, b0);                                                                                      \
+    c7 = MADD(c7, x, b1);                                                                                      \
+  }
+
 #define VIDITQ_TILE_4X16(NAME, TARGET, MADD)                                                                    \
   __attribute__((noinline, target(TARGET))) void NAME(const int16_t* a, const int16_t* b, int64_t pairs,       \
                                                        __m256i* acc) {                                         \
     __m256i c0 = acc[0], c1 = acc[1], c2 = acc[2], c3 = acc[3], c4 = acc[4], c5 = acc[5], c6 = acc[6],         \
             c7 = acc[7];                                                                                       \
     _Pragma("GCC unroll 2")                                                                                    \
-    for (int64_t i = 0; i < pairs; i++, a += MR * 2, b += NR * 2) {                                            \
-      const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(b));                               \
-      const __m256i b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(b + 16));                          \
-      __m256i x = _mm256_broadcastd_epi32(_mm_loadu_si32(a));                                                  \
-      c0 = MADD(c0, x, b0);                                                                                    \
-      c1 = MADD(c1, x, b1);                                                                                    \
-      x = _mm256_broadcastd_epi32(_mm_loadu_si32(a + 2));                                                      \
-      c2 = MADD(c2, x, b0);                                                                                    \
-      c3 = MADD(c3, x, b1);                                                                                    \
-      x = _mm256_broadcastd_epi32(_mm_loadu_si32(a + 4));                                                      \
-      c4 = MADD(c4, x, b0);                                                                                    \
-      c5 = MADD(c5, x, b1);                                                                                    \
-      x = _mm256_broadcastd_epi32(_mm_loadu_si32(a + 6));                                                      \
-      c6 = MADD(c6, x, b0);                                                                                    \
-      c7 = MADD(c7, x, b1);                                                                                    \
-    }                                                                                                          \
+    for (int64_t i = 0; i < pairs; i++, a += MR * 2, b += NR * 2) VIDITQ_TILE_STEP(MADD)                       \
     acc[0] = c0, acc[1] = c1, acc[2] = c2, acc[3] = c3, acc[4] = c4, acc[5] = c5, acc[6] = c6, acc[7] = c7;    \
+  }
+
+// The group-wise tile over `groups` whole groups of `units` K units: per group the int32 sums c (less `corr`, the
+// int8 layout's offset correction, where given), then y = (float)c * scale (the block's first group when `first`)
+// or y = y + (float)c * scale, in registers (AVX-512VL has 32 of them: 8 int32 and 8 fp32 accumulators fit).
+#define VIDITQ_PART(c, s) _mm256_mul_ps(_mm256_cvtepi32_ps(c), s)
+#define VIDITQ_GROUP_TILE(NAME, TARGET, MADD)                                                                   \
+  __attribute__((noinline, target(TARGET))) void NAME(const int16_t* a, const int16_t* b, int64_t groups,      \
+                                                       int64_t units, const int32_t* corr, const float* scale, \
+                                                       bool first, __m256* y) {                                \
+    __m256 y0 = y[0], y1 = y[1], y2 = y[2], y3 = y[3], y4 = y[4], y5 = y[5], y6 = y[6], y7 = y[7];             \
+    for (int64_t g = 0; g < groups; g++, scale += NR) {                                                        \
+      __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;      \
+      _Pragma("GCC unroll 2")                                                                                  \
+      for (int64_t i = 0; i < units; i++, a += MR * 2, b += NR * 2) VIDITQ_TILE_STEP(MADD)                     \
+      if (corr) {                                                                                              \
+        const __m256i k0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr));                         \
+        const __m256i k1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr + 8));                     \
+        c0 = _mm256_sub_epi32(c0, k0), c2 = _mm256_sub_epi32(c2, k0), c4 = _mm256_sub_epi32(c4, k0);           \
+        c6 = _mm256_sub_epi32(c6, k0), c1 = _mm256_sub_epi32(c1, k1), c3 = _mm256_sub_epi32(c3, k1);           \
+        c5 = _mm256_sub_epi32(c5, k1), c7 = _mm256_sub_epi32(c7, k1);                                          \
+        corr += NR;                                                                                            \
+      }                                                                                                        \
+      const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);                               \
+      if (first && g == 0) {                                                                                   \
+        y0 = VIDITQ_PART(c0, s0), y1 = VIDITQ_PART(c1, s1), y2 = VIDITQ_PART(c2, s0);                          \
+        y3 = VIDITQ_PART(c3, s1), y4 = VIDITQ_PART(c4, s0), y5 = VIDITQ_PART(c5, s1);                          \
+        y6 = VIDITQ_PART(c6, s0), y7 = VIDITQ_PART(c7, s1);                                                    \
+      } else {                                                                                                 \
+        y0 = _mm256_add_ps(y0, VIDITQ_PART(c0, s0)), y1 = _mm256_add_ps(y1, VIDITQ_PART(c1, s1));              \
+        y2 = _mm256_add_ps(y2, VIDITQ_PART(c2, s0)), y3 = _mm256_add_ps(y3, VIDITQ_PART(c3, s1));              \
+        y4 = _mm256_add_ps(y4, VIDITQ_PART(c4, s0)), y5 = _mm256_add_ps(y5, VIDITQ_PART(c5, s1));              \
+        y6 = _mm256_add_ps(y6, VIDITQ_PART(c6, s0)), y7 = _mm256_add_ps(y7, VIDITQ_PART(c7, s1));              \
+      }                                                                                                        \
+    }                                                                                                          \
+    y[0] = y0, y[1] = y1, y[2] = y2, y[3] = y3, y[4] = y4, y[5] = y5, y[6] = y6, y[7] = y7;                    \
   }
 
 #define VIDITQ_MADD_AVX2(c, x, b) _mm256_add_epi32(c, _mm256_madd_epi16(x, b))
@@ -71,7 +111,11 @@ VIDITQ_TILE_4X16(tile_4x16_vnni, "avx2,avx512f,avx512vl,avx512vnni", VIDITQ_MADD
 // The int8 layout (`pack_weight_s8`): K in quads of u8 activations (code + 128) x s8 weights; one unit is 4 bytes per
 // row or column, as a pair of int16 is, so the same tile loop walks it. `vpdpbusd` adds 4 products in int32 (wrapping,
 // exact), twice the multiply-adds of `vpdpwssd`.
-VIDITQ_TILE_4X16(tile_4x16_u8s8, "avx2,avx512f,avx512vl,avx512vnni", VIDITQ_MADD_U8S8)
+VIDITQ_GROUP_TILE(group_tile_avx2, "avx2", VIDITQ_MADD_AVX2)
+VIDITQ_GROUP_TILE(group_tile_vnni, "avx2,avx512f,avx512vl,avx512vnni", VIDITQ_MADD_VNNI)
+VIDITQ_GROUP_TILE(group_tile_u8s8, "avx2,avx512f,avx512vl,avx512vnni", VIDITQ_MADD_U8S8)
+using GroupTileFn = void (*)(const int16_t*, const int16_t*, int64_t, int64_t, const int32_t*, const float*, bool,
+                             __m256*);
 
 using TileFn = void (*)(const int16_t*, const int16_t*, int64_t, __m256i*);
 
@@ -150,9 +194,9 @@ torch::Tensor pack_activations_u8(const float* xp, int64_t m, int64_t k, std::ve
   x_scale.assign(m_panels * MR, 0.f);
   uint8_t* a = apack.data_ptr<uint8_t>();
   at::parallel_for(0, m_panels, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<int16_t> codes(k + 1, 0);
+    std::vector<int16_t> codes(k, 0);
+    std::vector<uint8_t> rows(MR * k);  // the panel's 4 rows of u8 codes
     for (int64_t panel = p0; panel < p1; panel++) {
-      uint8_t* dst = a + panel * quads * MR * 4;
       for (int64_t r = 0; r < MR; r++) {
         const int64_t row = panel * MR + r;
         if (row < m) {
@@ -160,8 +204,32 @@ torch::Tensor pack_activations_u8(const float* xp, int64_t m, int64_t k, std::ve
         } else {
           std::fill(codes.begin(), codes.end(), int16_t(0));  // rows past M: codes 0
         }
-        for (int64_t j = 0; j < k; j++) dst[((j / 4) * MR + r) * 4 + j % 4] = uint8_t(codes[j] + 128);
+        uint8_t* dst = rows.data() + r * k;
+        int64_t j = 0;
+        for (; j + 16 <= k; j += 16) {  // code + 128 in [0, 255]: the unsigned pack is exact
+          const __m256i v = _mm256_add_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes.data() + j)),
+                                             _mm256_set1_epi16(128));
+          const __m128i u = _mm_packus_epi16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j), u);
+        }
+        for (; j < k; j++) dst[j] = uint8_t(codes[j] + 128);
       }
+      // [4 rows][quads] (one int32 = one quad of one row) -> [quads][4 rows], 4 quads at a time
+      uint8_t* dst = a + panel * quads * MR * 4;
+      int64_t p = 0;
+      for (; p + 4 <= quads; p += 4) {
+        __m128 r0 = _mm_loadu_ps(reinterpret_cast<const float*>(rows.data() + 0 * k + 4 * p));
+        __m128 r1 = _mm_loadu_ps(reinterpret_cast<const float*>(rows.data() + 1 * k + 4 * p));
+        __m128 r2 = _mm_loadu_ps(reinterpret_cast<const float*>(rows.data() + 2 * k + 4 * p));
+        __m128 r3 = _mm_loadu_ps(reinterpret_cast<const float*>(rows.data() + 3 * k + 4 * p));
+        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);  // bit moves only (shuffles), no float arithmetic
+        _mm_storeu_ps(reinterpret_cast<float*>(dst + (p + 0) * MR * 4), r0);
+        _mm_storeu_ps(reinterpret_cast<float*>(dst + (p + 1) * MR * 4), r1);
+        _mm_storeu_ps(reinterpret_cast<float*>(dst + (p + 2) * MR * 4), r2);
+        _mm_storeu_ps(reinterpret_cast<float*>(dst + (p + 3) * MR * 4), r3);
+      }
+      for (; p < quads; p++)
+        for (int64_t r = 0; r < MR; r++) std::memcpy(dst + (p * MR + r) * 4, rows.data() + r * k + 4 * p, 4);
     }
   });
   return apack;
@@ -318,7 +386,9 @@ torch::Tensor linear_grouped(torch::Tensor x, torch::Tensor packed, int64_t n, t
                       correction->numel() == n_panels * groups * NR),
               "linear_grouped: the int8 layout needs AVX-512 VNNI and its [N/16, G, 16] int32 correction");
   const int32_t* corr = u8 ? correction->data_ptr<int32_t>() : nullptr;
-  const TileFn tile_fn = u8 ? tile_4x16_u8s8 : tile_4x16;
+  const GroupTileFn group_tile = u8                              ? group_tile_u8s8
+                                 : tile_4x16 == tile_4x16_vnni ? group_tile_vnni
+                                                               : group_tile_avx2;
   auto out = torch::empty({m, n}, torch::kFloat32);
   if (m == 0 || n == 0) return out;
   const int64_t group_pairs = k / groups / unit, block = group_pairs * std::max<int64_t>(1, KC_PAIRS / group_pairs);
@@ -350,24 +420,10 @@ torch::Tensor linear_grouped(torch::Tensor x, torch::Tensor packed, int64_t n, t
         for (int64_t rp = 0; rp < m_panels; rp++) {
           __m256 y[8];
           float* tile = partial.empty() ? nullptr : partial.data() + rp * MR * NR;
-          if (!first)
-            for (int i = 0; i < 8; i++) y[i] = _mm256_loadu_ps(tile + 8 * i);
-          for (int64_t g0 = k0; g0 < k0 + kp; g0 += group_pairs) {
-            __m256i acc[8];
-            for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_si256();
-            tile_fn(a + (rp * pairs + g0) * MR * 2, b + (cp * pairs + g0) * NR * 2, group_pairs, acc);
-            if (u8) {
-              const int32_t* c = corr + (cp * groups + g0 / group_pairs) * NR;
-              const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
-              const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 8));
-              for (int i = 0; i < 8; i++) acc[i] = _mm256_sub_epi32(acc[i], i & 1 ? c1 : c0);
-            }
-            const float* s = scol.data() + (g0 / group_pairs) * NR;
-            for (int i = 0; i < 8; i++) {
-              const __m256 part = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i]), _mm256_loadu_ps(s + 8 * (i & 1)));
-              y[i] = g0 == 0 ? part : _mm256_add_ps(y[i], part);
-            }
-          }
+          for (int i = 0; i < 8; i++) y[i] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(tile + 8 * i);
+          group_tile(a + (rp * pairs + k0) * MR * 2, b + (cp * pairs + k0) * NR * 2, kp / group_pairs, group_pairs,
+                     u8 ? corr + (cp * groups + k0 / group_pairs) * NR : nullptr,
+                     scol.data() + (k0 / group_pairs) * NR, first, y);
           if (!last) {
             for (int i = 0; i < 8; i++) _mm256_storeu_ps(tile + 8 * i, y[i]);
             continue;
