@@ -12,6 +12,8 @@
 // the epilogue `((float)acc * w_scale[n]) * x_scale[m] + bias[n]`. Every float step is the one
 // quant.formats.quantize_activation_per_token and torch_ops.linear_int take, in their order (IEEE division,
 // round half to even, no FMA contraction: built with -ffp-contract=off), so the result is bit-identical.
+// `linear_grouped` (group-wise weight scales) blocks K by whole groups and sums each group's exact int32 result into
+// fp32 with its scale, in the torch path's order; with AVX-512 VNNI it runs on `vpdpbusd` over an int8 layout.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
