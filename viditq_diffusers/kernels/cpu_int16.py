@@ -36,8 +36,9 @@ NAME = "viditq_cpu_int16"
 
 def build():
     """Build (first time on this machine) or load the extension; None where it cannot (warned once)."""
-    return cpu_build.build(NAME, "cpu_int16.cpp", "the int16 CPU kernel for W8A8",
-                           "W8A8 on this CPU falls back to oneDNN's slower split route")
+    return cpu_build.build(NAME, "cpu_int16.cpp", "the int16 CPU kernel for W8A8 and group-wise weights",
+                           "W8A8 on this CPU falls back to oneDNN's slower split route, group-wise weights to the "
+                           "torch route")
 
 
 def extension():
