@@ -28,6 +28,8 @@ def runnable_routes(layer: LayerCall) -> list[str]:
             per_channel or layer.group_size % INTERPRETED_BLOCK_K == 0):
         names.append("triton")
     if not per_channel:
+        if per_token and cpu_int16.available() and layer.group_size % 2 == 0 and layer.group_size <= cpu_int16.MAX_K:
+            names.append("cpu_group")
         return names
     if per_token and cpu_amx.available():
         names.append("cpu_amx")

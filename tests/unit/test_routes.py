@@ -13,9 +13,9 @@ import sys
 import pytest
 import torch
 
-from viditq_diffusers import LayerSpec, ViDiTQConfig, ViDiTQLinear, cli
-from viditq_diffusers.kernels import (ROUTE_NAMES, LayerCall, cpu_amx, cpu_build, explain, onednn, route,
-                                      select_route)
+from viditq_diffusers import LayerSpec, ViDiTQConfig, ViDiTQLinear, cli, kernels
+from viditq_diffusers.kernels import (ROUTE_NAMES, LayerCall, cpu_amx, cpu_build, cpu_int16, explain, onednn,
+                                      route, select_route)
 from viditq_diffusers.kernels.routes import FORCED
 from viditq_diffusers.testing.zoo import build_tiny_pixart_pipeline
 from tests.support.quantized_weights import random_weights
@@ -33,7 +33,8 @@ def name(layer, x):
 
 
 def test_the_table_is_ordered_fastest_first():
-    assert ROUTE_NAMES == ("triton", "cpu_amx", "cpu_direct", "cpu_int16", "onednn_direct", "onednn_split", "torch")
+    assert ROUTE_NAMES == ("triton", "cpu_amx", "cpu_direct", "cpu_int16", "cpu_group", "onednn_direct",
+                           "onednn_split", "torch")
     with pytest.raises(ValueError, match="the routes are triton, cpu_amx"):
         route("cuda")
 
@@ -56,13 +57,28 @@ def test_a16_runs_torch_and_says_why():
     assert all(reasons[n].startswith("A16") for n in ROUTE_NAMES[1:-1] if reasons[n] != FORCED)
 
 
-def test_group_wise_weights_on_cpu_run_torch():
+def test_group_wise_weights_on_cpu_take_the_group_kernel():
     x = torch.randn(256, 1152)
     layer = LayerCall(1152, 1152, 4, 8, groups=1152 // 64, asymmetric=True)
     assert layer.label == "W4A8-g64"
-    assert name(layer, x) == "torch"
-    reasons = dict(explain(layer, x))
-    assert reasons["cpu_direct"] == reasons["onednn_direct"] == "group-wise weights"
+    for n in ("cpu_amx", "cpu_direct", "cpu_int16", "onednn_direct", "onednn_split"):
+        assert route(n).applies(layer, x) == "group-wise weights"
+    kernels.warmup(verbose=False)  # loads the int16 kernel on every x86 CPU with AVX2
+    if cpu_build.unsupported_reason() is None:
+        assert name(layer, x) == "cpu_group"
+    else:
+        assert name(layer, x) == "torch" and route("cpu_group").applies(layer, x) == cpu_int16.missing_reason()
+
+
+@pytest.mark.parametrize("layer,why", [
+    (LayerCall(1152, 64, 8, 8), "per-channel weights: this route is for group-wise ones"),
+    (LayerCall(1152, 64, 4, 8, groups=1152 // 64, static_act_scale=True), "static activation scale"),
+    (LayerCall(1152, 64, 4, 16, groups=1152 // 64), "A16"),
+    (LayerCall(99, 64, 4, 8, groups=3), "group size 33 is not even (the kernel multiplies K in pairs)"),
+])
+def test_the_group_kernel_says_why_it_does_not_apply(layer, why):
+    assert route("cpu_group").applies(layer, torch.randn(4, layer.in_features)).startswith(why)
+    assert name(layer, torch.randn(4, layer.in_features)) != "cpu_group"
 
 
 def test_static_activation_scales_skip_the_per_token_kernels():

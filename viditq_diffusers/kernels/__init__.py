@@ -9,11 +9,14 @@ gives the torch route's bits:
 - `cpu_direct`: the same where oneDNN's direct int8 GEMM is exact (W4 everywhere, W8 on x86 with VNNI or
   AMX): that GEMM between our C++ quantization and zero-point epilogue;
 - `cpu_int16`: the same for W8 where oneDNN's direct GEMM is not exact (x86 without VNNI): our int16 kernel;
+- `cpu_group`: CPU, A8 per token, group-wise weights (W8 and W4, even group sizes), any x86 CPU with AVX2: the
+  int16 kernel's GEMM with the group scales applied in fp32 per group;
 - `onednn_direct` / `onednn_split`: CPU, A8 (static scales too), per-channel weights, where the C++ kernels
   are not built: oneDNN's int8 GEMM with torch ops around it, directly where exact, else (W8 with zero points,
   or without VNNI) in two 4-bit halves (K <= `onednn.SPLIT_MAX_K`);
-- `torch`: everything else (adaLN / timestep layers and static scales on CUDA, A16, group-wise weights on
-  CPU, ...): torch ops around an exact integer GEMM (`torch_ops`; A16 a float GEMM on dequantized weights).
+- `torch`: everything else (adaLN / timestep layers and static scales on CUDA, A16, group-wise weights with
+  static scales or where the C++ kernels are not built, ...): torch ops around an exact integer GEMM
+  (`torch_ops`; A16 a float GEMM on dequantized weights).
 
 NaN and Inf give the torch route's outputs too (tests/unit/test_nonfinite.py, test_kernel_properties.py): a NaN in an
 input row makes its output row NaN; an Inf (and no NaN) makes it +-Inf or NaN, never finite (unrotated, a lone Inf
@@ -50,11 +53,10 @@ def warmup(verbose: bool = True) -> dict[str, str | None]:
     build. Idempotent and cheap once done."""
     global _warm
     with _warm_lock:
-        wanted = [cpu_direct, cpu_balance] if onednn.exact_for(4) else [cpu_balance]  # cpu_direct runs oneDNN's GEMM
+        # cpu_int16 on every x86 CPU: group-wise weights run on it (route cpu_group), and W8 where oneDNN saturates
+        wanted = [cpu_direct, cpu_int16, cpu_balance] if onednn.exact_for(4) else [cpu_int16, cpu_balance]
         if cpu_amx.cpu_has_amx():
             wanted.insert(0, cpu_amx)
-        if not onednn.exact_for(8):  # only where oneDNN's direct W8 GEMM saturates does W8 need the int16 kernel
-            wanted.insert(-1, cpu_int16)
         if cpu_build.unsupported_reason() is None:
             fresh = [m.NAME for m in wanted if cpu_build.loaded(m.NAME) is None and not cpu_build.is_compiled(m.NAME)]
             if fresh and verbose:
@@ -64,8 +66,6 @@ def warmup(verbose: bool = True) -> dict[str, str | None]:
                 module.build()
         _warm = True
     reasons = {m.NAME: m.missing_reason() for m in (cpu_amx, cpu_direct, cpu_int16, cpu_balance)}
-    if cpu_int16 not in wanted and reasons[cpu_int16.NAME]:
-        reasons[cpu_int16.NAME] = "not used on this CPU: oneDNN's direct int8 GEMM is exact for W8 here"
     if cpu_direct not in wanted and reasons[cpu_direct.NAME]:
         reasons[cpu_direct.NAME] = "not used: this torch build has no oneDNN int8 ops"
     return reasons

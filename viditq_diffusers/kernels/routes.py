@@ -110,8 +110,10 @@ def _activation_reason(layer: LayerCall, static_ok: bool = False) -> str | None:
     return None
 
 
-def _cpu_int8_reason(layer: LayerCall, x: torch.Tensor, static_ok: bool = False) -> str | None:
-    """What every CPU integer route needs: an A8 call on a CPU tensor with per-channel (or per-tensor) weights."""
+def _cpu_int8_reason(layer: LayerCall, x: torch.Tensor, static_ok: bool = False, grouped_ok: bool = False
+                     ) -> str | None:
+    """What every CPU integer route needs: an A8 call on a CPU tensor with per-channel (or per-tensor) weights
+    (`grouped_ok`: group-wise ones too)."""
     if not fast_kernels_allowed():
         return FORCED
     if x.device.type != "cpu":
@@ -119,7 +121,7 @@ def _cpu_int8_reason(layer: LayerCall, x: torch.Tensor, static_ok: bool = False)
     reason = _activation_reason(layer, static_ok)
     if reason:
         return reason
-    if layer.groups > 1:
+    if layer.groups > 1 and not grouped_ok:
         return "group-wise weights"
     return None
 
@@ -175,6 +177,20 @@ def cpu_int16_reason(layer: LayerCall, x: torch.Tensor) -> str | None:
         return f"K = {layer.in_features} > {cpu_int16.MAX_K}: its int32 sums could overflow"
     if onednn.exact_for(8):
         return "oneDNN's direct int8 GEMM is exact for W8 on this CPU, and faster"
+    return cpu_int16.missing_reason()
+
+
+def cpu_group_reason(layer: LayerCall, x: torch.Tensor) -> str | None:
+    reason = _cpu_int8_reason(layer, x, grouped_ok=True)
+    if reason:
+        return reason
+    if layer.groups == 1:
+        return "per-channel weights: this route is for group-wise ones"
+    size = layer.group_size
+    if size * layer.groups != layer.in_features or size % 2:
+        return f"group size {layer.in_features / layer.groups:g} is not even (the kernel multiplies K in pairs)"
+    if size > cpu_int16.MAX_K:
+        return f"group size {size} > {cpu_int16.MAX_K}: a group's int32 sum could overflow"
     return cpu_int16.missing_reason()
 
 
@@ -265,6 +281,10 @@ def _run_cpu_int16(x, qweight, weight_bits, scale, zero, bias, act_bits, act_sca
     return cpu_int16.linear_int16(balanced(x, smooth, rotation_seed), qweight, scale, zero, bias)
 
 
+def _run_cpu_group(x, qweight, weight_bits, scale, zero, bias, act_bits, act_scale, smooth, rotation_seed):
+    return cpu_int16.linear_grouped(balanced(x, smooth, rotation_seed), qweight, weight_bits, scale, zero, bias)
+
+
 def _onednn_runner(split: bool):
     def run(x, qweight, weight_bits, scale, zero, bias, act_bits, act_scale, smooth, rotation_seed):
         x = balanced(x, smooth, rotation_seed)
@@ -286,6 +306,7 @@ ROUTES: tuple[Route, ...] = (  # fastest first
     Route("cpu_amx", cpu_amx_reason, _run_cpu_amx),
     Route("cpu_direct", cpu_direct_reason, _run_cpu_direct),
     Route("cpu_int16", cpu_int16_reason, _run_cpu_int16),
+    Route("cpu_group", cpu_group_reason, _run_cpu_group),  # group-wise weights, on the int16 kernel's GEMM
     Route("onednn_direct", onednn_direct_reason, _onednn_runner(split=False)),
     Route("onednn_split", onednn_split_reason, _onednn_runner(split=True)),
     Route("torch", lambda layer, x: None, _run_torch),  # torch ops around an exact integer GEMM (A16: a float one)
