@@ -188,6 +188,28 @@ std::vector<torch::Tensor> pack_weight_s8(torch::Tensor codes, c10::optional<tor
 
 namespace {
 
+// 4 rows of `words` 32-bit words (row r at `rows` + r * row_bytes) -> [words][4 rows], the panel layout both
+// activation packs write (a word is a K pair of int16 codes or a K quad of u8 ones); 4 words at a time.
+void interleave_4_rows(const void* rows, int64_t row_bytes, int64_t words, void* out) {
+  static_assert(MR == 4, "a panel is a 4 x 4 transpose of 32-bit words");
+  const char* src = static_cast<const char*>(rows);
+  char* dst = static_cast<char*>(out);
+  int64_t p = 0;
+  for (; p + 4 <= words; p += 4) {
+    __m128 r0 = _mm_loadu_ps(reinterpret_cast<const float*>(src + 0 * row_bytes + 4 * p));
+    __m128 r1 = _mm_loadu_ps(reinterpret_cast<const float*>(src + 1 * row_bytes + 4 * p));
+    __m128 r2 = _mm_loadu_ps(reinterpret_cast<const float*>(src + 2 * row_bytes + 4 * p));
+    __m128 r3 = _mm_loadu_ps(reinterpret_cast<const float*>(src + 3 * row_bytes + 4 * p));
+    _MM_TRANSPOSE4_PS(r0, r1, r2, r3);  // bit moves only (shuffles), no float arithmetic
+    _mm_storeu_ps(reinterpret_cast<float*>(dst + (p + 0) * 16), r0);
+    _mm_storeu_ps(reinterpret_cast<float*>(dst + (p + 1) * 16), r1);
+    _mm_storeu_ps(reinterpret_cast<float*>(dst + (p + 2) * 16), r2);
+    _mm_storeu_ps(reinterpret_cast<float*>(dst + (p + 3) * 16), r3);
+  }
+  for (; p < words; p++)
+    for (int64_t r = 0; r < 4; r++) std::memcpy(dst + (p * 4 + r) * 4, src + r * row_bytes + 4 * p, 4);
+}
+
 // fp32 x [M, K] (K a multiple of 4) quantized per token, as u8 code + 128, packed as [ceil(M/4) panels][K/4 quads]
 // [4 rows][4]; the token scales go to `x_scale` (ceil(M/4) * 4 entries, 0 past M).
 torch::Tensor pack_activations_u8(const float* xp, int64_t m, int64_t k, std::vector<float>& x_scale) {
@@ -216,22 +238,8 @@ torch::Tensor pack_activations_u8(const float* xp, int64_t m, int64_t k, std::ve
         }
         for (; j < k; j++) dst[j] = uint8_t(codes[j] + 128);
       }
-      // [4 rows][quads] (one int32 = one quad of one row) -> [quads][4 rows], 4 quads at a time
-      uint8_t* dst = a + panel * quads * MR * 4;
-      int64_t p = 0;
-      for (; p + 4 <= quads; p += 4) {
-        __m128 r0 = _mm_loadu_ps(reinterpret_cast<const float*>(rows.data() + 0 * k + 4 * p));
-        __m128 r1 = _mm_loadu_ps(reinterpret_cast<const float*>(rows.data() + 1 * k + 4 * p));
-        __m128 r2 = _mm_loadu_ps(reinterpret_cast<const float*>(rows.data() + 2 * k + 4 * p));
-        __m128 r3 = _mm_loadu_ps(reinterpret_cast<const float*>(rows.data() + 3 * k + 4 * p));
-        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);  // bit moves only (shuffles), no float arithmetic
-        _mm_storeu_ps(reinterpret_cast<float*>(dst + (p + 0) * MR * 4), r0);
-        _mm_storeu_ps(reinterpret_cast<float*>(dst + (p + 1) * MR * 4), r1);
-        _mm_storeu_ps(reinterpret_cast<float*>(dst + (p + 2) * MR * 4), r2);
-        _mm_storeu_ps(reinterpret_cast<float*>(dst + (p + 3) * MR * 4), r3);
-      }
-      for (; p < quads; p++)
-        for (int64_t r = 0; r < MR; r++) std::memcpy(dst + (p * MR + r) * 4, rows.data() + r * k + 4 * p, 4);
+      // one 32-bit word = one K quad of one row
+      interleave_4_rows(rows.data(), k, quads, a + panel * quads * MR * 4);
     }
   });
   return apack;
@@ -244,7 +252,6 @@ torch::Tensor pack_activations(const float* xp, int64_t m, int64_t k, std::vecto
   auto apack = torch::empty({m_panels, pairs, MR, 2}, torch::kInt16);  // every element is written below
   x_scale.assign(m_panels * MR, 0.f);
   int16_t* a = apack.data_ptr<int16_t>();
-  static_assert(MR == 4, "the interleave below is a 4 x 4 transpose");
   at::parallel_for(0, m_panels, 1, [&](int64_t p0, int64_t p1) {
     const int64_t stride = pairs * 2;  // one row's codes, K rounded up to even (the pad code is 0)
     std::vector<int16_t> rows(MR * stride, 0);
@@ -257,22 +264,8 @@ torch::Tensor pack_activations(const float* xp, int64_t m, int64_t k, std::vecto
           std::memset(codes, 0, stride * sizeof(int16_t));  // rows past M: codes 0
         }
       }
-      // [4 rows][pairs] int32 (one int32 = one K pair of one row) -> [pairs][4 rows], 4 pairs at a time
-      int16_t* dst = a + panel * pairs * MR * 2;
-      int64_t p = 0;
-      for (; p + 4 <= pairs; p += 4) {
-        __m128 r0 = _mm_loadu_ps(reinterpret_cast<const float*>(rows.data() + 0 * stride + 2 * p));
-        __m128 r1 = _mm_loadu_ps(reinterpret_cast<const float*>(rows.data() + 1 * stride + 2 * p));
-        __m128 r2 = _mm_loadu_ps(reinterpret_cast<const float*>(rows.data() + 2 * stride + 2 * p));
-        __m128 r3 = _mm_loadu_ps(reinterpret_cast<const float*>(rows.data() + 3 * stride + 2 * p));
-        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);  // bit moves only (shuffles), no float arithmetic
-        _mm_storeu_ps(reinterpret_cast<float*>(dst + (p + 0) * MR * 2), r0);
-        _mm_storeu_ps(reinterpret_cast<float*>(dst + (p + 1) * MR * 2), r1);
-        _mm_storeu_ps(reinterpret_cast<float*>(dst + (p + 2) * MR * 2), r2);
-        _mm_storeu_ps(reinterpret_cast<float*>(dst + (p + 3) * MR * 2), r3);
-      }
-      for (; p < pairs; p++)
-        for (int64_t r = 0; r < MR; r++) std::memcpy(dst + (p * MR + r) * 2, rows.data() + r * stride + 2 * p, 4);
+      // one 32-bit word = one K pair of one row
+      interleave_4_rows(rows.data(), stride * sizeof(int16_t), pairs, a + panel * pairs * MR * 2);
     }
   });
   return apack;
