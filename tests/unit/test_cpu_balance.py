@@ -5,8 +5,6 @@ through the dispatch equals the torch path.
 On an x86 CPU with AVX2 the extension must build here (a C++ compiler and ninja are part of the test setup), so
 a failed build fails these tests instead of skipping them."""
 
-import platform
-
 import pytest
 import torch
 
@@ -14,12 +12,9 @@ from viditq_diffusers import ViDiTQLinear
 from viditq_diffusers.kernels import balance_reason, cpu_balance
 from viditq_diffusers.layer_spec import LayerSpec
 from viditq_diffusers.quant.channel_balance import balance_activation
+from tests.support.cpu import X86_AVX2
 
-pytestmark = pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64")
-    or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
-    reason="the C++ CPU kernels are built for x86 CPUs with AVX2",
-)
+pytestmark = pytest.mark.skipif(not X86_AVX2, reason="the C++ CPU kernels are built for x86 CPUs with AVX2")
 
 
 def test_the_extension_builds_here():

@@ -5,8 +5,6 @@ sums could round in fp32 sent to the torch path; dispatched for W4 everywhere an
 On an x86 CPU with AVX2 the glue must build here (a C++ compiler and ninja are part of the test setup), so a
 failed build fails these tests instead of skipping them."""
 
-import platform
-
 import pytest
 import torch
 
@@ -14,13 +12,11 @@ from viditq_diffusers import ViDiTQLinear
 from viditq_diffusers.kernels import LayerCall, cpu_amx, cpu_direct, onednn, route, select_route
 from viditq_diffusers.kernels.torch_ops import linear_int
 from viditq_diffusers.layer_spec import LayerSpec
+from tests.support.cpu import X86_AVX2
 from tests.support.quantized_weights import random_weights
 
-pytestmark = pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64")
-    or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512") or not onednn.available(),
-    reason="the direct route is oneDNN's int8 GEMM on x86 CPUs with AVX2",
-)
+pytestmark = pytest.mark.skipif(not X86_AVX2 or not onednn.available(),
+                                reason="the direct route is oneDNN's int8 GEMM on x86 CPUs with AVX2")
 
 
 def exact_here(bits: int):

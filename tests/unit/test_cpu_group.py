@@ -5,8 +5,6 @@ inputs, NaN and Inf rows.
 
 On an x86 CPU with AVX2 the kernel must build here, so a failed build fails these tests instead of skipping them."""
 
-import platform
-
 import pytest
 import torch
 
@@ -14,14 +12,11 @@ from viditq_diffusers import kernels
 from viditq_diffusers.kernels import LayerCall, cpu_int16, select_route
 from viditq_diffusers.kernels.torch_ops import linear_int
 from viditq_diffusers.quant.formats import pack_int4, quantize_weight
+from tests.support.cpu import X86_AVX2
 from tests.support.kernel_routes import assert_route_matches
 from tests.support.quantized_weights import random_weights
 
-pytestmark = pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64")
-    or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
-    reason="the int16 kernel is for x86 CPUs with AVX2",
-)
+pytestmark = pytest.mark.skipif(not X86_AVX2, reason="the int16 kernel is for x86 CPUs with AVX2")
 
 
 def grouped_weights(bits, n, k, size, symmetric, seed=0):

@@ -4,8 +4,6 @@ widest codes too, and dispatched only where oneDNN's direct int8 GEMM would satu
 On an x86 CPU with AVX2 the kernel must build here (a C++ compiler and ninja are part of the test setup), so
 a failed build fails these tests instead of skipping them."""
 
-import platform
-
 import pytest
 import torch
 
@@ -13,13 +11,10 @@ from viditq_diffusers import ViDiTQLinear
 from viditq_diffusers.kernels import LayerCall, cpu_amx, cpu_int16, onednn, route, select_route
 from viditq_diffusers.kernels.torch_ops import linear_int
 from viditq_diffusers.layer_spec import LayerSpec
+from tests.support.cpu import X86_AVX2
 from tests.support.quantized_weights import random_weights
 
-pytestmark = pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64")
-    or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
-    reason="the int16 kernel is for x86 CPUs with AVX2",
-)
+pytestmark = pytest.mark.skipif(not X86_AVX2, reason="the int16 kernel is for x86 CPUs with AVX2")
 
 
 def test_the_kernel_builds_here():
