@@ -89,9 +89,9 @@ def fill_random(model: torch.nn.Module, seed: int = 0) -> None:
         std = 1.0 if isinstance(model.get_submodule(name.rpartition(".")[0]), torch.nn.Embedding) \
             else param.shape[-1] ** -0.5
         scaled, flat = (block * std).to(param.dtype), param.data.view(-1)
-        whole = flat.numel() // len(scaled) * len(scaled)
-        flat[:whole].view(-1, len(scaled)).copy_(scaled.expand(whole // len(scaled), -1))
-        flat[whole:].copy_(scaled[:flat.numel() - whole])
+        repeats = flat.numel() // len(scaled)
+        flat[:repeats * len(scaled)].view(repeats, len(scaled)).copy_(scaled.expand(repeats, -1))
+        flat[repeats * len(scaled):].copy_(scaled[:flat.numel() - repeats * len(scaled)])
 
 
 def build_t5_encoder(layers: int, dtype: torch.dtype) -> T5EncoderModel:
