@@ -6,25 +6,27 @@ The pipeline is diffusers' `PixArtAlphaPipeline`, built here with random weights
 - transformer: `benchmarks/pixart_alpha.py`'s PixArt-alpha 512 transformer (28 blocks, ~611 M parameters);
 - VAE: an `AutoencoderKL` with the Stable Diffusion VAE's config (channels 128/256/512/512, 4 latent channels);
 - tokenizer and scheduler: those of `reference_models/pixart_digits` (a T5 tokenizer; DPM-Solver++ 2M, the
-  scheduler PixArt-alpha ships). Every prompt is padded to 120 tokens, so its words do not change the time.
+  scheduler PixArt-alpha ships).
 
 One image per call, classifier-free guidance (guidance 4.5: the transformer runs on batch 2), 20 steps by
-default, at 512 x 512 (64 x 64 latent, 4096 image tokens) and 256 x 256 (1024 tokens).
+default, at 512 x 512 (64 x 64 latent: 32 x 32 patches, 1024 image tokens) and 256 x 256 (256 tokens); 1024 x 1024
+(4096 tokens) runs with `--resolution 1024`.
 
 Rows differ only in the transformer (and the VAE's dtype, which follows the transformer's activations):
 `fp32`, `bf16`, `w8a8` / `w4a8_mp` (ViDiT-Q presets on the fp32 model: fp32 activations, as the Gradio demo runs
 on CPU) and `w8a8_bf16` / `w4a8_mp_bf16` (the same quantized layers in a bf16 model: attention, norms and GELU
 in bf16). The text encoder runs in bf16 in every row (`--t5-dtype`): a fp32 T5-XXL alone is 19 GB, which with
-the rest does not fit a 24 GB machine; its share of the time is the same in every row.
+the rest does not fit a 24 GB machine; its share of the time is the same in every row. Every prompt is padded
+to 120 tokens, and `encode_prompt` runs the encoder twice (prompt and empty negative prompt).
 
 Each row runs in its own child process, so its peak RSS (the child's own `ru_maxrss`: every component
 resident, as a plain `pipe(...)` keeps them) is that row's alone. The child builds the transformer, quantizes it
 (timed separately: not part of the time per image), builds the encoder and the VAE, runs one warm-up image at
-64 x 64 with 2 steps (C++ kernels loaded, weights packed), then times one image at the real size. The three
-stages are timed as they run, one after the other, through the pipeline's own code: `pipe.encode_prompt`,
-the pipeline call with those embeddings and `output_type="latent"` (the denoising loop: transformer and
-scheduler), then `vae.decode` and the image post-processing. `finite` says whether the prompt embeddings, the
-final latents and the decoded image are all finite (random weights must not give NaN or Inf).
+64 x 64 with 2 steps and 8 text tokens (C++ kernels loaded, weights packed), then times one image at the real
+size. The three stages are timed as they run, one after the other, through the pipeline's own code:
+`pipe.encode_prompt`, the pipeline call with those embeddings and `output_type="latent"` (the denoising loop:
+transformer and scheduler), then `vae.decode` and the image post-processing. `finite` says whether the prompt
+embeddings, the final latents and the decoded image are all finite (random weights must not give NaN or Inf).
 
     python -m benchmarks.pipeline_speed [--resolution 256 512] [--steps 20] [--rows fp32 bf16 w8a8_bf16 ...]
         [--t5-layers 24] [--t5-dtype bf16] [--transformer-layers 28] [--threads N]
@@ -75,6 +77,8 @@ PROMPT = "a small black digit seven, handwritten, on a white background"
 GUIDANCE = 4.5
 WARMUP_RESOLUTION = 64
 WARMUP_STEPS = 2  # PixArtAlphaPipeline takes element [1] of scheduler.step's output at 1 step: DPM-Solver has none
+WARMUP_TEXT_TOKENS = 8  # a warm-up encode at the real 120 tokens would cost as much as the measured one
+TEXT_TOKENS = 120  # PixArt-alpha's max_sequence_length: every prompt is padded to it
 
 
 def fill_random(model: torch.nn.Module, seed: int = 0) -> None:
@@ -124,13 +128,14 @@ def build_pipeline(dtype: torch.dtype, transformer, t5_layers: int, t5_dtype: to
 
 
 @torch.inference_mode()
-def generate(pipe: PixArtAlphaPipeline, resolution: int, steps: int, seed: int = 0) -> dict:
+def generate(pipe: PixArtAlphaPipeline, resolution: int, steps: int, text_tokens: int = TEXT_TOKENS,
+             seed: int = 0) -> dict:
     """One image, CFG, the three stages timed in turn; seconds per stage and whether each output is finite."""
     dtype = pipe.transformer.dtype
     start = time.perf_counter()
     embeds, mask, negative, negative_mask = pipe.encode_prompt(
         PROMPT, do_classifier_free_guidance=True, negative_prompt="", device=torch.device("cpu"),
-        clean_caption=False, max_sequence_length=120)
+        clean_caption=False, max_sequence_length=text_tokens)
     encoded = time.perf_counter()
     # A view without the encoder: the call then keeps the embeddings in the transformer's dtype (with the encoder
     # it would cast them back to the encoder's).
@@ -166,7 +171,7 @@ def run_row(row: str, resolution: int, steps: int, t5_layers: int = 24, t5_dtype
     pipe = build_pipeline(dtype, transformer, t5_layers, DTYPES[t5_dtype])
     pipe.set_progress_bar_config(disable=True)
     ready = time.perf_counter()
-    generate(pipe, WARMUP_RESOLUTION, WARMUP_STEPS)
+    generate(pipe, WARMUP_RESOLUTION, WARMUP_STEPS, WARMUP_TEXT_TOKENS)
     warmed = time.perf_counter()
     result = generate(pipe, resolution, steps)
     return dict(row=row, resolution=resolution, steps=steps, **result,
@@ -237,7 +242,8 @@ def main() -> None:
           f"text encoder: T5-XXL encoder, {args.t5_layers} of 24 layers "
           f"({t5_parameters(args.t5_layers) / 1e9:.2f} B parameters), "
           f"{args.t5_dtype} in every row; transformer: PixArt-alpha, {args.transformer_layers} blocks; VAE: SD VAE "
-          f"in the row's dtype. One child process per row; one 64 px 2-step warm-up image, then one timed image.")
+          f"in the row's dtype. One child process per row; one 64 px 2-step warm-up image, then one timed image. "
+          f"Image tokens = (px / 16)^2: {', '.join(f'{r} px {(r // 16) ** 2}' for r in args.resolution)}.")
     print(f"load average at start: {os.getloadavg()[0]:.1f}", flush=True)
     results = []
     for resolution in args.resolution:
