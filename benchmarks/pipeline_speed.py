@@ -21,12 +21,13 @@ to 120 tokens, and `encode_prompt` runs the encoder twice (prompt and empty nega
 
 Each row runs in its own child process, so its peak RSS (the child's own `ru_maxrss`: every component
 resident, as a plain `pipe(...)` keeps them) is that row's alone. The child builds the transformer, quantizes it
-(timed separately: not part of the time per image), builds the encoder and the VAE, runs one warm-up image at
-64 x 64 with 2 steps and 8 text tokens (C++ kernels loaded, weights packed), then times one image at the real
-size. The three stages are timed as they run, one after the other, through the pipeline's own code:
-`pipe.encode_prompt`, the pipeline call with those embeddings and `output_type="latent"` (the denoising loop:
-transformer and scheduler), then `vae.decode` and the image post-processing. `finite` says whether the prompt
-embeddings, the final latents and the decoded image are all finite (random weights must not give NaN or Inf).
+from its fp32 or bf16 weights (timed apart: not part of the time per image), builds the encoder and the VAE,
+runs one warm-up image at 64 x 64 with 2 steps and 8 text tokens (C++ kernels loaded, weights packed), then
+times one image at the real size. The three stages are timed as they run, one after the other, through the
+pipeline's own code: `pipe.encode_prompt`, the pipeline call with those embeddings and `output_type="latent"`
+(the denoising loop: transformer and scheduler), then `vae.decode` and the image post-processing. `finite` says
+whether the prompt embeddings, the final latents and the decoded image are all finite (random weights must not
+give NaN or Inf; a NaN or Inf from the transformer at any step would reach the final latents).
 
     python -m benchmarks.pipeline_speed [--resolution 256 512] [--steps 20] [--rows fp32 bf16 w8a8_bf16 ...]
         [--t5-layers 24] [--t5-dtype bf16] [--transformer-layers 28] [--threads N]
