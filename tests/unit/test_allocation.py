@@ -197,3 +197,10 @@ def test_a_tie_in_quality_goes_to_the_faster_plan():
     table, seconds = w4_w8_table()
     found = allocate_best(table, 16, k=4, seconds=seconds, max_seconds=4.0)
     assert [a.choice for a in found] == [{"a": "W8A8", "b": "W8A8"}, {"a": "W4A8", "b": "W8A8"}]
+
+
+def test_infeasible_budgets_are_said_in_multiples_of_w8a8_and_average_bits_when_the_units_are_given():
+    table, seconds = w4_w8_table()
+    with pytest.raises(ValueError, match=r"takes 6 s \(1\.500x W8A8\); the smallest plan within 4 s \(1\.000x W8A8\) "
+                                         r"needs 12 bits \(6\.000 average bits\)"):
+        allocate(table, 8, seconds=seconds, max_seconds=4.0, units=(4.0, 2))

@@ -79,13 +79,14 @@ def check_seconds(table: dict, seconds: dict) -> None:
 
 def allocate(table: dict[str, dict[str, dict]], budget: float, tolerances: dict[str, float] | None = None,
              exclude: list[dict[str, str]] = (), seconds: dict[str, dict[str, float]] | None = None,
-             max_seconds: float | None = None) -> Allocation:
+             max_seconds: float | None = None, units: tuple[float, float] | None = None) -> Allocation:
     """The best option per group (see module docstring).
 
     `table[group][option] = {"cost": bits, "metrics": {metric: degradation}}`; `budget`: total bits;
     `tolerances`: optional `{metric: largest allowed summed degradation}`; `exclude`: choices (group ->
     option) the answer must differ from; `seconds[group][option]`: the cost model's time (ties go to the faster
-    plan); `max_seconds`: the latency budget, the largest allowed summed time (needs `seconds`).
+    plan); `max_seconds`: the latency budget, the largest allowed summed time (needs `seconds`); `units`: (the
+    seconds of all-W8A8, the weights) to say an infeasible budget also in multiples of W8A8 and average bits.
     """
     tolerances = dict(tolerances or {})
     metrics = _metrics(table)
@@ -134,7 +135,7 @@ def allocate(table: dict[str, dict[str, dict]], budget: float, tolerances: dict[
                              + f" within tolerances {tolerances}")
         if max_seconds is not None:
             raise ValueError(_latency_infeasible(cost, time, rows, lo, hi, budget, max_seconds, budget_rows,
-                                                 latency_rows))
+                                                 latency_rows, units))
         best = {m: sum(min(o["metrics"].get(m, 0.0) for o in options.values()) for options in table.values())
                 for m in tolerances}
         raise ValueError(f"no plan fits budget {budget:.4g} bits within tolerances {tolerances}. "
@@ -153,26 +154,32 @@ def allocate(table: dict[str, dict[str, dict]], budget: float, tolerances: dict[
                       seconds=None if time is None else float(time[chosen].sum()))
 
 
-def _latency_infeasible(cost, time, rows, lo, hi, budget, max_seconds, budget_rows, latency_rows) -> str:
+def _latency_infeasible(cost, time, rows, lo, hi, budget, max_seconds, budget_rows, latency_rows, units) -> str:
     """Why no plan fits both budgets: the fastest plan within the bits (and tolerances), the smallest plan within
     the latency, each solved exactly."""
+    def secs(value):
+        return f"{value:.4g} s" + (f" ({value / units[0]:.3f}x W8A8)" if units else "")
+
+    def bits(value):
+        return f"{value:.4g} bits" + (f" ({value / units[1]:.3f} average bits)" if units else "")
+
     fastest = _solve(time, rows + budget_rows[0], lo + budget_rows[1], hi + budget_rows[2])
     smallest = _solve(cost, rows + latency_rows[0], lo + latency_rows[1], hi + latency_rows[2])
     fast = ("no plan fits the bit budget within the tolerances" if fastest is None else
-            f"the fastest plan within {budget:.4g} bits takes {time[fastest].sum():.4g} s")
+            f"the fastest plan within {bits(budget)} takes {secs(time[fastest].sum())}")
     small = ("no plan fits the latency budget within the tolerances" if smallest is None else
-             f"the smallest plan within {max_seconds:.4g} s needs {cost[smallest].sum():.4g} bits")
-    return (f"no plan fits both budgets, {budget:.4g} bits and {max_seconds:.4g} s: {fast}; {small}. Raise the "
+             f"the smallest plan within {secs(max_seconds)} needs {bits(cost[smallest].sum())}")
+    return (f"no plan fits both budgets, {bits(budget)} and {secs(max_seconds)}: {fast}; {small}. Raise the "
             f"latency budget to at least the first or the bit budget to at least the second (or loosen the "
             f"tolerances)")
 
 
 def allocate_best(table: dict[str, dict[str, dict]], budget: float, k: int,
                   tolerances: dict[str, float] | None = None, seconds: dict[str, dict[str, float]] | None = None,
-                  max_seconds: float | None = None) -> list[Allocation]:
+                  max_seconds: float | None = None, units: tuple[float, float] | None = None) -> list[Allocation]:
     """The `k` best allocations in order (fewer when fewer plans fit): `allocate` re-solved with every earlier
     answer excluded."""
-    found = [allocate(table, budget, tolerances, seconds=seconds, max_seconds=max_seconds)]
+    found = [allocate(table, budget, tolerances, seconds=seconds, max_seconds=max_seconds, units=units)]
     while len(found) < k:
         try:
             found.append(allocate(table, budget, tolerances, exclude=[a.choice for a in found], seconds=seconds,
