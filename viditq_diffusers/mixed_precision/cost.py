@@ -3,7 +3,8 @@
 A layer's time at an option is measured, not predicted: a `ViDiTQLinear` is built for the option's decided plan
 entry (bits, group size, symmetry, smoothing, rotation: the things that pick a kernel route and its work) at the
 layer's shape, `K` input features, `N` outputs, fed `M` tokens (rows) in the model's dtype, and its forward (the
-same route dispatch the model runs) is timed: the median of `repeats` calls after `warmup` calls. The weights are
+same route dispatch the model runs) is timed: the median of `repeats` timings after `warmup` calls, each of
+enough calls to take 10 ms (`time_layer`). The weights are
 random; the kernels' time does not depend on their values.
 
 A time depends only on the format, the shape and the machine, so the measurements live in a `CostTable` keyed by
@@ -28,6 +29,7 @@ of such triples, summed) costs a plan searched on a small model at the shapes of
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -106,9 +108,10 @@ def at_shape(spec: LayerSpec, k: int, n: int) -> LayerSpec:
 
 @torch.no_grad()
 def time_layer(spec: LayerSpec, tokens: int, dtype: torch.dtype = torch.float32, device="cpu", repeats: int = 5,
-               warmup: int = 2) -> float:
+               warmup: int = 2, min_seconds: float = 0.01) -> float:
     """Seconds one forward of a `ViDiTQLinear` planned as `spec` takes on `tokens` rows: the median of `repeats`
-    calls after `warmup` calls."""
+    timings after `warmup` calls, each timing as many calls as take `min_seconds` (at most 1000; a small layer's
+    single call is too short for the clock and the scheduler), divided by their number."""
     gen = torch.Generator().manual_seed(0)
     k, n = spec.in_features, spec.out_features
     linear = nn.Linear(k, n, bias=spec.bias, dtype=dtype)
@@ -119,14 +122,17 @@ def time_layer(spec: LayerSpec, tokens: int, dtype: torch.dtype = torch.float32,
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for _ in range(warmup):
         layer(x)
-    times = []
-    for _ in range(repeats):
+
+    def timed(calls: int) -> float:
         sync()
         start = time.perf_counter()
-        layer(x)
+        for _ in range(calls):
+            layer(x)
         sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return (time.perf_counter() - start) / calls
+
+    calls = min(1000, max(1, math.ceil(min_seconds / max(timed(1), 1e-9))))
+    return statistics.median(timed(calls) for _ in range(repeats))
 
 
 class CostTable:
