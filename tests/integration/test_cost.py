@@ -127,21 +127,42 @@ def test_search_latency_arguments_name_themselves(pipe, kwargs, error, expected)
         search(pipe, 6.0, ["a digit 7"], [0], **kwargs)
 
 
-@pytest.mark.slow  # a whole search (sensitivity runs of every group at each option): half a minute on 2 cores
-def test_cli_search_with_a_latency_budget(pipe, tmp_path, capsys):
+@pytest.mark.slow  # a whole search of the shipped image pipeline: about 20 s alone, more on a busy machine
+def test_cli_search_with_a_latency_budget_on_the_shipped_image_pipeline(tmp_path, capsys):
+    from tests.support import REPO
     from viditq_diffusers.cli import main
     from viditq_diffusers.plan import average_weight_bits, plan_from_json
 
-    path = tmp_path / "pipe"
-    pipe.save_pretrained(path)
-    (tmp_path / "prompts.txt").write_text(PROMPTS[0])
+    (tmp_path / "prompts.txt").write_text("a handwritten digit 3")
     out = tmp_path / "plan.json"
-    args = ["search", str(path), "--budget-bits", "8", "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out),
-            "--steps", "2", "--height", "32", "--width", "32", "--block-ranges", "1", "--max-latency", "1.0",
-            "--cost-tokens", "64"]
+    args = ["search", str(REPO / "reference_models" / "pixart_digits"), "--budget-bits", "6", "--prompts",
+            str(tmp_path / "prompts.txt"), "--out", str(out), "--steps", "2", "--height", "32", "--width", "32",
+            "--block-ranges", "1", "--max-latency", "3.0"]  # loose: the test machine's times are noisy
     assert main(args) == 0
-    assert average_weight_bits(plan_from_json(json.loads(out.read_text()))) <= 8
-    printed = capsys.readouterr().out  # all-W8A8 fits both budgets: a plan is always found
-    assert "x all-W8A8" in printed and "budget 1x" in printed
+    assert average_weight_bits(plan_from_json(json.loads(out.read_text()))) <= 6
+    printed = capsys.readouterr().out
+    latency = float(printed.split("predicted latency of the quantized layers: ")[1].split("x all-W8A8")[0].split()[-1])
+    assert 0 < latency <= 3.0 and "budget 3x" in printed
     table = json.loads((tmp_path / "plan.json.costs.json").read_text())
-    assert {e["M"] for e in table["entries"].values()} == {64}
+    assert table["machine"]["cpu"] and table["entries"]
+    assert main(args[:-2] + ["--max-latency", "0.01"]) == 1  # no plan is 100x faster than W8A8: a clear error
+    assert "no plan fits both budgets" in capsys.readouterr().err
+
+
+def test_ship_plans_re_search_reproduces_the_shipped_plan_when_the_latency_budget_does_not_bind(tmp_path):
+    """`reference/ship_plans.py --max-latency`: the benchmark's cached sensitivity table, the shipped plans' groups
+    and options; with a budget no plan reaches it picks exactly the shipped 5-bit image plan's precisions."""
+    import shutil
+
+    from reference.ship_plans import PIPELINES, ROOT, search_with_latency
+    from tests.support import REPO
+
+    shutil.copy(REPO / "benchmarks" / "mixed_precision" / "image-sensitivity.json", tmp_path)
+    pipe = DiffusionPipeline.from_pretrained(f"{ROOT}/reference_models/{PIPELINES['image']}")
+    path = search_with_latency("image", pipe, None, str(tmp_path), 5.0, 100.0, 16, None)
+    searched = json.loads(open(path).read())["layers"]
+    shipped = json.loads((REPO / "reference_models" / "pixart_digits" / "viditq_plans" /
+                          "w4a8_mp_searched_5bits.json").read_text())["layers"]
+    assert {n: (e["weight_bits"], e["group_size"]) for n, e in searched.items()} == {
+        n: (e["weight_bits"], e["group_size"]) for n, e in shipped.items()}
+    assert json.loads(open(f"{path}.costs.json").read())["entries"]  # the cost table beside the plan
