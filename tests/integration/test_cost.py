@@ -166,3 +166,24 @@ def test_ship_plans_re_search_reproduces_the_shipped_plan_when_the_latency_budge
     assert {n: (e["weight_bits"], e["group_size"]) for n, e in searched.items()} == {
         n: (e["weight_bits"], e["group_size"]) for n, e in shipped.items()}
     assert json.loads(open(f"{path}.costs.json").read())["entries"]  # the cost table beside the plan
+
+
+def test_costed_specs_are_the_ones_quantizing_decides_balancing_included(pipe):
+    """With statistics the options balance channels (smoothing, rotation per layer); the cost model times each
+    layer with the recipe quantizing decides for it, so a rotated layer's time includes its rotation."""
+    import copy
+
+    from viditq_diffusers import ViDiTQConfig, calibrate, quantize
+
+    call = {k: v for k, v in CALL.items() if k not in ("num_inference_steps", "guidance_scale")}
+    stats = calibrate(pipe, PROMPTS[:1], num_inference_steps=2, guidance_scale=4.5, seeds=SEEDS[:1], **call)
+    groups = quantizable_groups(pipe.transformer, 1)
+    options = {"W4A8": OPTIONS["W4A8"], "again": OPTIONS["W4A8"]}
+    specs = decided_specs(pipe.transformer, options, layers_of(groups), stats)
+    quantized = quantize(copy.deepcopy(pipe.transformer), ViDiTQConfig(preset="w4a8", calibration=stats))
+    assert specs["W4A8"] == quantized.config.quantization_config.plan["layers"]
+    assert specs["again"] is specs["W4A8"]  # an option listed twice is decided once
+    assert any(s.recipe_label() != "plain" for s in specs["W4A8"].values())
+    table = CostTable(repeats=1, warmup=0)
+    group_seconds(pipe, groups, options, table, tokens=8, calibration=stats)
+    assert {e["format"] for e in table.entries.values()} >= {format_label(s) for s in specs["W4A8"].values()}

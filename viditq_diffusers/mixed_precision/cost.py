@@ -29,6 +29,7 @@ of such triples, summed) costs a plan searched on a small model at the shapes of
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -199,12 +200,19 @@ def decided_specs(model: nn.Module, options: dict[str, dict], layers: list[str],
                   calibration=None) -> dict[str, dict[str, LayerSpec]]:
     """`{option: {layer: decided plan entry}}`: what each option's preset plans for each layer, its balancing
     recipe decided from the layer's weight, as quantizing would decide it."""
-    specs = {}
+    if isinstance(calibration, (str, os.PathLike)):
+        from ..calibration import CalibrationStats
+
+        calibration = CalibrationStats.load(calibration)
+    specs, decided = {}, {}
     for label, option in options.items():
-        config = ViDiTQConfig(**option, calibration=calibration)
-        plan = build_plan(model, config)
-        specs[label] = {name: decide_layer(name, model.get_submodule(name).weight.detach(), plan["layers"][name],
-                                           config)[0] for name in layers}
+        same = json.dumps(option, sort_keys=True, default=repr)  # an option listed twice is decided once
+        if same not in decided:
+            config = ViDiTQConfig(**option, calibration=calibration)
+            plan = build_plan(model, config)
+            decided[same] = {name: decide_layer(name, model.get_submodule(name).weight.detach(),
+                                                plan["layers"][name], config)[0] for name in layers}
+        specs[label] = decided[same]
     return specs
 
 
