@@ -416,11 +416,12 @@ def cmd_calibrate(args) -> None:
 
 
 def cmd_search(args) -> None:
-    """Mixed-precision search: per-group sensitivity, then the best plan under an average weight-bit budget."""
+    """Mixed-precision search: per-group sensitivity, then the best plan under an average weight-bit budget (and a
+    latency budget, with --max-latency)."""
     from diffusers import DiffusionPipeline
 
     from .calibration import CalibrationStats
-    from .jsonio import write_json
+    from .jsonio import read_json, write_json
     from .mixed_precision.heatmap import save_heatmap
     from .mixed_precision.search import search
 
@@ -431,10 +432,14 @@ def cmd_search(args) -> None:
     pipe = DiffusionPipeline.from_pretrained(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     stats = CalibrationStats.load(args.calibration) if args.calibration else None
+    timed = args.max_latency is not None or args.costs or args.cost_tokens or args.cost_shapes
+    costs = (args.costs or f"{args.out}.costs.json") if timed else None
     result = search(pipe, args.budget_bits, prompts, [args.seed + i for i in range(len(prompts))],
                     block_ranges=args.block_ranges, calibration=stats,
                     cache=args.cache or f"{args.out}.sensitivity.json",
-                    candidates=args.candidates, per_layer=args.per_layer,
+                    candidates=args.candidates, per_layer=args.per_layer, max_latency=args.max_latency,
+                    costs=costs, cost_tokens=args.cost_tokens,
+                    cost_shapes=read_json(args.cost_shapes) if args.cost_shapes else None,
                     num_inference_steps=args.steps, guidance_scale=args.guidance, **pipeline_call(pipe, args))
     write_json(args.out, result.plan)
     save_heatmap(result.table, f"{args.out}.heatmap.png")
@@ -445,11 +450,18 @@ def cmd_search(args) -> None:
         drops = " | ".join(f"{entry['metrics']['fidelity']:.3g}" for entry in options.values())
         print(f"| {group} | {len(result.groups[group])} | {result.allocation.choice[group]} | {drops} |")
     for i, candidate in enumerate(result.confirmed):
+        speed = (f", predicted latency {candidate['seconds'] / result.w8a8_seconds:.3f}x W8A8"
+                 if candidate.get("seconds") is not None else "")
         print(f"candidate {i + 1}: relative squared error predicted {candidate['predicted']['fidelity']:.3g}, "
-              f"measured whole {candidate['measured']['fidelity']:.3g}"
+              f"measured whole {candidate['measured']['fidelity']:.3g}{speed}"
               + (" (chosen)" if candidate["chosen"] else ""))
     print(f"average weight bits {result.average_bits:.2f} (budget {args.budget_bits}); plan saved to {args.out}, "
           f"sensitivity heatmap to {args.out}.heatmap.png")
+    if result.latency is not None:
+        budget = f"budget {args.max_latency:g}x" if args.max_latency is not None else "no latency budget"
+        print(f"predicted latency of the quantized layers: {result.allocation.seconds * 1e3:.3f} ms, "
+              f"{result.latency:.3f}x all-W8A8 ({result.w8a8_seconds * 1e3:.3f} ms; {budget}); cost table saved to "
+              f"{costs}")
     print(f"quantize with: viditq quantize {args.pipeline} --plan {args.out}"
           + (f" --calibration {args.calibration}" if stats else "") + " --out DST")
 
@@ -549,6 +561,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--candidates", type=integer(1), default=1,
                    help="generate the allocation's best N plans whole and keep the best measured (default 1: off)")
     s.add_argument("--cache", help="sensitivity cache (JSON; default OUT.sensitivity.json): reruns resume")
+    s.add_argument("--max-latency", type=number(1e-3),
+                   help="latency budget: the quantized layers' predicted time as a multiple of all of them at W8A8 "
+                        "on this machine, e.g. 1.0 = no slower than W8A8 (times measured by the cost model)")
+    s.add_argument("--costs", help="cost table (JSON; default OUT.costs.json): reused when it exists and was measured "
+                                   "on this kind of CPU, else measured and saved there")
+    s.add_argument("--cost-tokens", type=integer(1),
+                   help="time every layer with this many rows (tokens x batch; default: the rows each layer sees "
+                        "in the search's pipeline call)")
+    s.add_argument("--cost-shapes", help="time the layers at another model's shapes: JSON {layer: [K, N, M]} (or a "
+                                         "list of such triples per layer, summed)")
     add_generation_args(s)
     s.set_defaults(func=cmd_search)
 

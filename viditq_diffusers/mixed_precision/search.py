@@ -9,6 +9,11 @@ reference image pipeline the best plans' measured differences were sample noise,
 over to other prompts (benchmarks/archive/RESULTS-2026-11.md, "Mixed precision"); it guards against a table
 whose sum misleads.
 
+With `max_latency` the plan must also be fast: the cost model (`cost.py`) times every group at every option on
+this machine, and the allocation keeps the summed time within `max_latency` times the all-W8A8 time of the
+same layers (1.0: no slower than W8A8). The times are measured before the sensitivity runs (a shape map that
+does not fit fails at once) and kept in `costs` (a path: reused when it exists, saved after).
+
 The plan is an ordinary per-layer plan (`plan.py`): each layer's entry is what the chosen option's preset
 would have planned for it, so it saves, loads and quantizes like any other (`ViDiTQConfig(plan=...)`, with
 the calibration statistics when an option balances channels).
@@ -17,6 +22,7 @@ the calibration statistics when an option balances channels).
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -30,6 +36,7 @@ from ..api import quantize
 from ..evaluation import generate, with_transformer
 from ..plan import average_weight_bits, build_plan
 from .allocation import Allocation, allocate_best, metric_scales
+from .cost import CostTable, group_seconds
 from ..roles import group_layers, quantized_by_default
 from .sensitivity import FIDELITY, group_role, measure
 
@@ -50,10 +57,17 @@ class SearchResult:
     table: dict
     allocation: Allocation
     confirmed: list[dict] = field(default_factory=list)  # per candidate: predicted and measured degradations
+    seconds: dict | None = None  # the cost model: {group: {option: seconds}}, when one was measured
+    w8a8_seconds: float | None = None  # the same layers, all at W8A8: the latency budget's unit
 
     @property
     def average_bits(self) -> float:
         return average_weight_bits(self.plan)
+
+    @property
+    def latency(self) -> float | None:
+        """The plan's predicted time as a multiple of all-W8A8 (None without a cost model)."""
+        return None if self.seconds is None else self.allocation.seconds / self.w8a8_seconds
 
 
 def quantizable_groups(model, block_ranges=4, per_layer: bool = False) -> dict[str, list[str]]:
@@ -106,7 +120,8 @@ def confirm(pipe, groups: dict[str, list[str]], options: dict[str, dict], table:
     return best, report
 
 
-def check_search_arguments(budget_bits, prompts, seeds, options, tolerances, candidates, per_layer) -> None:
+def check_search_arguments(budget_bits, prompts, seeds, options, tolerances, candidates, per_layer, max_latency=None,
+                           costs=None, cost_tokens=None) -> None:
     """`search`'s arguments, before any model runs: each error names the argument, the value and the fix."""
     real(budget_bits, "search: budget_bits", minimum=1e-9, maximum=64,
          fix="pass the average stored weight bits the plan may use, e.g. budget_bits=6.0 (4-bit W4A8 layers "
@@ -137,23 +152,62 @@ def check_search_arguments(budget_bits, prompts, seeds, options, tolerances, can
     integer(candidates, "search: candidates", minimum=1, fix="1 keeps the allocation's best plan; N > 1 measures "
                                                              "the N best whole")
     boolean(per_layer, "search: per_layer")
+    if max_latency is not None:
+        real(max_latency, "search: max_latency", minimum=1e-6,
+             fix="pass the plan's largest allowed time as a multiple of every quantized layer at W8A8, e.g. "
+                 "max_latency=1.0 (no slower than W8A8), or None for no latency budget")
+    if costs is not None and not isinstance(costs, (str, os.PathLike, CostTable)):
+        raise TypeError(f"search: costs must be a cost table's path (JSON; measured and saved there when it does not "
+                        f"exist), a cost.CostTable or None, got {shown(costs)}.")
+    if cost_tokens is not None:
+        integer(cost_tokens, "search: cost_tokens", minimum=1,
+                fix="the rows (tokens x batch) a layer is timed with, or None for the rows each layer sees in the "
+                    "search's pipeline call")
+
+
+def cost_table(costs, device) -> CostTable:
+    """The `costs` argument as a table: the saved one when its path exists, else an empty one to measure into."""
+    if isinstance(costs, CostTable):
+        return costs
+    if costs is not None and os.path.exists(costs):
+        return CostTable.load(costs, device)
+    return CostTable(device)
 
 
 def search(pipe, budget_bits: float, prompts: list[str], seeds: list[int], score=fidelity_scorer,
            options: dict[str, dict] | None = None, block_ranges=4, tolerances: dict[str, float] | None = None,
-           calibration=None, cache=None, candidates: int = 1, per_layer: bool = False, **call) -> SearchResult:
+           calibration=None, cache=None, candidates: int = 1, per_layer: bool = False, max_latency: float | None = None,
+           costs=None, cost_tokens: int | None = None, cost_shapes: dict | None = None, **call) -> SearchResult:
     """Measure every group (every layer, with `per_layer`) at every option, allocate the `candidates` best plans
-    under `budget_bits` average weight bits and, when there are several, keep the one that measures best whole
-    (`confirm`)."""
-    check_search_arguments(budget_bits, prompts, seeds, options, tolerances, candidates, per_layer)
+    under `budget_bits` average weight bits (and `max_latency` times all-W8A8's time, when given) and, when there
+    are several, keep the one that measures best whole (`confirm`).
+
+    The cost model (`cost.py`) runs when `max_latency` or `costs` is given: `costs` is a cost table's path (reused
+    when it exists, saved after measuring) or a `CostTable`; the layers are timed with `cost_tokens` rows, or the
+    rows each sees in the search's pipeline call, or at the shapes of `cost_shapes` (`{layer: (K, N, M)}`, e.g. a
+    big model's layers the plan will be mapped to)."""
+    check_search_arguments(budget_bits, prompts, seeds, options, tolerances, candidates, per_layer, max_latency,
+                           costs, cost_tokens)
     options = dict(options or DEFAULT_OPTIONS)
     groups = quantizable_groups(pipe.transformer, block_ranges, per_layer)
+    seconds = w8a8 = None
+    if max_latency is not None or costs is not None:
+        timing = cost_table(costs, pipe.transformer.device)
+        seconds, w8a8 = group_seconds(pipe, groups, options, timing, prompts, seeds, calibration, cost_tokens,
+                                      cost_shapes, **call)
+        if costs is not None and not isinstance(costs, CostTable):
+            timing.save(costs)
     table = measure(pipe, groups, options, prompts, seeds, score, calibration=calibration, cache=cache, **call)
     weights = sum(pipe.transformer.get_submodule(n).weight.numel() for names in groups.values() for n in names)
-    found = allocate_best(table, budget_bits * weights, candidates, tolerances)
+    # 1e-9: sums in another order must not lock out the all-W8A8 plan at max_latency=1.0
+    max_seconds = None if max_latency is None else max_latency * w8a8 * (1 + 1e-9)
+    found = allocate_best(table, budget_bits * weights, candidates, tolerances, seconds, max_seconds,
+                          None if w8a8 is None else (w8a8, weights))
     best, report = 0, []
     if len(found) > 1:
         best, report = confirm(pipe, groups, options, table, found, prompts, seeds, score, tolerances, calibration,
                                **call)
+        for entry, candidate in zip(report, found):
+            entry["seconds"] = candidate.seconds
     plan = plan_from_choice(pipe.transformer, groups, options, found[best].choice, calibration)
-    return SearchResult(plan, groups, table, found[best], report)
+    return SearchResult(plan, groups, table, found[best], report, seconds, w8a8)
