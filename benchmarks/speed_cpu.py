@@ -12,16 +12,19 @@ The W4A8-MP rows: the `w4a8_mp` preset (the paper's heuristic: W8 FFNs and first
 plans that ship with the image pipeline, mapped onto this model by role and block depth (`plan_mapping.py`).
 Their smoothed layers, and the calibrated default's recipe search (smoothing / rotation per layer, the default
 with statistics), take statistics from `viditq_diffusers.calibrate` on the benchmark inputs at four timesteps,
-as a user calibrates before quantizing. The search costs about 10 s per layer here (~1 h at 28 blocks):
-`--recipes FILE` saves its decided plan once and reuses it. After the table, each quantized variant's layers
-are counted per kernel route (`kernels/routes.py`) and channel balancing: where its time goes.
+as a user calibrates before quantizing. The search costs 10-20 s per layer on 2 cores (about an hour at 28
+blocks): `--recipes FILE` saves its decided plan once and reuses it. After the table, each quantized variant's
+layers are counted per kernel route (`kernels/routes.py`) and channel-balancing path: where its time goes.
+Every variant stays in memory until the end; the heap pages freed while one is quantized are handed back before
+the next is built, and the peak RSS is printed last.
 
 Peers (`pip install -e ".[bench]"`, never imported by the package): see `peers.py`. A peer that is not
 installed or fails is listed with the reason instead of a time.
 
 A GEMM table follows at the DiT shapes (M = 512 tokens; K, N in 1152 / 4608): the float matmuls, the integer
 kernels with their operands already quantized, and the whole quantized linear (activation quantization,
-GEMM, epilogue) as the dispatch runs it. The CPU's int8-relevant flags are printed first: they decide which
+GEMM, epilogue) as the dispatch runs it, per channel and group-wise (W4A8 with groups of 32, 64 and 128, and the
+group-wise kernel called directly). The CPU's int8-relevant flags are printed first: they decide which
 integer kernels are fast, and exact, here (`viditq_diffusers/kernels/onednn.py`).
 
     python -m benchmarks.speed_cpu [--layers 28] [--repeats 5] [--no-peers] [--skip g64 compile]
@@ -31,6 +34,8 @@ integer kernels are fast, and exact, here (`viditq_diffusers/kernels/onednn.py`)
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import gc
 import os
 import platform
@@ -203,6 +208,16 @@ def route_counts(model, dtype) -> str:
     return shown + "; balancing: " + (", ".join(f"{n} {how}" for how, n in balancing.most_common()) or "none")
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc's malloc_trim), so the float weights and
+    temporaries of one variant's quantization do not stay resident while every variant is held for timing."""
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    if trim is not None:
+        trim(0)
+
+
 def prepare_variant(dtype, make, layers: int) -> dict:
     """A variant built, warmed up (compiled, weights packed) and kept for timing, with its output, weight bytes and
     route counts."""
@@ -210,7 +225,7 @@ def prepare_variant(dtype, make, layers: int) -> dict:
     model, grad_context, count_bytes = make(model, kwargs)
     with grad_context():
         out = model(**kwargs)[0].float()
-    gc.collect()
+    release_freed_memory()
     return dict(model=model, kwargs=kwargs, grad_context=grad_context, nbytes=count_bytes(model), out=out,
                 routes=route_counts(model, dtype))
 
