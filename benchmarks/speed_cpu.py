@@ -8,38 +8,62 @@ use) and the median per variant is reported: a slower phase of a shared machine 
 Every row also shows the
 weight bytes as stored and the PSNR of its output against the fp32 output (data range = the fp32 output's).
 
+The W4A8-MP rows: the `w4a8_mp` preset (the paper's heuristic: W8 FFNs and first / last blocks), and the searched
+plans that ship with the image pipeline, mapped onto this model by role and block depth (`plan_mapping.py`).
+Their smoothed layers, and the calibrated default's recipe search (smoothing / rotation per layer, the default
+with statistics), take statistics from `viditq_diffusers.calibrate` on the benchmark inputs at four timesteps,
+as a user calibrates before quantizing. The search costs 10-20 s per layer on 2 cores (about an hour at 28
+blocks): `--recipes FILE` saves its decided plan once and reuses it. After the table, each quantized variant's
+layers are counted per kernel route (`kernels/routes.py`) and channel-balancing path: where its time goes.
+Every variant stays in memory until the end; the heap pages freed while one is quantized are handed back before
+the next is built, and the peak RSS is printed last.
+
 Peers (`pip install -e ".[bench]"`, never imported by the package): see `peers.py`. A peer that is not
 installed or fails is listed with the reason instead of a time.
 
 A GEMM table follows at the DiT shapes (M = 512 tokens; K, N in 1152 / 4608): the float matmuls, the integer
 kernels with their operands already quantized, and the whole quantized linear (activation quantization,
-GEMM, epilogue) as the dispatch runs it. The CPU's int8-relevant flags are printed first: they decide which
+GEMM, epilogue) as the dispatch runs it, per channel and group-wise (W4A8 with groups of 32, 64 and 128, and the
+group-wise kernel called directly). The CPU's int8-relevant flags are printed first: they decide which
 integer kernels are fast, and exact, here (`viditq_diffusers/kernels/onednn.py`).
 
     python -m benchmarks.speed_cpu [--layers 28] [--repeats 5] [--no-peers] [--skip g64 compile]
+        [--recipes /tmp/speed_cpu_calibrated_28.plan.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import gc
 import os
 import platform
+import resource
 import statistics
 import time
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.pixart_alpha import build, inputs
-from viditq_diffusers import ViDiTQConfig, ViDiTQLinear, quantize
+from benchmarks.plan_mapping import shipped_plan_mapped
+from viditq_diffusers import ViDiTQConfig, ViDiTQLinear, calibrate, quantize
+from viditq_diffusers.calibration import CalibrationStats
 from viditq_diffusers.footprint import weight_bytes
-from viditq_diffusers.kernels import cpu_amx, int_mm, onednn, quantized_linear, warmup
+from viditq_diffusers.jsonio import write_json
+from viditq_diffusers.kernels import (LayerCall, cpu_amx, cpu_int16, int_mm, onednn, quantized_linear, select_route,
+                                      warmup)
+from viditq_diffusers.kernels.routes import balance_name
 from viditq_diffusers.layer_spec import LayerSpec
 from viditq_diffusers.metrics import psnr
+from viditq_diffusers.plan import plan_to_json
 
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 GEMM_SHAPES = ((512, 1152, 1152), (512, 1152, 4608), (512, 4608, 1152))
+GROUP_SIZES = (32, 64, 128)
+CALIBRATION_TIMESTEPS = (875, 625, 375, 125)  # one per timestep bucket of `calibrate` (4 over [0, 1000))
 
 
 def cpu_info() -> str:
@@ -79,6 +103,50 @@ def ours(config: ViDiTQConfig, compiled: bool = False):
     return make
 
 
+_calibrations: dict[tuple, CalibrationStats] = {}  # the same model and inputs give the same statistics
+
+
+def benchmark_calibration(model, kwargs) -> CalibrationStats:
+    """`calibrate` on the benchmark inputs at `CALIBRATION_TIMESTEPS` (batch 2 = the [uncond, cond] halves);
+    every variant builds the same model (seed 0), so the statistics are computed once per size and dtype."""
+    key = (len(model.transformer_blocks), model.config.num_attention_heads * model.config.attention_head_dim,
+           kwargs["hidden_states"].dtype)
+    if key not in _calibrations:
+        def run(_prompt, _generator):
+            for t in CALIBRATION_TIMESTEPS:
+                model(**{**kwargs, "timestep": torch.full_like(kwargs["timestep"], t)})
+        _calibrations[key] = calibrate(model, ["speed_cpu benchmark inputs"], run=run)
+    return _calibrations[key]
+
+
+def mapped_plan(bits: int):
+    """The shipped searched `bits`-bit W4A8-MP plan mapped onto the model, its smoothing from the model's statistics
+    (the alphas are decided: the sampled rows are not needed)."""
+    def make(model, kwargs):
+        stats = benchmark_calibration(model, kwargs).without_samples()
+        config = ViDiTQConfig(preset="w4a8", plan=shipped_plan_mapped(bits, model), calibration=stats)
+        return quantize(model, config), torch.inference_mode, weight_bytes
+    return make
+
+
+def calibrated_default(recipes: str | None):
+    """`ViDiTQConfig(calibration=stats)`: W8A8 with the per-layer recipe search (smoothing / rotation). With
+    `recipes`, the decided plan is read from that file when it is there (and fits), else searched and saved
+    there."""
+    def make(model, kwargs):
+        stats = benchmark_calibration(model, kwargs)
+        if recipes and os.path.isfile(recipes):
+            print(f"  calibrated default: decided recipes from {recipes}", flush=True)
+            config = ViDiTQConfig(plan=recipes, calibration=stats.without_samples())
+        else:
+            config = ViDiTQConfig(calibration=stats)
+        model = quantize(model, config)
+        if recipes and not os.path.isfile(recipes):
+            write_json(recipes, plan_to_json(model.hf_quantizer.quantization_config.plan))
+        return model, torch.inference_mode, weight_bytes
+    return make
+
+
 def peer(make_peer, count_bytes):
     return lambda model, kwargs: (make_peer(model, kwargs), torch.inference_mode, count_bytes)
 
@@ -87,8 +155,9 @@ def float_variant(model, _kwargs):
     return model, torch.inference_mode, weight_bytes
 
 
-def variants(with_peers: bool) -> dict:
-    """label -> (model dtype, make(model, forward kwargs) -> (model, grad context, weight-bytes function))."""
+def variants(with_peers: bool, recipes: str | None = None) -> dict:
+    """label -> (model dtype, make(model, forward kwargs) -> (model, grad context, weight-bytes function));
+    `recipes`: the calibrated default's decided-plan file (`calibrated_default`)."""
     table = {
         "fp32 eager": (torch.float32, float_variant),
         "bf16 eager": (torch.bfloat16, float_variant),
@@ -101,6 +170,11 @@ def variants(with_peers: bool) -> dict:
         # every layer Hadamard-rotated (balance="rotate"), as calibrated plans rotate many layers
         "ViDiT-Q W8A8 rotated (preset rotate_w8a8)": (torch.float32, ours(ViDiTQConfig(preset="rotate_w8a8"))),
         "ViDiT-Q W8A8 rotated (bf16 activations)": (torch.bfloat16, ours(ViDiTQConfig(preset="rotate_w8a8"))),
+        # the mixed-precision mode: the heuristic preset and the shipped searched plans; the calibrated default
+        "ViDiT-Q W4A8-MP (w4a8_mp heuristic preset)": (torch.float32, ours(ViDiTQConfig(preset="w4a8_mp"))),
+        "ViDiT-Q W4A8-MP shipped 5-bit plan (mapped)": (torch.float32, mapped_plan(5)),
+        "ViDiT-Q W4A8-MP shipped 6-bit plan (mapped)": (torch.float32, mapped_plan(6)),
+        "ViDiT-Q W8A8 calibrated default (recipe search)": (torch.float32, calibrated_default(recipes)),
         "ViDiT-Q W8A8 (torch.compile)": (torch.float32, ours(ViDiTQConfig(preset="w8a8"), compiled=True)),
         "ViDiT-Q W4A8 (torch.compile)": (torch.float32, ours(ViDiTQConfig(preset="w4a8"), compiled=True)),
     }
@@ -115,14 +189,45 @@ def variants(with_peers: bool) -> dict:
     return table
 
 
+def route_counts(model, dtype) -> str:
+    """How many quantized layers take each kernel route (and each channel-balancing path) for a `dtype` CPU input,
+    e.g. "142 W4A8 -> onednn_direct, 74 W4A8-g64 -> cpu_group; balancing: 204 torch, 47 cpu_balance"; "" for a
+    model without quantized layers."""
+    routes, balancing = Counter(), Counter()
+    for layer in model.modules():
+        if isinstance(layer, ViDiTQLinear):
+            call = LayerCall.of_spec(layer.spec)
+            x = torch.empty(2, call.in_features, dtype=dtype)
+            route = select_route(call, x)
+            routes[f"{call.label} -> {route.name}"] += 1
+            balancing[balance_name(call, x, route)] += 1
+    if not routes:
+        return ""
+    balancing.pop("none", None)
+    shown = ", ".join(f"{n} {what}" for what, n in routes.most_common())
+    return shown + "; balancing: " + (", ".join(f"{n} {how}" for how, n in balancing.most_common()) or "none")
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc's malloc_trim), so the float weights and
+    temporaries of one variant's quantization do not stay resident while every variant is held for timing."""
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    if trim is not None:
+        trim(0)
+
+
 def prepare_variant(dtype, make, layers: int) -> dict:
-    """A variant built, warmed up (compiled, weights packed) and kept for timing, with its output and weight bytes."""
+    """A variant built, warmed up (compiled, weights packed) and kept for timing, with its output, weight bytes and
+    route counts."""
     model, kwargs = build(dtype, layers), inputs(dtype)
     model, grad_context, count_bytes = make(model, kwargs)
     with grad_context():
         out = model(**kwargs)[0].float()
-    gc.collect()
-    return dict(model=model, kwargs=kwargs, grad_context=grad_context, nbytes=count_bytes(model), out=out)
+    release_freed_memory()
+    return dict(model=model, kwargs=kwargs, grad_context=grad_context, nbytes=count_bytes(model), out=out,
+                routes=route_counts(model, dtype))
 
 
 def time_interleaved(prepared: dict[str, dict], rounds: int) -> dict[str, float]:
@@ -178,8 +283,36 @@ def time_gemms(repeats: int) -> dict[tuple, dict[str, float]]:
                 row[f"ViDiT-Q W{bits}A8 linear, as dispatched{label}"] = median_time(
                     lambda: quantized_linear(activation, default.qweight, bits, default.scales(), default.weight_zero,
                                              None, 8), repeats)
+        row.update(time_grouped(x, k, n, repeats))
         results[(m, k, n)] = row
     return results
+
+
+def time_grouped(x: torch.Tensor, k: int, n: int, repeats: int) -> dict[str, float]:
+    """W4A8 with group-wise weight scales (asymmetric, as the plans use them) at `GROUP_SIZES`: the linear as
+    dispatched, and the group-wise kernel called directly where it is built (it quantizes the activations too)."""
+    row = {}
+    linear = torch.nn.Linear(k, n, bias=False)
+    for size in GROUP_SIZES:
+        layer = ViDiTQLinear.from_linear(linear, LayerSpec.for_linear(linear, 4, 8, size))
+        args = (layer.qweight, 4, layer.scales(), layer.weight_zero, None)
+        row[f"ViDiT-Q W4A8-g{size} linear, as dispatched"] = median_time(
+            lambda: quantized_linear(x, *args, 8), repeats)
+        if cpu_int16.available():
+            row[f"W4A8-g{size} our group-wise kernel (cpu_int16.linear_grouped)"] = median_time(
+                lambda: cpu_int16.linear_grouped(x, *args), repeats)
+    return row
+
+
+def skipped(label: str, skip: list[str]) -> bool:
+    """`--skip`: a variant whose label contains one of the words is left out; the two float baselines never are."""
+    return any(word in label for word in skip) and label not in ("fp32 eager", "bf16 eager")
+
+
+def rss_gib() -> float:
+    """This process's resident memory now (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 def main() -> None:
@@ -189,6 +322,8 @@ def main() -> None:
     parser.add_argument("--gemm-repeats", type=int, default=10)
     parser.add_argument("--no-peers", action="store_true", help="skip the peer libraries")
     parser.add_argument("--skip", nargs="*", default=[], help="skip variants whose label contains any of these")
+    parser.add_argument("--recipes", help="the calibrated default's decided plan: read if the file exists, else "
+                                          "searched (slow) and written there")
     args = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     warmup()  # the C++ kernels, built or loaded before anything is timed
@@ -198,8 +333,8 @@ def main() -> None:
           f"1 warm-up, median of {args.repeats} interleaved forwards", flush=True)
 
     prepared, rows = {}, {}
-    for label, (dtype, make) in variants(not args.no_peers).items():
-        if any(word in label for word in args.skip) and label not in ("fp32 eager", "bf16 eager"):
+    for label, (dtype, make) in variants(not args.no_peers, args.recipes).items():
+        if skipped(label, args.skip):
             continue
         try:
             prepared[label] = prepare_variant(dtype, make, args.layers)
@@ -207,7 +342,9 @@ def main() -> None:
             rows[label] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
             print(f"  {label}: failed: {rows[label]}", flush=True)
             continue
-        print(f"  {label}: built and warmed up", flush=True)
+        print(f"  {label}: built and warmed up (RSS now {rss_gib():.1f} GiB)", flush=True)
+    _calibrations.clear()  # the statistics are in the quantized layers now
+    gc.collect()
     print(f"timing {len(prepared)} variants in {args.repeats} interleaved rounds "
           f"(load average {os.getloadavg()[0]:.1f})", flush=True)
     seconds = time_interleaved(prepared, args.repeats)
@@ -217,6 +354,7 @@ def main() -> None:
         quality = float("inf") if label == "fp32 eager" else psnr(variant["out"], reference, data_range)
         rows[label] = (seconds[label], variant["nbytes"], quality)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    routes = {label: variant["routes"] for label, variant in prepared.items() if variant["routes"]}
     del prepared
     gc.collect()
 
@@ -230,6 +368,9 @@ def main() -> None:
         seconds, nbytes, quality = row
         print(f"| {label} | {seconds:.2f} | {fp32 / seconds:.2f}x | {bf16 / seconds:.2f}x | "
               f"{nbytes / 2**20:,.0f} | {quality:.2f} |")
+    print("\nQuantized layers per kernel route (format -> route) and per channel-balancing path:")
+    for label, counts in routes.items():
+        print(f"- {label}: {counts}")
 
     print("\nGEMM at DiT shapes, median ms (speed-up vs fp32 F.linear); 'as dispatched' includes the per-token "
           "activation quantization and the epilogue")
@@ -241,6 +382,8 @@ def main() -> None:
     for name in gemms[shapes[0]]:
         cells = [f"{gemms[s][name] * 1e3:.1f} ({gemms[s]['fp32 F.linear'] / gemms[s][name]:.2f}x)" for s in shapes]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    # Linux reports kilobytes: every variant was held in memory at once
+    print(f"\npeak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,96 @@
+"""benchmarks/speed_cpu.py's W4A8-MP and calibrated-default rows, their route counts and the group-wise GEMM rows,
+run at a tiny size: a 2-block PixArt transformer of hidden 64 (a Hadamard order, and a multiple of the plans'
+group size 64) stands in for the 28-block, hidden-1152 one."""
+
+import pytest
+import torch
+from diffusers import PixArtTransformer2DModel
+
+from benchmarks import speed_cpu
+from benchmarks.pixart_alpha import CONFIG
+from benchmarks.plan_mapping import shipped_plan_mapped
+from viditq_diffusers import ViDiTQLinear
+from viditq_diffusers.kernels import cpu_int16
+
+NEW_ROWS = {"heuristic": "ViDiT-Q W4A8-MP (w4a8_mp heuristic preset)",
+            "5-bit": "ViDiT-Q W4A8-MP shipped 5-bit plan (mapped)",
+            "6-bit": "ViDiT-Q W4A8-MP shipped 6-bit plan (mapped)",
+            "calibrated default": "ViDiT-Q W8A8 calibrated default (recipe search)"}
+
+
+def tiny_model() -> PixArtTransformer2DModel:
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(**{**CONFIG, "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 32,
+                                        "cross_attention_dim": 64, "caption_channels": 32, "sample_size": 8})
+    return model.eval().requires_grad_(False)
+
+
+def tiny_inputs() -> dict:
+    g = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(2, 8, 32,
+                                                                                                      generator=g),
+                timestep=torch.full((2,), 500, dtype=torch.long), added_cond_kwargs={"resolution": None,
+                                                                                    "aspect_ratio": None},
+                return_dict=False)
+
+
+@pytest.fixture(autouse=True)
+def fresh_statistics():
+    speed_cpu._calibrations.clear()
+    yield
+    speed_cpu._calibrations.clear()
+
+
+def quantized_specs(model) -> dict:
+    return {name: m.spec for name, m in model.named_modules() if isinstance(m, ViDiTQLinear)}
+
+
+def test_each_new_row_is_listed_and_skipped_by_its_own_word():
+    labels = list(speed_cpu.variants(with_peers=False))
+    assert set(NEW_ROWS.values()) <= set(labels)
+    for word, label in NEW_ROWS.items():
+        assert [x for x in labels if speed_cpu.skipped(x, [word])] == [label]
+    assert not speed_cpu.skipped("bf16 eager", ["eager"])
+
+
+@pytest.mark.parametrize("bits", [5, 6])
+def test_mapped_plan_row_quantizes_as_the_mapped_plan_says(bits):
+    make = speed_cpu.variants(with_peers=False)[NEW_ROWS[f"{bits}-bit"]][1]
+    model, kwargs = tiny_model(), tiny_inputs()
+    expected = shipped_plan_mapped(bits, model)["layers"]
+    quantized, grad_context, count_bytes = make(model, kwargs)
+    with grad_context():
+        out = quantized(**kwargs)[0]
+    assert torch.isfinite(out).all() and count_bytes(quantized) > 0
+    specs = quantized_specs(quantized)
+    assert specs == expected  # every entry as mapped: bits, groups, decided alphas, rotation seeds
+    assert any(s.group_size == 64 for s in specs.values()) and any(s.smoothed for s in specs.values())
+    counts = speed_cpu.route_counts(quantized, torch.float32)
+    routes = counts.split("; balancing")[0]
+    assert sum(int(part.split()[0]) for part in routes.split(", ")) == len(expected), counts
+    assert "W4A8-g64 -> " in counts
+
+
+def test_heuristic_row_and_the_calibrated_default_saving_its_recipes(tmp_path):
+    heuristic = speed_cpu.variants(with_peers=False)[NEW_ROWS["heuristic"]][1]
+    specs = quantized_specs(heuristic(tiny_model(), tiny_inputs())[0])
+    assert {s.weight_bits for s in specs.values()} == {8}  # 2 blocks: the first and the last are W8
+
+    recipes = tmp_path / "recipes.plan.json"
+    make = speed_cpu.variants(with_peers=False, recipes=str(recipes))[NEW_ROWS["calibrated default"]][1]
+    searched, _, _ = make(tiny_model(), tiny_inputs())
+    assert recipes.is_file()
+    speed_cpu._calibrations.clear()
+    reread, _, _ = make(tiny_model(), tiny_inputs())  # the saved decided plan, no search
+    assert quantized_specs(reread) == quantized_specs(searched)
+    assert all(s.decided and s.weight_bits == 8 for s in quantized_specs(searched).values())
+    with torch.inference_mode():
+        assert torch.equal(reread(**tiny_inputs())[0], searched(**tiny_inputs())[0])
+
+
+def test_group_wise_gemm_rows():
+    row = speed_cpu.time_grouped(torch.randn(4, 128), 128, 8, repeats=1)
+    for size in speed_cpu.GROUP_SIZES:
+        assert row[f"ViDiT-Q W4A8-g{size} linear, as dispatched"] > 0
+        kernel = f"W4A8-g{size} our group-wise kernel (cpu_int16.linear_grouped)"
+        assert (kernel in row) == cpu_int16.available()
