@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from ..layer_spec import LayerSpec, precision_label
-from ..quant.channel_balance import balance_activation
+from ..quant.channel_balance import balance_activation_kernel_order
 from ..quant.formats import unpack_int4
 from . import cpu_amx, cpu_balance, cpu_direct, cpu_int16, onednn
 from .torch_ops import linear_int, linear_weight_only, quantize_activations
@@ -252,7 +252,7 @@ def balanced(x: torch.Tensor, smooth, rotation_seed) -> torch.Tensor:
     """`x diag(smooth) R` before a CPU or torch route: the C++ rotation where it applies, same bits either way."""
     if balance_reason(rotation_seed is not None, x) is None:
         return cpu_balance.balance_activation(x, smooth, rotation_seed)
-    return balance_activation(x, smooth, rotation_seed)  # identity where both are None
+    return balance_activation_kernel_order(x, smooth, rotation_seed)  # identity where both are None
 
 
 def linear_triton(x, qweight, weight_bits, scale, zero, bias, smooth=None, rotation_seed=None):
