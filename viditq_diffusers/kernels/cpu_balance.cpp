@@ -108,7 +108,8 @@ void dense8(const float* w, const float* h, float* u, int64_t p, int64_t pow2) {
   }
 }
 
-// The same on 16 lanes (AVX-512): NA outputs for 2 vectors of b (32 lanes), pow2 a multiple of 32.
+// The AVX-512 row (pow2 a multiple of 32): the same steps on 16 lanes, the FWHT's stages h = 1 .. 16 done on each
+// 32-channel chunk in registers as it leaves the H_p sum (or the scale, for p = 1), the wider ones over the row.
 #define AVX512_TARGET __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
 
 template <bool BF16>
@@ -122,6 +123,45 @@ AVX512_TARGET inline __m512 to_dtype16(__m512 v) {
   return _mm512_castsi512_ps(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc00000)));
 }
 
+template <bool BF16>
+AVX512_TARGET inline __m512 load16(const void* x, int64_t j) {
+  if (!BF16) return _mm512_loadu_ps(static_cast<const float*>(x) + j);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + j));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <bool BF16>
+AVX512_TARGET inline __m512 scale16(const void* x, const float* smooth, const float* scale, int64_t j) {
+  __m512 v = load16<BF16>(x, j);
+  if (smooth) v = to_dtype16<BF16>(_mm512_mul_ps(v, _mm512_loadu_ps(smooth + j)));
+  return to_dtype16<BF16>(_mm512_mul_ps(v, _mm512_loadu_ps(scale + j)));
+}
+
+// As butterfly8: the lanes in UPPER take swapped - v, the others v + swapped.
+template <bool BF16, int UPPER>
+AVX512_TARGET inline __m512 butterfly16(__m512 v, __m512 swapped) {
+  return to_dtype16<BF16>(_mm512_mask_blend_ps(UPPER, _mm512_add_ps(v, swapped), _mm512_sub_ps(swapped, v)));
+}
+
+// The stages h = 1, 2, 4, 8 in each vector (swap neighbours, pairs, 128-bit lanes, 256-bit halves), then h = 16
+// between the chunk's two vectors.
+template <bool BF16>
+AVX512_TARGET inline void fwht32(__m512& lo, __m512& hi) {
+  __m512* halves[2] = {&lo, &hi};
+  for (__m512* half : halves) {
+    __m512 v = *half;
+    v = butterfly16<BF16, 0xAAAA>(v, _mm512_permute_ps(v, 0xB1));
+    v = butterfly16<BF16, 0xCCCC>(v, _mm512_permute_ps(v, 0x4E));
+    v = butterfly16<BF16, 0xF0F0>(v, _mm512_shuffle_f32x4(v, v, 0xB1));
+    v = butterfly16<BF16, 0xFF00>(v, _mm512_shuffle_f32x4(v, v, 0x4E));
+    *half = v;
+  }
+  const __m512 a = lo, b = hi;
+  lo = to_dtype16<BF16>(_mm512_add_ps(a, b));
+  hi = to_dtype16<BF16>(_mm512_sub_ps(a, b));
+}
+
+// dense8_block on 16 lanes, NA outputs for one 32-channel chunk, whose low FWHT stages follow in registers.
 template <bool BF16, int NA>
 AVX512_TARGET inline void dense16_block(const float* w, const float* h, float* u, int64_t a0, int64_t b0, int64_t p,
                                         int64_t pow2) {
@@ -136,19 +176,43 @@ AVX512_TARGET inline void dense16_block(const float* w, const float* h, float* u
     }
   }
   for (int i = 0; i < NA; i++) {
-    _mm512_storeu_ps(u + (a0 + i) * pow2 + b0, to_dtype16<BF16>(acc[i][0]));
-    _mm512_storeu_ps(u + (a0 + i) * pow2 + b0 + 16, to_dtype16<BF16>(acc[i][1]));
+    __m512 lo = to_dtype16<BF16>(acc[i][0]), hi = to_dtype16<BF16>(acc[i][1]);
+    fwht32<BF16>(lo, hi);
+    _mm512_storeu_ps(u + (a0 + i) * pow2 + b0, lo);
+    _mm512_storeu_ps(u + (a0 + i) * pow2 + b0 + 16, hi);
   }
 }
 
+// One row: x (smoothed, scaled) -> w, H_p sum and low stages -> u (p > 1), wide stages; returns the rotated row.
 template <bool BF16>
-AVX512_TARGET __attribute__((noinline)) void dense16(const float* w, const float* h, float* u, int64_t p,
-                                                     int64_t pow2) {
-  for (int64_t b = 0; b < pow2; b += 32) {
-    int64_t a = 0;
-    for (; a + 6 <= p; a += 6) dense16_block<BF16, 6>(w, h, u, a, b, p, pow2);
-    for (; a < p; a++) dense16_block<BF16, 1>(w, h, u, a, b, p, pow2);
+AVX512_TARGET __attribute__((noinline)) float* rotate_row16(const void* x, const float* smooth, const float* scale,
+                                                            const float* h, float* w, float* u, int64_t k, int64_t p,
+                                                            int64_t pow2) {
+  float* row = w;
+  if (p > 1) {
+    for (int64_t j = 0; j < k; j += 16) _mm512_storeu_ps(w + j, scale16<BF16>(x, smooth, scale, j));
+    for (int64_t b = 0; b < pow2; b += 32) {
+      int64_t a = 0;
+      for (; a + 6 <= p; a += 6) dense16_block<BF16, 6>(w, h, u, a, b, p, pow2);
+      for (; a < p; a++) dense16_block<BF16, 1>(w, h, u, a, b, p, pow2);
+    }
+    row = u;
+  } else {
+    for (int64_t j = 0; j < k; j += 32) {
+      __m512 lo = scale16<BF16>(x, smooth, scale, j), hi = scale16<BF16>(x, smooth, scale, j + 16);
+      fwht32<BF16>(lo, hi);
+      _mm512_storeu_ps(w + j, lo);
+      _mm512_storeu_ps(w + j + 16, hi);
+    }
   }
+  for (int64_t step = 32; step < pow2; step *= 2)
+    for (int64_t block = 0; block < k; block += 2 * step)
+      for (int64_t j = block; j < block + step; j += 16) {
+        const __m512 a = _mm512_loadu_ps(row + j), b = _mm512_loadu_ps(row + j + step);
+        _mm512_storeu_ps(row + j, to_dtype16<BF16>(_mm512_add_ps(a, b)));
+        _mm512_storeu_ps(row + j + step, to_dtype16<BF16>(_mm512_sub_ps(a, b)));
+      }
+  return row;
 }
 
 bool avx512_here() {
@@ -158,10 +222,8 @@ bool avx512_here() {
 }
 
 template <bool BF16>
-void dense(const float* w, const float* h, float* u, int64_t p, int64_t pow2, bool avx512) {
-  if (avx512 && pow2 % 32 == 0)
-    dense16<BF16>(w, h, u, p, pow2);
-  else if (pow2 % 8 == 0)
+void dense(const float* w, const float* h, float* u, int64_t p, int64_t pow2) {
+  if (pow2 % 8 == 0)
     dense8<BF16>(w, h, u, p, pow2);
   else
     dense_scalar<BF16>(w, h, u, p, pow2);
@@ -241,13 +303,18 @@ void balance_rows(const char* x, int64_t x_row_bytes, const float* smooth, const
   at::parallel_for(0, m, 4, [&](int64_t r0, int64_t r1) {
     std::vector<float> w(k), u(p > 1 ? k : 0);
     for (int64_t r = r0; r < r1; r++) {
-      scale_row<BF16>(x + r * x_row_bytes, smooth, scale, w.data(), k);
+      const char* row = x + r * x_row_bytes;
       float* rotated = w.data();
-      if (p > 1) {
-        dense<BF16>(w.data(), h, u.data(), p, pow2, avx512);
-        rotated = u.data();
+      if (avx512 && pow2 % 32 == 0) {
+        rotated = rotate_row16<BF16>(row, smooth, scale, h, w.data(), u.data(), k, p, pow2);
+      } else {
+        scale_row<BF16>(row, smooth, scale, w.data(), k);
+        if (p > 1) {
+          dense<BF16>(w.data(), h, u.data(), p, pow2);
+          rotated = u.data();
+        }
+        fwht<BF16>(rotated, k, pow2);
       }
-      fwht<BF16>(rotated, k, pow2);
       store_row<BF16>(rotated, out + r * out_row_bytes, k);
     }
   });
