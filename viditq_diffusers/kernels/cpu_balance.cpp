@@ -205,7 +205,21 @@ AVX512_TARGET __attribute__((noinline)) float* rotate_row16(const void* x, const
       _mm512_storeu_ps(w + j + 16, hi);
     }
   }
-  for (int64_t step = 32; step < pow2; step *= 2)
+  int64_t step = 32;
+  for (; 4 * step <= pow2; step *= 4)  // two stages per pass over the row: step and 2 step on 4 vectors
+    for (int64_t block = 0; block < k; block += 4 * step)
+      for (int64_t j = block; j < block + step; j += 16) {
+        float* q = row + j;
+        const __m512 a = _mm512_loadu_ps(q), b = _mm512_loadu_ps(q + step);
+        const __m512 c = _mm512_loadu_ps(q + 2 * step), d = _mm512_loadu_ps(q + 3 * step);
+        const __m512 ab = to_dtype16<BF16>(_mm512_add_ps(a, b)), a_b = to_dtype16<BF16>(_mm512_sub_ps(a, b));
+        const __m512 cd = to_dtype16<BF16>(_mm512_add_ps(c, d)), c_d = to_dtype16<BF16>(_mm512_sub_ps(c, d));
+        _mm512_storeu_ps(q, to_dtype16<BF16>(_mm512_add_ps(ab, cd)));
+        _mm512_storeu_ps(q + 2 * step, to_dtype16<BF16>(_mm512_sub_ps(ab, cd)));
+        _mm512_storeu_ps(q + step, to_dtype16<BF16>(_mm512_add_ps(a_b, c_d)));
+        _mm512_storeu_ps(q + 3 * step, to_dtype16<BF16>(_mm512_sub_ps(a_b, c_d)));
+      }
+  for (; step < pow2; step *= 2)
     for (int64_t block = 0; block < k; block += 2 * step)
       for (int64_t j = block; j < block + step; j += 16) {
         const __m512 a = _mm512_loadu_ps(row + j), b = _mm512_loadu_ps(row + j + step);
@@ -259,7 +273,21 @@ void fwht8(float* w, int64_t k, int64_t pow2) {
     v = butterfly8<BF16, 0xF0>(v, _mm256_permute2f128_ps(v, v, 0x01));     // h = 4: swap halves
     _mm256_storeu_ps(w + j, v);
   }
-  for (int64_t h = 8; h < pow2; h *= 2)
+  int64_t h = 8;
+  for (; 4 * h <= pow2; h *= 4)  // two stages per pass over the row: h and 2 h on 4 vectors
+    for (int64_t block = 0; block < k; block += 4 * h)
+      for (int64_t j = block; j < block + h; j += 8) {
+        float* q = w + j;
+        const __m256 a = _mm256_loadu_ps(q), b = _mm256_loadu_ps(q + h);
+        const __m256 c = _mm256_loadu_ps(q + 2 * h), d = _mm256_loadu_ps(q + 3 * h);
+        const __m256 ab = to_dtype8<BF16>(_mm256_add_ps(a, b)), a_b = to_dtype8<BF16>(_mm256_sub_ps(a, b));
+        const __m256 cd = to_dtype8<BF16>(_mm256_add_ps(c, d)), c_d = to_dtype8<BF16>(_mm256_sub_ps(c, d));
+        _mm256_storeu_ps(q, to_dtype8<BF16>(_mm256_add_ps(ab, cd)));
+        _mm256_storeu_ps(q + 2 * h, to_dtype8<BF16>(_mm256_sub_ps(ab, cd)));
+        _mm256_storeu_ps(q + h, to_dtype8<BF16>(_mm256_add_ps(a_b, c_d)));
+        _mm256_storeu_ps(q + 3 * h, to_dtype8<BF16>(_mm256_sub_ps(a_b, c_d)));
+      }
+  for (; h < pow2; h *= 2)
     for (int64_t block = 0; block < k; block += 2 * h)
       for (int64_t j = block; j < block + h; j += 8) {
         const __m256 a = _mm256_loadu_ps(w + j), b = _mm256_loadu_ps(w + j + h);
