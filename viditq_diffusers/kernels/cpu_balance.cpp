@@ -183,9 +183,10 @@ AVX512_TARGET inline void dense16_block(const float* w, const float* h, float* u
   }
 }
 
-// One row: x (smoothed, scaled) -> w, H_p sum and low stages -> u (p > 1), wide stages; returns the rotated row.
+// One row: x (smoothed, scaled) -> w, H_p sum and low stages -> u (p > 1), wide stages; the result is in u
+// (p > 1) or w.
 template <bool BF16>
-AVX512_TARGET __attribute__((noinline)) float* rotate_row16(const void* x, const float* smooth, const float* scale,
+AVX512_TARGET __attribute__((noinline)) void rotate_row16(const void* x, const float* smooth, const float* scale,
                                                             const float* h, float* w, float* u, int64_t k, int64_t p,
                                                             int64_t pow2) {
   float* row = w;
@@ -226,7 +227,6 @@ AVX512_TARGET __attribute__((noinline)) float* rotate_row16(const void* x, const
         _mm512_storeu_ps(row + j, to_dtype16<BF16>(_mm512_add_ps(a, b)));
         _mm512_storeu_ps(row + j + step, to_dtype16<BF16>(_mm512_sub_ps(a, b)));
       }
-  return row;
 }
 
 bool avx512_here() {
@@ -304,13 +304,8 @@ void fwht(float* w, int64_t k, int64_t pow2) {
     fwht_scalar<BF16>(w, k, pow2);
 }
 
-// The fp32 row w (values exact in the dtype) stored in the dtype.
-template <bool BF16>
+// The fp32 row w (values exact in bf16) stored as bf16.
 void store_row(const float* w, void* out, int64_t k) {
-  if (!BF16) {
-    std::memcpy(out, w, k * sizeof(float));
-    return;
-  }
   uint16_t* dst = static_cast<uint16_t*>(out);
   int64_t j = 0;
   for (; j + 8 <= k; j += 8) {  // the low halves are 0: keep the high ones, in order
@@ -329,21 +324,25 @@ template <bool BF16>
 void balance_rows(const char* x, int64_t x_row_bytes, const float* smooth, const float* scale, const float* h,
                   char* out, int64_t out_row_bytes, int64_t m, int64_t k, int64_t p, int64_t pow2, bool avx512) {
   at::parallel_for(0, m, 4, [&](int64_t r0, int64_t r1) {
-    std::vector<float> w(k), u(p > 1 ? k : 0);
+    std::vector<float> scratch(2 * k);
     for (int64_t r = r0; r < r1; r++) {
       const char* row = x + r * x_row_bytes;
-      float* rotated = w.data();
+      // w: the scaled row, u: the H_p sum (p > 1). An fp32 row ends in the output row itself, no copy.
+      float* w = scratch.data();
+      float* u = scratch.data() + k;
+      float* dst = reinterpret_cast<float*>(out + r * out_row_bytes);
+      if (!BF16) {
+        if (p > 1) u = dst; else w = dst;
+      }
+      float* rotated = p > 1 ? u : w;
       if (avx512 && pow2 % 32 == 0) {
-        rotated = rotate_row16<BF16>(row, smooth, scale, h, w.data(), u.data(), k, p, pow2);
+        rotate_row16<BF16>(row, smooth, scale, h, w, u, k, p, pow2);
       } else {
-        scale_row<BF16>(row, smooth, scale, w.data(), k);
-        if (p > 1) {
-          dense<BF16>(w.data(), h, u.data(), p, pow2);
-          rotated = u.data();
-        }
+        scale_row<BF16>(row, smooth, scale, w, k);
+        if (p > 1) dense<BF16>(w, h, u, p, pow2);
         fwht<BF16>(rotated, k, pow2);
       }
-      store_row<BF16>(rotated, out + r * out_row_bytes, k);
+      if (BF16) store_row(rotated, dst, k);
     }
   });
 }
