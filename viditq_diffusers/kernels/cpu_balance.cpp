@@ -3,7 +3,12 @@
 // Walsh-Hadamard transform over each run of pow2 channels, in quant.hadamard.rotate_kernel_order's order and
 // rounding: every step is rounded to x's dtype as torch rounds it (fp32: IEEE; bf16: computed in fp32, rounded to
 // nearest even), and the H_p sum runs in fp32 over c = 0, 1, ..., p - 1 from +0, rounded to x's dtype once.
-// The row stays in cache from its load to its store. AVX2 throughout; the H_p sum on AVX-512 where the CPU has it.
+// The row stays in cache from its load to its store. AVX2, or AVX-512 where the CPU has it (runtime dispatch).
+//
+// NaN in bf16: the vector steps round without a NaN check and the row's store writes every NaN as 0x7fc0 (torch
+// itself writes 0x7fc0 or 0xffff, by code path: NaN payloads are not part of the contract). A NaN stays a NaN:
+// every NaN here has its low 16 bits 0 (a bf16 input's, the default NaN of Inf - Inf, or an operand's NaN passed
+// on), so the rounding (u + 0x7fff + lsb, low half cleared) leaves it a NaN; the other values round as torch.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -23,8 +28,16 @@ inline float to_dtype(float f) {  // rounded to x's dtype, as torch rounds (cpu_
   return f;
 }
 
+// 8 lanes rounded to x's dtype as torch rounds, a NaN left a NaN of another payload (see the top).
+inline __m256i bf16_rounded_bits8_any_nan(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  return _mm256_and_si256(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb),
+                          _mm256_set1_epi32(int(0xffff0000u)));
+}
+
 template <bool BF16>
-inline __m256 to_dtype8(__m256 v) { return BF16 ? _mm256_castsi256_ps(viditq::bf16_rounded_bits8(v)) : v; }
+inline __m256 to_dtype8(__m256 v) { return BF16 ? _mm256_castsi256_ps(bf16_rounded_bits8_any_nan(v)) : v; }
 
 // 8 values of row x (fp32 or bf16) as fp32 (bf16 -> fp32 is a 16-bit shift: exact).
 template <bool BF16>
@@ -113,14 +126,12 @@ void dense8(const float* w, const float* h, float* u, int64_t p, int64_t pow2) {
 #define AVX512_TARGET __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
 
 template <bool BF16>
-AVX512_TARGET inline __m512 to_dtype16(__m512 v) {
+AVX512_TARGET inline __m512 to_dtype16(__m512 v) {  // as to_dtype8
   if (!BF16) return v;
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_and_si512(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb),
-                                           _mm512_set1_epi32(int(0xffff0000u)));
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);  // as cpu_bf16.h: NaN -> 0x7fc0
-  return _mm512_castsi512_ps(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc00000)));
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb),
+                                              _mm512_set1_epi32(int(0xffff0000u))));
 }
 
 template <bool BF16>
@@ -304,20 +315,19 @@ void fwht(float* w, int64_t k, int64_t pow2) {
     fwht_scalar<BF16>(w, k, pow2);
 }
 
-// The fp32 row w (values exact in bf16) stored as bf16.
+// The fp32 row w (values exact in bf16) stored as bf16, every NaN as 0x7fc0.
 void store_row(const float* w, void* out, int64_t k) {
   uint16_t* dst = static_cast<uint16_t*>(out);
   int64_t j = 0;
   for (; j + 8 <= k; j += 8) {  // the low halves are 0: keep the high ones, in order
-    const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(_mm256_loadu_ps(w + j)), 16);
+    const __m256 v = _mm256_loadu_ps(w + j);
+    const __m256i bits = _mm256_blendv_epi8(_mm256_castps_si256(v), _mm256_set1_epi32(0x7fc00000),
+                                            _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    const __m256i hi = _mm256_srli_epi32(bits, 16);
     const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j), packed);
   }
-  for (; j < k; j++) {
-    uint32_t bits;
-    std::memcpy(&bits, w + j, 4);
-    dst[j] = uint16_t(bits >> 16);
-  }
+  for (; j < k; j++) dst[j] = uint16_t(viditq::bf16_rounded_bits(w[j]) >> 16);  // exact: only a NaN changes
 }
 
 template <bool BF16>
