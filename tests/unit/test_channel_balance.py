@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from viditq_diffusers.quant.channel_balance import balance_activation, balance_weight, smoothing_factors
+from viditq_diffusers.quant.channel_balance import (balance_activation, balance_activation_kernel_order, balance_weight,
+                                                    smoothing_factors)
 
 
 def _layer(n_in, n_out=24, seed=0):
@@ -84,3 +85,22 @@ def test_dtypes_preserved():
     assert torch.equal(balance_activation(x, None, None), x)
     with pytest.raises(ValueError, match="expected"):
         balance_activation(x, m[:10], None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_order_is_balance_activation_up_to_rounding(dtype):
+    """What every quantized linear route computes (`balance_activation_kernel_order`): `balance_activation` bit for
+    bit where the width is a power of two (no dense Hadamard factor), within float rounding otherwise."""
+    for n in (128, 1152):
+        x, w, _ = _layer(n)
+        m = smoothing_factors(x.abs().amax(dim=(0, 1)), w, alpha=0.5).float()
+        x = x.to(dtype)
+        ours, theirs = balance_activation_kernel_order(x, m, 5), balance_activation(x, m, 5)
+        if n == 128:
+            assert torch.equal(ours, theirs)
+        else:
+            exact = balance_activation(x.double(), m, 5)
+            tol = 4 * torch.finfo(dtype).eps * exact.abs().max()
+            assert (ours.double() - exact).abs().max() <= tol and (theirs.double() - exact).abs().max() <= tol
+    with pytest.raises(ValueError, match="one per input channel"):
+        balance_activation_kernel_order(torch.zeros(2, 64), torch.ones(63), 0)

@@ -26,10 +26,10 @@ NAN, INF = float("nan"), float("inf")
 K, N = 64, 8
 
 
-def nonfinite_input(dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, int]]:
-    """Rows: ordinary, zero, NaN, Inf and huge finite ones; {what: row}."""
+def nonfinite_input(dtype: torch.dtype, k: int = K) -> tuple[torch.Tensor, dict[str, int]]:
+    """Rows: ordinary, zero, NaN, Inf and huge finite ones (`k` channels); {what: row}."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(16, K, generator=g) * 2
+    x = torch.randn(16, k, generator=g) * 2
     rows = {}
 
     def row(what, **cols):
@@ -48,20 +48,20 @@ def nonfinite_input(dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, int]]:
     row("+Inf and -Inf", c3=INF, c9=-INF)
     row("NaN and Inf", c3=NAN, c9=INF)
     row("3e38", c2=3e38)
-    x[row("all +-3e38")] = torch.where(torch.arange(K) % 3 == 0, -3e38, 3e38)
+    x[row("all +-3e38")] = torch.where(torch.arange(k) % 3 == 0, -3e38, 3e38)
     row("-Inf next to 2e38", c4=-INF, c11=2e38)
     x[row("subnormal")] = 1e-40
     row("1e30 (beyond fp16)", c0=1e30)
     return x.to(dtype), rows
 
 
-def layer_for(bits, symmetric, static, balance, group=None, hand_edited=False, dtype=torch.float32):
+def layer_for(bits, symmetric, static, balance, group=None, hand_edited=False, dtype=torch.float32, k=K):
     torch.manual_seed(bits + 2 * symmetric)
-    linear = torch.nn.Linear(K, N)
+    linear = torch.nn.Linear(k, N)
     spec = LayerSpec.for_linear(linear, bits, 8, group, symmetric, act_scale=0.05 if static else None,
                                 smooth_alpha=0.5 if balance != "none" else None,
                                 rotation_seed=3 if balance == "smooth+rotate" else None)
-    layer = ViDiTQLinear.from_linear(linear, spec, torch.rand(K) + 0.5 if balance != "none" else None).to(dtype)
+    layer = ViDiTQLinear.from_linear(linear, spec, torch.rand(k) + 0.5 if balance != "none" else None).to(dtype)
     if hand_edited:  # a NaN and an Inf weight scale, as a hand-edited checkpoint could hold
         scales = layer.scales().clone()
         scales[1, 0], scales[2, -1] = NAN, INF
@@ -121,6 +121,18 @@ def test_every_route_gives_the_torch_paths_nan_and_inf(bits, symmetric, static, 
     assert torch.isfinite(y[[0, rows["zero"], rows["subnormal"]]]).all()
     inf_rows = [rows[w] for w in ("one +Inf", "one -Inf", "all +Inf", "+Inf and -Inf", "-Inf next to 2e38")]
     assert not torch.isfinite(y[inf_rows]).any(), "an Inf in a row never gives a finite output"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_rotation_with_a_dense_factor_gives_the_torch_paths_nan_and_inf(bits, dtype, monkeypatch):
+    """K = 192 = 12 x 16 rotates with a dense Hadamard factor of order 12 (K = 64 has none): the C++ balancing
+    pass before the CPU routes (`cpu_balance`) and Triton's fused one give the torch path's NaN and Inf rows."""
+    x, rows = nonfinite_input(dtype, 192)
+    layer = layer_for(bits, False, False, "smooth+rotate", dtype=dtype, k=192)
+    y = check_every_route(layer, x, monkeypatch, f"W{bits} K=192 {dtype}")
+    assert torch.isnan(y[[rows["all NaN"], rows["one NaN"], rows["NaN and Inf"]]]).all()
+    assert torch.isfinite(y[[0, rows["zero"], rows["subnormal"]]]).all()
 
 
 @pytest.mark.parametrize("bits", [8, 4])

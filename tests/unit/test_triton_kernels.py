@@ -14,7 +14,7 @@ from viditq_diffusers.layer_spec import LayerSpec  # noqa: E402
 from viditq_diffusers.kernels.triton_gemm import int_gemm  # noqa: E402
 from viditq_diffusers.kernels import triton_quant  # noqa: E402
 from viditq_diffusers.kernels.triton_quant import quantize_per_token  # noqa: E402
-from viditq_diffusers.quant.channel_balance import balance_activation  # noqa: E402
+from viditq_diffusers.quant.channel_balance import balance_activation_kernel_order  # noqa: E402
 from viditq_diffusers.quant.formats import (  # noqa: E402
     pack_int4, quantize_activation_per_token, quantize_weight, unpack_int4,
 )
@@ -67,7 +67,7 @@ def test_rotation_beyond_the_tile_limit_runs_in_torch_first(monkeypatch):
     x = torch.randn(5, 96, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     m = (torch.rand(96, generator=torch.Generator().manual_seed(3)) + 0.5).to(DEVICE)
     codes, scale, _ = quantize_per_token(x, 8, m, rotation_seed=1)
-    ref_codes, ref_scale = quantize_activation_per_token(balance_activation(x, m, 1))
+    ref_codes, ref_scale = quantize_activation_per_token(balance_activation_kernel_order(x, m, 1))
     assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
 
 

@@ -78,7 +78,7 @@ def quantized_linear(x, qweight, weight_bits, scale, zero, bias, act_bits, act_s
     `qweight`: int8 codes `[N, K]` (W8) or packed int4 `[N, ceil(K / 2)]` (W4); `scale` fp32 `[N, G]` (or
     `[1, 1]` per tensor); `zero` int8 like `scale`, or None; `smooth` `[K]`: channel smoothing factors applied
     to `x` first (`x * smooth` in x's dtype), or None; `rotation_seed`: the Hadamard rotation applied after
-    smoothing (`quant.channel_balance.balance_activation`), or None.
+    smoothing (`quant.channel_balance.balance_activation_kernel_order`, on every route), or None.
     """
     if not _warm and x.device.type == "cpu" and fast_kernels_allowed():
         warmup()  # once: plain library use (diffusers, scripts) gets the C++ routes too

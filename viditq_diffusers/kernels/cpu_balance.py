@@ -1,11 +1,12 @@
-"""`quant.channel_balance.balance_activation` on CPU with the rotation's elementwise part in C++ (`cpu_balance.cpp`).
+"""Channel balancing on CPU in C++ (`cpu_balance.cpp`): `quant.channel_balance.balance_activation_kernel_order`,
+bit for bit, for a 2-D fp32 or bf16 CPU input.
 
-The torch version runs the fast Walsh-Hadamard transform as a dozen whole-tensor ops (a reshape, a stack, an
-add and a sub per bit of the channel index): 4-8 ms for a [512, 1152] activation on a 2-core CPU, several
-times the quantized GEMM it feeds. The C++ pass does the input scale and every butterfly on one row at a time
-while it is in cache, rounding each step to x's dtype as torch does, so the result has the same bits. The
-dense `H_p` factor (orders like 1152 = 36 x 32) stays the same torch matmul on the same layout as
-`hadamard.rotate`, and the smoothing the same torch multiply: their bits cannot change either.
+One pass per row does the whole of it while the row is in cache: the smoothing multiply, the rotation's input
+scale, the dense `H_p` factor (orders like 1152 = 36 x 32) as a sequential fp32 sum over the `p` axis, and the
+fast Walsh-Hadamard transform over each run of `2^k` channels, rounding each step to x's dtype as the torch
+reference does. The torch ops of the reference take a dozen whole-tensor passes and, for the `H_p` factor,
+`p` more; a torch matmul would be faster but sums in an unspecified order, so no kernel could match its bits.
+The per-token quantization that follows stays in the GEMM kernels (they take the float rows).
 """
 
 from __future__ import annotations
@@ -39,14 +40,15 @@ def missing_reason() -> str | None:
     return cpu_build.missing_reason(NAME)
 
 
-def balance_activation(x: torch.Tensor, smooth: torch.Tensor | None, rotation_seed: int | None) -> torch.Tensor:
-    """`channel_balance.balance_activation(x, smooth, rotation_seed)`, bit for bit, for a 2-D fp32 or bf16 CPU `x`."""
-    x = channel_balance.balance_activation(x, smooth, None)  # the smoothing (validated), or x itself
-    if rotation_seed is None:
-        return x
-    m, n = x.shape
-    pow2, scale, dense = hadamard.rotation_factors(n, rotation_seed, x.dtype, x.device)
-    y = extension().scale_and_fwht(x, scale, pow2)
-    if dense is not None:  # as hadamard.rotate: the same op on the same layout, so the same bits
-        y = (y.reshape(m, n // pow2, pow2).transpose(-1, -2) @ dense).transpose(-1, -2)
-    return y.reshape(m, n)
+def balance_activation(x: torch.Tensor, smooth: torch.Tensor | None, rotation_seed: int | None,
+                       allow_avx512: bool = True) -> torch.Tensor:
+    """`channel_balance.balance_activation_kernel_order(x, smooth, rotation_seed)`, bit for bit, for a 2-D fp32 or
+    bf16 CPU `x` (`balance_reason` is None). `allow_avx512=False` runs the AVX2 code on any CPU (tests)."""
+    if smooth is not None:
+        channel_balance.check_smoothing(smooth, x.shape[-1])
+    if rotation_seed is None:  # smoothing alone: one torch multiply is as fast
+        return channel_balance.balance_activation_kernel_order(x, smooth, None)
+    pow2, scale, dense = hadamard.rotation_factors(x.shape[1], rotation_seed, x.dtype, x.device)
+    empty = scale[:0]
+    smooth = empty if smooth is None else smooth.to(dtype=x.dtype)
+    return extension().balance(x, smooth, scale, empty if dense is None else dense.T, pow2, allow_avx512)

@@ -4,9 +4,11 @@ A route is a name, one `applies(layer, x)` (None where it applies, else a short 
 lists them fastest first and `select_route` takes the first that applies; `torch` always does. Every route
 gives the torch route's bits (the kernel tests hold each one to it), so the choice changes speed, never outputs.
 
-Before the CPU routes, channel balancing (smoothing, then the Hadamard rotation) runs on the input: the rotation
-in C++ where `balance_reason` is None (`cpu_balance`, same bits), else with torch ops (`quant.channel_balance`). It is a
-pre-step, not a route; the Triton route folds it into its quantization kernel.
+Before the CPU routes, channel balancing (smoothing, then the Hadamard rotation) runs on the input: in one C++ pass
+per row where `balance_reason` is None (`cpu_balance`: smoothing, scale, the dense `H_p` sum and the butterflies),
+else with torch ops (`quant.channel_balance.balance_activation_kernel_order`). It is a pre-step, not a route; the
+Triton route folds it into its quantization kernel. All three rotate in `quant.hadamard.rotate_kernel_order`'s
+order, so they give the same bits.
 
 Nothing here builds the C++ kernels: a route that needs one not yet loaded says "not built" and a slower route
 runs; `kernels.warmup()` builds them.
@@ -24,7 +26,7 @@ from typing import Callable
 import torch
 
 from ..layer_spec import LayerSpec, precision_label
-from ..quant.channel_balance import balance_activation
+from ..quant.channel_balance import balance_activation_kernel_order
 from ..quant.formats import unpack_int4
 from . import cpu_amx, cpu_balance, cpu_direct, cpu_int16, onednn
 from .torch_ops import linear_int, linear_weight_only, quantize_activations
@@ -252,7 +254,7 @@ def balanced(x: torch.Tensor, smooth, rotation_seed) -> torch.Tensor:
     """`x diag(smooth) R` before a CPU or torch route: the C++ rotation where it applies, same bits either way."""
     if balance_reason(rotation_seed is not None, x) is None:
         return cpu_balance.balance_activation(x, smooth, rotation_seed)
-    return balance_activation(x, smooth, rotation_seed)  # identity where both are None
+    return balance_activation_kernel_order(x, smooth, rotation_seed)  # identity where both are None
 
 
 def linear_triton(x, qweight, weight_bits, scale, zero, bias, smooth=None, rotation_seed=None):

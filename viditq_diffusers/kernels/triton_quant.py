@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant.channel_balance import balance_activation
+from ..quant.channel_balance import balance_activation_kernel_order
 from ..quant.hadamard import rotation_factors
 
 MAX_ROTATED_TILE = 16384  # the rotated row is held as one [p (to a power of two), 2^k] register tile
@@ -149,7 +149,8 @@ def quantize_per_token(x: torch.Tensor, bits: int = 8, smooth: torch.Tensor | No
 
     `smooth` `[K]` fp32 (optional) multiplies the channels first, as channel balancing's smoothing does;
     `rotation_seed` (optional) then rotates them (`quant.hadamard.rotate_kernel_order`). A rotation whose
-    `[p, 2^k]` tile exceeds MAX_ROTATED_TILE elements runs in torch first (`quant.channel_balance.balance_activation`).
+    `[p, 2^k]` tile exceeds MAX_ROTATED_TILE elements runs in torch first, in the same order
+    (`quant.channel_balance.balance_activation_kernel_order`).
     """
     if x.dim() != 2:
         raise ValueError(f"quantize_per_token expects a 2-D [tokens, channels] input, got {tuple(x.shape)}")
@@ -173,7 +174,7 @@ def quantize_per_token(x: torch.Tensor, bits: int = 8, smooth: torch.Tensor | No
                 num_warps=min(max(tile // 256, 1), 16),
             )
             return codes, scale, rowsum
-        x, smooth = balance_activation(x, smooth, rotation_seed), None
+        x, smooth = balance_activation_kernel_order(x, smooth, rotation_seed), None
     block = triton.next_power_of_2(k)
     _quantize_rows[(m,)](
         x, smooth if smooth is not None else x, codes, scale, rowsum, k, x.stride(0), codes.stride(0),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .hadamard import rotate, rotation_matrix
+from .hadamard import rotate, rotate_kernel_order, rotation_matrix
 
 
 def _check_stat(name: str, stat: torch.Tensor) -> None:
@@ -60,7 +60,8 @@ def smoothing_factors(
     return m.to(act_absmax.dtype if act_absmax.is_floating_point() else torch.float32)
 
 
-def _check_smoothing(smoothing: torch.Tensor, n: int) -> None:
+def check_smoothing(smoothing: torch.Tensor, n: int) -> None:
+    """Raise a ValueError unless `smoothing` holds one factor per input channel (`[n]`)."""
     if smoothing.shape != (n,):
         raise ValueError(f"smoothing has shape {tuple(smoothing.shape)}, expected [{n}] (one per input channel)")
 
@@ -76,7 +77,7 @@ def balance_weight(
     """
     w = weight.to(torch.float64)
     if smoothing is not None:
-        _check_smoothing(smoothing, weight.shape[-1])
+        check_smoothing(smoothing, weight.shape[-1])
         if not (torch.isfinite(smoothing).all() and (smoothing > 0).all()):
             raise ValueError("smoothing must be finite and positive")
         w = w / smoothing.to(device=w.device, dtype=torch.float64)
@@ -93,10 +94,26 @@ def balance_activation(
     Uses the fast Walsh-Hadamard path of `rotate`. Either argument may be None.
     """
     if smoothing is not None:
-        _check_smoothing(smoothing, x.shape[-1])
+        check_smoothing(smoothing, x.shape[-1])
         x = x * smoothing.to(device=x.device, dtype=x.dtype)
     if rotation_seed is not None:
         x = rotate(x, rotation_seed)
+    return x
+
+
+def balance_activation_kernel_order(
+    x: torch.Tensor, smoothing: torch.Tensor | None, rotation_seed: int | None
+) -> torch.Tensor:
+    """:func:`balance_activation` with the rotation in the kernels' order (`hadamard.rotate_kernel_order`): what
+    every quantized linear route computes before quantizing (the torch route with these torch ops, the C++ and
+    Triton ones in their own passes, bit for bit). Equal to :func:`balance_activation` for power-of-two widths;
+    otherwise different from it by float rounding only.
+    """
+    if smoothing is not None:
+        check_smoothing(smoothing, x.shape[-1])
+        x = x * smoothing.to(device=x.device, dtype=x.dtype)
+    if rotation_seed is not None:
+        x = rotate_kernel_order(x, rotation_seed)
     return x
 
 
@@ -110,6 +127,6 @@ def unbalance_weight(
     if rotation_seed is not None:
         w = w @ rotation_matrix(w.shape[-1], rotation_seed, torch.float64).to(w.device).T
     if smoothing is not None:
-        _check_smoothing(smoothing, weight.shape[-1])
+        check_smoothing(smoothing, weight.shape[-1])
         w = w * smoothing.to(device=w.device, dtype=torch.float64)
     return w.to(weight.dtype)

@@ -210,12 +210,28 @@ def rotate_kernel_order(x: torch.Tensor, seed: int) -> torch.Tensor:
     scale, dense = _rotation_parts(n, seed, x.dtype, x.device)
     y = (x * scale).reshape(*x.shape[:-1], p, pow2)
     if dense is not None:
-        wide = torch.promote_types(x.dtype, torch.float32)  # the kernel's fp32 accumulator (float64 stays)
-        acc = torch.zeros(y.shape, dtype=wide, device=x.device)
-        for c in range(p):  # out[a] = sum_c H_p[c, a] y[c], c ascending, as the kernel's loop
-            acc = acc + dense[c, :, None].to(wide) * y[..., c : c + 1, :].to(wide)
-        y = acc.to(x.dtype)
+        y = _dense_kernel_order(y, dense)
     return _fwht(y).reshape(x.shape)
+
+
+def _dense_kernel_order(y: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """`out[..., a, :] = sum_c H_p[c, a] y[..., c, :]` for `y [..., p, 2^k]`: a sequential sum in the kernels'
+    fp32 accumulator (float64 stays float64) over c ascending from +0, rounded to y's dtype once.
+
+    `H_p` holds +-1, so each product is exact and `addcmul_` (fused or not) rounds as `acc + H_p[c, a] y[c]`.
+    Runs over blocks of rows so that the accumulator stays in cache across the p steps."""
+    wide = torch.promote_types(y.dtype, torch.float32)
+    h = dense.to(wide)[:, :, None]  # [c, a, 1]
+    rows = y.reshape(-1, *y.shape[-2:])
+    out = torch.empty(rows.shape, dtype=y.dtype, device=y.device)
+    block = max(1, (1 << 16) // rows[0].numel())  # about 256 KiB of fp32 accumulator
+    for r in range(0, rows.shape[0], block):
+        part = rows[r : r + block].to(wide)
+        acc = torch.zeros(part.shape, dtype=wide, device=y.device)
+        for c in range(dense.shape[0]):
+            acc.addcmul_(h[c], part[:, c : c + 1, :])
+        out[r : r + block] = acc
+    return out.reshape(y.shape)
 
 
 def rotation_factors(n: int, seed: int, dtype: torch.dtype, device: torch.device):
