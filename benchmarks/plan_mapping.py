@@ -26,6 +26,7 @@ sampled tokens are needed (`stats.without_samples()`).
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from dataclasses import replace
@@ -35,6 +36,7 @@ from torch import nn
 
 from benchmarks.pixart_alpha import CONFIG
 from viditq_diffusers.architectures import default_layers
+from viditq_diffusers.jsonio import write_json
 from viditq_diffusers.plan import PLAN_VERSION, read_plan
 from viditq_diffusers.quant.hadamard import rotatable
 
@@ -124,3 +126,43 @@ def pixart_alpha_layer_shapes(num_layers: int = CONFIG["num_layers"]) -> dict[st
     model = meta_model(num_layers)
     modules = dict(model.named_modules())
     return {name: (modules[name].in_features, modules[name].out_features) for name in default_layers(model)}
+
+
+def cost_shape_map(plan: dict, model: nn.Module | None = None, image_tokens: int = 512, text_tokens: int = 240
+                   ) -> dict[str, list[list[int]]]:
+    """The cost model's shape map of a plan searched on the small model: {source layer: [[K, N, M], ...]}, one
+    triple per big layer that takes its entry (`map_plan`), M the rows that big layer sees in one forward
+    (`speed_cpu.py`'s batch 2: 2 x 256 image tokens, and 2 x 120 caption tokens for the cross-attention's keys and
+    values). A plan searched with it fits the time of the mapped plan on the big model."""
+    model = meta_model() if model is None else model
+    table = source_entry_names(plan)
+    source_blocks = 1 + max(index for entries in table.values() for index in entries)
+    modules = dict(model.named_modules())
+    names = default_layers(model)
+    blocks = 1 + max(split_name(name)[1] for name in names)
+    shapes: dict[str, list[list[int]]] = {name: [] for name in plan["layers"]}
+    for name in names:
+        block_list, index, role = split_name(name)
+        source = table.get((block_list, role), {}).get(source_block(index, blocks, source_blocks))
+        if source is not None:
+            rows = text_tokens if role in ("attn2.to_k", "attn2.to_v") else image_tokens
+            shapes[source].append([modules[name].in_features, modules[name].out_features, rows])
+    unmapped = sorted(name for name, triples in shapes.items() if not triples)
+    if unmapped:
+        raise ValueError(f"source layers {unmapped[:5]} serve no layer of the big model; map a plan of the same "
+                         f"architecture.")
+    return shapes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Write the shape map that costs the shipped image plans' layers at "
+                                                 "the PixArt-alpha-sized transformer's shapes (cost_shape_map).")
+    parser.add_argument("out", help="JSON file to write, e.g. /tmp/pixart_alpha_shapes.json")
+    parser.add_argument("--bits", type=int, default=5, choices=sorted(SHIPPED_PLANS), help="the source plan's layers")
+    args = parser.parse_args()
+    write_json(args.out, cost_shape_map(read_plan(SHIPPED_PLANS[args.bits])))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,8 +8,8 @@ import torch
 from diffusers import PixArtTransformer2DModel
 
 from benchmarks.pixart_alpha import CONFIG
-from benchmarks.plan_mapping import (SHIPPED_PLANS, layer_shapes, map_plan, meta_model, pixart_alpha_layer_shapes,
-                                     shipped_plan_mapped, source_block, split_name)
+from benchmarks.plan_mapping import (SHIPPED_PLANS, cost_shape_map, layer_shapes, map_plan, meta_model,
+                                     pixart_alpha_layer_shapes, shipped_plan_mapped, source_block, split_name)
 from viditq_diffusers.architectures import default_layers
 from viditq_diffusers.plan import read_plan, validate_plan
 
@@ -52,3 +52,14 @@ def test_a_recipe_that_does_not_fit_the_big_layer_is_refused():
                                              "attention_head_dim": 50, "cross_attention_dim": 100})
     with pytest.raises(ValueError, match=r"layer 'transformer_blocks\.0\..*does not divide its in_features=100"):
         map_plan(read_plan(SHIPPED_PLANS[6]), narrow)
+
+
+def test_cost_shape_map_gives_each_source_layer_the_shapes_of_the_big_layers_it_serves():
+    source = read_plan(SHIPPED_PLANS[5])
+    shapes = cost_shape_map(source)
+    mapped = shipped_plan_mapped(5)
+    assert set(shapes) == set(source["layers"])
+    assert sum(len(triples) for triples in shapes.values()) == len(mapped["layers"]) == 280
+    # block 7 of 8 serves big blocks 25..27; the caption keys see 2 x 120 rows, the FFN's second linear 2 x 256
+    assert shapes["transformer_blocks.7.attn2.to_k"] == [[1152, 1152, 240]] * 3
+    assert shapes["transformer_blocks.0.ff.net.2"] == [[4608, 1152, 512]] * 4
