@@ -93,12 +93,7 @@ def balance_activation(
 
     Uses the fast Walsh-Hadamard path of `rotate`. Either argument may be None.
     """
-    if smoothing is not None:
-        check_smoothing(smoothing, x.shape[-1])
-        x = x * smoothing.to(device=x.device, dtype=x.dtype)
-    if rotation_seed is not None:
-        x = rotate(x, rotation_seed)
-    return x
+    return _smoothed_and_rotated(x, smoothing, rotation_seed, rotate)
 
 
 def balance_activation_kernel_order(
@@ -109,11 +104,15 @@ def balance_activation_kernel_order(
     Triton ones in their own passes, bit for bit). Equal to :func:`balance_activation` for power-of-two widths;
     otherwise different from it by float rounding only.
     """
+    return _smoothed_and_rotated(x, smoothing, rotation_seed, rotate_kernel_order)
+
+
+def _smoothed_and_rotated(x, smoothing, rotation_seed, rotation) -> torch.Tensor:
     if smoothing is not None:
         check_smoothing(smoothing, x.shape[-1])
         x = x * smoothing.to(device=x.device, dtype=x.dtype)
     if rotation_seed is not None:
-        x = rotate_kernel_order(x, rotation_seed)
+        x = rotation(x, rotation_seed)
     return x
 
 
