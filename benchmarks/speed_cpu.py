@@ -13,7 +13,9 @@ plans that ship with the image pipeline, mapped onto this model by role and bloc
 Their smoothed layers, and the calibrated default's recipe search (smoothing / rotation per layer, the default
 with statistics), take statistics from `viditq_diffusers.calibrate` on the benchmark inputs at four timesteps,
 as a user calibrates before quantizing. The search costs 10-20 s per layer on 2 cores (about an hour at 28
-blocks): `--recipes FILE` saves its decided plan once and reuses it. After the table, each quantized variant's
+blocks): `--recipes FILE` saves its decided plan once and reuses it. At 28 blocks the default is the plan it
+decided on 2026-12-07 (`recipes/pixart_alpha_calibrated_default.plan.json`, 5 of 280 layers rotated); pass
+`--recipes NEW.json` to search again. After the table, each quantized variant's
 layers are counted per kernel route (`kernels/routes.py`) and channel-balancing path: where its time goes.
 Every variant stays in memory until the end; the heap pages freed while one is quantized are handed back before
 the next is built, and the peak RSS is printed last.
@@ -28,7 +30,7 @@ group-wise kernel called directly). The CPU's int8-relevant flags are printed fi
 integer kernels are fast, and exact, here (`viditq_diffusers/kernels/onednn.py`).
 
     python -m benchmarks.speed_cpu [--layers 28] [--repeats 5] [--no-peers] [--skip g64 compile]
-        [--recipes /tmp/speed_cpu_calibrated_28.plan.json]
+        [--recipes recipes/pixart_alpha_calibrated_default.plan.json]
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ from viditq_diffusers.metrics import psnr
 from viditq_diffusers.plan import plan_to_json
 
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+SHIPPED_RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes",
+                               "pixart_alpha_calibrated_default.plan.json")  # the 28-block search's decisions
 GEMM_SHAPES = ((512, 1152, 1152), (512, 1152, 4608), (512, 4608, 1152))
 GROUP_SIZES = (32, 64, 128)
 CALIBRATION_TIMESTEPS = (875, 625, 375, 125)  # one per timestep bucket of `calibrate` (4 over [0, 1000))
@@ -323,8 +327,10 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true", help="skip the peer libraries")
     parser.add_argument("--skip", nargs="*", default=[], help="skip variants whose label contains any of these")
     parser.add_argument("--recipes", help="the calibrated default's decided plan: read if the file exists, else "
-                                          "searched (slow) and written there")
+                                          "searched (slow) and written there; at 28 blocks the shipped one")
     args = parser.parse_args()
+    if args.recipes is None and args.layers == 28:
+        args.recipes = SHIPPED_RECIPES
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     warmup()  # the C++ kernels, built or loaded before anything is timed
     print(cpu_info())

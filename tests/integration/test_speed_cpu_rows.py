@@ -94,3 +94,12 @@ def test_group_wise_gemm_rows():
         assert row[f"ViDiT-Q W4A8-g{size} linear, as dispatched"] > 0
         kernel = f"W4A8-g{size} our group-wise kernel (cpu_int16.linear_grouped)"
         assert (kernel in row) == cpu_int16.available()
+
+
+def test_the_shipped_28_block_recipes_fit_the_pixart_alpha_sized_model():
+    from benchmarks.plan_mapping import meta_model
+    from viditq_diffusers.plan import read_plan, validate_plan
+
+    plan = read_plan(speed_cpu.SHIPPED_RECIPES)
+    validate_plan(meta_model(), plan)  # every layer's name, shape and bias fit the 28-block model
+    assert sum(spec.rotation_seed is not None for spec in plan["layers"].values()) == 5
