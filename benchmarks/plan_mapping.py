@@ -70,16 +70,14 @@ def source_entry_names(plan: dict) -> dict[tuple[str, str], dict[int, str]]:
     return table
 
 
-def map_plan(plan: dict, model: nn.Module) -> dict:
-    """`plan` (a plan dict with `LayerSpec` entries, e.g. from `read_plan`) mapped onto `model`'s default layers
-    by role and relative block position (module docstring). Every default layer of `model` gets an entry; a
-    ValueError names a layer without a source entry, or one whose recipe does not fit its shape."""
+def layer_sources(plan: dict, model: nn.Module) -> dict[str, str]:
+    """{layer of `model`: the `plan` layer whose entry it takes} for every default layer of `model`, by role and
+    relative block position (module docstring); a ValueError names a layer without a source entry."""
     table = source_entry_names(plan)
     source_blocks = 1 + max(index for entries in table.values() for index in entries)
-    modules = dict(model.named_modules())
     names = default_layers(model)
     blocks = 1 + max(split_name(name)[1] for name in names)
-    layers = {}
+    sources = {}
     for name in names:
         block_list, index, role = split_name(name)
         source = table.get((block_list, role), {}).get(source_block(index, blocks, source_blocks))
@@ -87,6 +85,17 @@ def map_plan(plan: dict, model: nn.Module) -> dict:
             raise ValueError(f"layer '{name}': the source plan has no '{block_list}.N.{role}' entry for block "
                              f"{source_block(index, blocks, source_blocks)} of {source_blocks}; map a plan of the "
                              f"same architecture.")
+        sources[name] = source
+    return sources
+
+
+def map_plan(plan: dict, model: nn.Module) -> dict:
+    """`plan` (a plan dict with `LayerSpec` entries, e.g. from `read_plan`) mapped onto `model`'s default layers
+    (`layer_sources`). Every default layer of `model` gets an entry; a ValueError names a layer without a source
+    entry, or one whose recipe does not fit its shape."""
+    modules = dict(model.named_modules())
+    layers = {}
+    for name, source in layer_sources(plan, model).items():
         spec, linear = plan["layers"][source], modules[name]
         if spec.group_size and linear.in_features % spec.group_size:
             raise ValueError(f"layer '{name}': group size {spec.group_size} of '{source}' does not divide its "
@@ -131,22 +140,15 @@ def pixart_alpha_layer_shapes(num_layers: int = CONFIG["num_layers"]) -> dict[st
 def cost_shape_map(plan: dict, model: nn.Module | None = None, image_tokens: int = 512, text_tokens: int = 240
                    ) -> dict[str, list[list[int]]]:
     """The cost model's shape map of a plan searched on the small model: {source layer: [[K, N, M], ...]}, one
-    triple per big layer that takes its entry (`map_plan`), M the rows that big layer sees in one forward
+    triple per big layer that takes its entry (`layer_sources`), M the rows that big layer sees in one forward
     (`speed_cpu.py`'s batch 2: 2 x 256 image tokens, and 2 x 120 caption tokens for the cross-attention's keys and
     values). A plan searched with it fits the time of the mapped plan on the big model."""
     model = meta_model() if model is None else model
-    table = source_entry_names(plan)
-    source_blocks = 1 + max(index for entries in table.values() for index in entries)
     modules = dict(model.named_modules())
-    names = default_layers(model)
-    blocks = 1 + max(split_name(name)[1] for name in names)
     shapes: dict[str, list[list[int]]] = {name: [] for name in plan["layers"]}
-    for name in names:
-        block_list, index, role = split_name(name)
-        source = table.get((block_list, role), {}).get(source_block(index, blocks, source_blocks))
-        if source is not None:
-            rows = text_tokens if role in ("attn2.to_k", "attn2.to_v") else image_tokens
-            shapes[source].append([modules[name].in_features, modules[name].out_features, rows])
+    for name, source in layer_sources(plan, model).items():
+        rows = text_tokens if split_name(name)[2] in ("attn2.to_k", "attn2.to_v") else image_tokens
+        shapes[source].append([modules[name].in_features, modules[name].out_features, rows])
     unmapped = sorted(name for name, triples in shapes.items() if not triples)
     if unmapped:
         raise ValueError(f"source layers {unmapped[:5]} serve no layer of the big model; map a plan of the same "
