@@ -40,7 +40,6 @@ import ctypes
 import ctypes.util
 import gc
 import os
-import platform
 import resource
 import statistics
 import time
@@ -49,6 +48,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
+from benchmarks.calibration import rss_bytes
 from benchmarks.pixart_alpha import build, inputs
 from benchmarks.plan_mapping import shipped_plan_mapped
 from viditq_diffusers import ViDiTQConfig, ViDiTQLinear, calibrate, quantize
@@ -59,6 +59,7 @@ from viditq_diffusers.kernels import (LayerCall, cpu_amx, cpu_int16, int_mm, one
                                       warmup)
 from viditq_diffusers.kernels.routes import balance_name
 from viditq_diffusers.layer_spec import LayerSpec
+from viditq_diffusers.mixed_precision.cost import cpu_description
 from viditq_diffusers.metrics import psnr
 from viditq_diffusers.plan import plan_to_json
 
@@ -71,17 +72,7 @@ CALIBRATION_TIMESTEPS = (875, 625, 375, 125)  # one per timestep bucket of `cali
 
 
 def cpu_info() -> str:
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
+    model, flags = cpu_description()  # FLAGS are among the route-picking flags it reports
     marks = " ".join(f"{f}{'+' if f in flags else '-'}" for f in FLAGS)
     return (f"CPU: {model}, {torch.get_num_threads()} threads; flags: {marks}\n"
             f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}; "
@@ -315,8 +306,7 @@ def skipped(label: str, skip: list[str]) -> bool:
 
 def rss_gib() -> float:
     """This process's resident memory now (Linux)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    return rss_bytes() / 2**30
 
 
 def main() -> None:

@@ -103,3 +103,9 @@ def test_the_shipped_28_block_recipes_fit_the_pixart_alpha_sized_model():
     plan = read_plan(speed_cpu.SHIPPED_RECIPES)
     validate_plan(meta_model(), plan)  # every layer's name, shape and bias fit the 28-block model
     assert sum(spec.rotation_seed is not None for spec in plan["layers"].values()) == 5
+
+
+def test_the_printed_cpu_flags_are_among_those_the_cpu_description_reports():
+    from viditq_diffusers.mixed_precision.cost import ROUTE_FLAGS
+
+    assert set(speed_cpu.FLAGS) <= set(ROUTE_FLAGS)  # cpu_info marks a flag it was never told about as missing
