@@ -106,6 +106,6 @@ def test_the_shipped_28_block_recipes_fit_the_pixart_alpha_sized_model():
 
 
 def test_the_printed_cpu_flags_are_among_those_the_cpu_description_reports():
-    from viditq_diffusers.mixed_precision.cost import ROUTE_FLAGS
+    from viditq_diffusers.kernels.cpu_flags import ROUTE_FLAGS
 
     assert set(speed_cpu.FLAGS) <= set(ROUTE_FLAGS)  # cpu_info marks a flag it was never told about as missing

@@ -17,6 +17,7 @@ import torch
 
 from viditq_diffusers import ViDiTQLinear
 from viditq_diffusers.kernels import ROUTE_NAMES, LayerCall, cpu_amx, cpu_build, select_route, triton_available
+from viditq_diffusers.kernels.cpu_flags import cpu_model_and_flags
 from viditq_diffusers.layer_spec import LayerSpec
 from viditq_diffusers.quant.formats import quantize_activation_per_token, quantize_activation_static
 from tests.support.kernel_routes import (assert_route_matches, assert_same_nonfinite, interpreter_exact_rows, run_route,
@@ -223,8 +224,4 @@ def test_the_amx_kernels_quantization_keeps_nan_and_inf(dtype):
 
 
 def _has_avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return any(line.startswith("flags") and " avx512bw " in line for line in info)
-    except OSError:
-        return False
+    return "avx512bw" in cpu_model_and_flags()[1]

@@ -17,25 +17,17 @@ unpacked to int8 codes once, into the tile layout, cached per weight like the ot
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
 from ..quant.formats import unpack_int4
 from . import cpu_build, weight_cache
+from .cpu_flags import cpu_model_and_flags
 
 
-@functools.cache
 def cpu_has_amx() -> bool:
     """AMX-INT8 in /proc/cpuinfo (Linux, which the tiles need anyway): only then is the kernel worth building."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    return {"amx_tile", "amx_int8"} <= set(line.split())
-    except OSError:
-        pass
-    return False
+    return {"amx_tile", "amx_int8"} <= cpu_model_and_flags()[1]
 
 
 NAME = "viditq_cpu_amx"

@@ -45,6 +45,7 @@ from ..checks import integer, shown
 from ..config import ViDiTQConfig
 from ..evaluation import generate
 from ..jsonio import read_json, write_json
+from ..kernels.cpu_flags import cpu_model_and_flags, route_flags
 from ..layer_spec import LayerSpec
 from ..nn import ViDiTQLinear
 from ..plan import build_plan
@@ -52,28 +53,13 @@ from ..recipe import decide_layer
 
 FORMAT, VERSION = "viditq cost table", 1
 W8A8_OPTION = {"preset": "w8a8"}  # the latency budget's unit: every quantized layer at W8A8
-# the CPU flags that pick a kernel route (routes.py, cpu_build.py): a table is only valid where they are the same
-ROUTE_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
-               "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve")
 KIND_KEYS = ("arch", "cpu", "cpu_flags", "device", "kernels")  # another value: another machine kind, refused
 SOFT_KEYS = ("torch", "threads")  # another value: same routes, other absolute times; warned, measured again
 
 
 def cpu_description() -> tuple[str, list[str]]:
-    """(CPU model name, the route-picking flags it has) from /proc/cpuinfo; the platform's name elsewhere."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "Model name") and name in (platform.processor(), platform.machine(), ""):
-                    name = value.strip()
-                elif key in ("flags", "Features") and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    return name, sorted(f for f in ROUTE_FLAGS if f in flags)
+    """(CPU model name, the route-picking flags it has)."""
+    return cpu_model_and_flags()[0], route_flags()
 
 
 def machine(device: torch.device | str = "cpu") -> dict:
