@@ -18,6 +18,7 @@ from diffusers import PixArtTransformer2DModel
 
 from viditq_diffusers import ViDiTQConfig, ViDiTQLinear, quantize
 from viditq_diffusers.calibration import CalibrationStats
+from viditq_diffusers.kernels.cpu_flags import cpu_model_and_flags
 from tests.support import REPO
 from viditq_diffusers.layer_spec import LayerSpec
 from viditq_diffusers.plan import plan_from_json, plan_to_json
@@ -188,11 +189,7 @@ SAME_CONFIG_EVERYWHERE = ("w8a8", "shipped_w4a8_mp_5bits", "smoothquant_w8a8", "
 
 
 def cpu_kind() -> tuple[str, str]:
-    model = "unknown"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    return model, torch.backends.cpu.get_cpu_capability()
+    return cpu_model_and_flags()[0], torch.backends.cpu.get_cpu_capability()
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))

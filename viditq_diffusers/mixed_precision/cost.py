@@ -135,9 +135,10 @@ class CostTable:
 
     def seconds(self, spec: LayerSpec, k: int, n: int, m: int, dtype: torch.dtype) -> float:
         spec = at_shape(spec, k, n)
-        key = entry_key(format_label(spec), k, n, m, dtype)
+        label = format_label(spec)
+        key = entry_key(label, k, n, m, dtype)
         if key not in self.entries:
-            self.entries[key] = {"format": format_label(spec), "K": k, "N": n, "M": m,
+            self.entries[key] = {"format": label, "K": k, "N": n, "M": m,
                                  "dtype": str(dtype).removeprefix("torch."),
                                  "seconds": time_layer(spec, m, dtype, self.device, self.repeats, self.warmup)}
             self.measured += 1
