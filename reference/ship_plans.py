@@ -39,8 +39,8 @@ from viditq_diffusers import ViDiTQConfig, quantize
 from viditq_diffusers.calibration import CalibrationStats
 from viditq_diffusers.jsonio import read_json, write_json
 from viditq_diffusers.mixed_precision.allocation import allocate
-from viditq_diffusers.mixed_precision.cost import CostTable, group_seconds
-from viditq_diffusers.mixed_precision.search import plan_from_choice, quantizable_groups
+from viditq_diffusers.mixed_precision.cost import group_seconds, seconds_limit
+from viditq_diffusers.mixed_precision.search import cost_table, plan_from_choice, quantizable_groups
 from viditq_diffusers.plan import average_weight_bits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,14 +80,14 @@ def search_with_latency(kind: str, pipe, stats, results: str, budget: float, max
                          f"with --block-ranges {BLOCK_RANGES[kind]} first")
     table = {g: {o: cache["table"][g][o] for o in options} for g in groups}
     path = os.path.join(results, searched_name(kind, budget, max_latency))
-    costs = CostTable.load(f"{path}.costs.json") if os.path.exists(f"{path}.costs.json") else CostTable()
+    costs = cost_table(f"{path}.costs.json", "cpu")
     fingerprint = cache["fingerprint"]
     call = {} if tokens is not None or shapes is not None else search_call(fingerprint)
     seconds, w8a8 = group_seconds(pipe, groups, options, costs, fingerprint["prompts"], fingerprint["seeds"],
                                   stats, tokens, shapes, **call)
     costs.save(f"{path}.costs.json")
     weights = sum(pipe.transformer.get_submodule(n).weight.numel() for names in groups.values() for n in names)
-    found = allocate(table, budget * weights, seconds=seconds, max_seconds=max_latency * w8a8 * (1 + 1e-9),
+    found = allocate(table, budget * weights, seconds=seconds, max_seconds=seconds_limit(max_latency, w8a8),
                      units=(w8a8, weights))
     write_json(path, plan_from_choice(pipe.transformer, groups, options, found.choice, stats))
     print(f"{kind}, <= {budget:g} bits, <= {max_latency:g}x W8A8: predicted {found.seconds / w8a8:.3f}x W8A8 "

@@ -283,6 +283,12 @@ def model_shapes(model: nn.Module, layers: list[str], tokens: dict[str, int] | i
     return out
 
 
+def seconds_limit(max_latency: float, w8a8_seconds: float) -> float:
+    """The allocation's time limit for a latency budget of `max_latency` x all-W8A8: with a 1e-9 margin, so that
+    sums in another order do not lock the all-W8A8 plan out at `max_latency=1.0`."""
+    return max_latency * w8a8_seconds * (1 + 1e-9)
+
+
 def group_seconds(pipe, groups: dict[str, list[str]], options: dict[str, dict], table: CostTable, prompts=None,
                   seeds=None, calibration=None, tokens: int | None = None, shapes: dict | None = None,
                   **call) -> tuple[dict[str, dict[str, float]], float]:

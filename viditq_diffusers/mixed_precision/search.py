@@ -36,7 +36,7 @@ from ..api import quantize
 from ..evaluation import generate, with_transformer
 from ..plan import average_weight_bits, build_plan
 from .allocation import Allocation, allocate_best, metric_scales
-from .cost import CostTable, group_seconds
+from .cost import CostTable, group_seconds, seconds_limit
 from ..roles import group_layers, quantized_by_default
 from .sensitivity import FIDELITY, group_role, measure
 
@@ -199,8 +199,7 @@ def search(pipe, budget_bits: float, prompts: list[str], seeds: list[int], score
             timing.save(costs)
     table = measure(pipe, groups, options, prompts, seeds, score, calibration=calibration, cache=cache, **call)
     weights = sum(pipe.transformer.get_submodule(n).weight.numel() for names in groups.values() for n in names)
-    # 1e-9: sums in another order must not lock out the all-W8A8 plan at max_latency=1.0
-    max_seconds = None if max_latency is None else max_latency * w8a8 * (1 + 1e-9)
+    max_seconds = None if max_latency is None else seconds_limit(max_latency, w8a8)
     found = allocate_best(table, budget_bits * weights, candidates, tolerances, seconds, max_seconds,
                           None if w8a8 is None else (w8a8, weights))
     best, report = 0, []
