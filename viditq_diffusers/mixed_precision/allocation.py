@@ -143,9 +143,8 @@ def allocate(table: dict[str, dict[str, dict]], budget: float, tolerances: dict[
                          f"raise the budget or loosen the tolerances")
     if time is not None:  # of the plans as good as this one, the fastest
         best = float(objective[chosen].sum())
-        tie = (rows + budget_rows[0] + latency_rows[0] + [objective[None, :]],
-               lo + budget_rows[1] + latency_rows[1] + [[-np.inf]],
-               hi + budget_rows[2] + latency_rows[2] + [[best + 1e-9 * max(abs(best), 1.0)]])
+        tie = (both[0] + [objective[None, :]], both[1] + [[-np.inf]],
+               both[2] + [[best + 1e-9 * max(abs(best), 1.0)]])
         faster = _solve(time, *tie)
         chosen = chosen if faster is None else faster
     picked = [keys[i] for i in np.flatnonzero(chosen)]
