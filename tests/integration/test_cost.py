@@ -8,6 +8,8 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
+from viditq_diffusers.layer_spec import LayerSpec
+from viditq_diffusers.mixed_precision import cost
 from viditq_diffusers.mixed_precision.cost import (
     CostTable, decided_specs, format_label, group_seconds, layer_tokens,
 )
@@ -187,3 +189,26 @@ def test_costed_specs_are_the_ones_quantizing_decides_balancing_included(pipe):
     table = CostTable(repeats=1, warmup=0)
     group_seconds(pipe, groups, options, table, tokens=8, calibration=stats)
     assert {e["format"] for e in table.entries.values()} >= {format_label(s) for s in specs["W4A8"].values()}
+
+
+def test_entries_are_measured_interleaved_round_by_round(monkeypatch):
+    """Each round times every missing entry once (a drift in the machine's speed shifts all entries alike), each
+    entry keeps the median of its rounds, and an entry the table has is not timed again."""
+    order, real = [], cost.layer_timer
+
+    def recording_timer(spec, tokens, *args, **kwargs):
+        timer = real(spec, tokens, *args, **kwargs)
+
+        def timed():
+            order.append(spec.label())
+            return timer()
+        return timed
+    monkeypatch.setattr(cost, "layer_timer", recording_timer)
+    linear = torch.nn.Linear(64, 32)
+    w8, w4 = (LayerSpec.for_linear(linear, bits, 8, smooth_alpha=0.0) for bits in (8, 4))
+    table = CostTable(repeats=3, warmup=0)
+    table.measure([(w8, 64, 32, 4, torch.float32), (w4, 64, 32, 4, torch.float32)])
+    assert order == [w8.label(), w4.label()] * 3
+    assert table.measured == 2 and all(e["seconds"] > 0 for e in table.entries.values())
+    table.seconds(w8, 64, 32, 4, torch.float32)
+    assert len(order) == 6

@@ -4,8 +4,8 @@ A layer's time at an option is measured, not predicted: a `ViDiTQLinear` is buil
 entry (bits, group size, symmetry, smoothing, rotation: the things that pick a kernel route and its work) at the
 layer's shape, `K` input features, `N` outputs, fed `M` tokens (rows) in the model's dtype, and its forward (the
 same route dispatch the model runs) is timed: the median of `repeats` timings after `warmup` calls, each of
-enough calls to take 10 ms (`time_layer`). The weights are
-random; the kernels' time does not depend on their values.
+enough calls to take 10 ms (`layer_timer`), every layer needed timed once per round (`CostTable.measure`). The
+weights are random; the kernels' time does not depend on their values.
 
 A time depends only on the format, the shape and the machine, so the measurements live in a `CostTable` keyed by
 (format label, K, N, M, dtype): identical shapes are measured once, and a table saved as JSON (`save`, atomically)
@@ -37,6 +37,7 @@ import statistics
 import time
 import warnings
 from dataclasses import replace
+from typing import Callable
 
 import torch
 from torch import nn
@@ -94,11 +95,11 @@ def at_shape(spec: LayerSpec, k: int, n: int) -> LayerSpec:
 
 
 @torch.no_grad()
-def time_layer(spec: LayerSpec, tokens: int, dtype: torch.dtype = torch.float32, device="cpu", repeats: int = 5,
-               warmup: int = 2, min_seconds: float = 0.01) -> float:
-    """Seconds one forward of a `ViDiTQLinear` planned as `spec` takes on `tokens` rows: the median of `repeats`
-    timings after `warmup` calls, each timing as many calls as take `min_seconds` (at most 1000; a small layer's
-    single call is too short for the clock and the scheduler), divided by their number."""
+def layer_timer(spec: LayerSpec, tokens: int, dtype: torch.dtype = torch.float32, device="cpu", warmup: int = 2,
+                min_seconds: float = 0.01) -> Callable[[], float]:
+    """A function that times a `ViDiTQLinear` planned as `spec` on `tokens` rows (built and warmed up `warmup` calls
+    here): seconds per forward, each timing as many calls as take `min_seconds` (at most 1000; a small layer's
+    single call is too short for the clock and the scheduler)."""
     gen = torch.Generator().manual_seed(0)
     k, n = spec.in_features, spec.out_features
     linear = nn.Linear(k, n, bias=spec.bias, dtype=dtype)
@@ -110,6 +111,7 @@ def time_layer(spec: LayerSpec, tokens: int, dtype: torch.dtype = torch.float32,
     for _ in range(warmup):
         layer(x)
 
+    @torch.no_grad()
     def timed(calls: int) -> float:
         sync()
         start = time.perf_counter()
@@ -119,7 +121,7 @@ def time_layer(spec: LayerSpec, tokens: int, dtype: torch.dtype = torch.float32,
         return (time.perf_counter() - start) / calls
 
     calls = min(1000, max(1, math.ceil(min_seconds / max(timed(1), 1e-9))))
-    return statistics.median(timed(calls) for _ in range(repeats))
+    return lambda: timed(calls)
 
 
 class CostTable:
@@ -134,15 +136,31 @@ class CostTable:
         self.measured = 0  # entries measured by this object (not loaded)
 
     def seconds(self, spec: LayerSpec, k: int, n: int, m: int, dtype: torch.dtype) -> float:
-        spec = at_shape(spec, k, n)
-        label = format_label(spec)
-        key = entry_key(label, k, n, m, dtype)
-        if key not in self.entries:
-            self.entries[key] = {"format": label, "K": k, "N": n, "M": m,
-                                 "dtype": str(dtype).removeprefix("torch."),
-                                 "seconds": time_layer(spec, m, dtype, self.device, self.repeats, self.warmup)}
+        """Seconds of one forward of a layer planned as `spec` at shape (k, n) on m rows (measured if missing)."""
+        self.measure([(spec, k, n, m, dtype)])
+        return self.entries[entry_key(format_label(at_shape(spec, k, n)), k, n, m, dtype)]["seconds"]
+
+    def measure(self, wanted: list[tuple[LayerSpec, int, int, int, torch.dtype]]) -> None:
+        """Measure the entries of `wanted` ((spec, K, N, M, dtype) each) that the table lacks, interleaved: each of
+        `repeats` rounds times every layer once and an entry keeps its median. A machine whose speed drifts while
+        it measures (clock boost, another process) then shifts every entry alike; measured one after another,
+        two tables of the same machine differed by up to 50% on some entries and ranked options differently."""
+        todo = {}
+        for spec, k, n, m, dtype in wanted:
+            spec = at_shape(spec, k, n)
+            key = entry_key(format_label(spec), k, n, m, dtype)
+            if key not in self.entries:
+                todo[key] = (spec, k, n, m, dtype)
+        timers = {key: layer_timer(spec, m, dtype, self.device, self.warmup)
+                  for key, (spec, k, n, m, dtype) in todo.items()}
+        samples = {key: [] for key in todo}
+        for _ in range(self.repeats):
+            for key, timer in timers.items():
+                samples[key].append(timer())
+        for key, (spec, k, n, m, dtype) in todo.items():
+            self.entries[key] = {"format": format_label(spec), "K": k, "N": n, "M": m,
+                                 "dtype": str(dtype).removeprefix("torch."), "seconds": statistics.median(samples[key])}
             self.measured += 1
-        return self.entries[key]["seconds"]
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "machine": self.machine, "repeats": self.repeats,
@@ -260,14 +278,15 @@ def check_shapes(shapes, layers: list[str]) -> dict[str, list[tuple[int, int, in
 def layer_seconds(table: CostTable, specs: dict[str, LayerSpec], shapes: dict[str, list[tuple[int, int, int]]],
                   dtype: torch.dtype) -> dict[str, float]:
     """Each layer's seconds at its (mapped) shapes, planned as `specs` says."""
-    out = {}
-    for name, spec in specs.items():
+    for name, spec in specs.items():  # a shape the spec cannot take is named with its layer, before any timing
         try:
-            out[name] = sum(table.seconds(spec, k, n, m, dtype) for k, n, m in shapes[name])
+            for k, n, _ in shapes[name]:
+                format_label(at_shape(spec, k, n))
         except ValueError as e:
             raise ValueError(f"layer {name!r} ({spec.label()}, {spec.recipe_label()}) cannot be costed at "
                              f"{shapes[name]}: {e}") from None
-    return out
+    table.measure([(spec, k, n, m, dtype) for name, spec in specs.items() for k, n, m in shapes[name]])  # interleaved
+    return {name: sum(table.seconds(spec, k, n, m, dtype) for k, n, m in shapes[name]) for name, spec in specs.items()}
 
 
 def model_shapes(model: nn.Module, layers: list[str], tokens: dict[str, int] | int) -> dict[str, list[tuple]]:
