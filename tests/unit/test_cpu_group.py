@@ -79,6 +79,17 @@ def test_more_shapes_at_group_size_64(m, k, n):
                        linear_int(x, codes, scale, zero, None, 8))
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rows_past_one_l2_chunk(bits, microkernel):
+    """At K = 4608 the kernel walks the rows in chunks whose activations stay in L2 (56 to 224 rows on 512 KB to
+    2 MB L2s): 300 rows (a ragged last panel) span several chunks, each with its own K-block partial sums."""
+    m, k, n = 301, 4608, 40
+    codes, qweight, scale, zero = grouped_weights(bits, n, k, 64, False, seed=7)
+    x = inputs(m, k, torch.float32, seed=7)
+    assert torch.equal(cpu_int16.linear_grouped(x, qweight, bits, scale, zero, None),
+                       linear_int(x, codes, scale, zero, None, 8))
+
+
 def test_exact_at_the_widest_codes_over_many_groups(microkernel):
     """Codes +-127 against `code - zero` at -255 / +255, K = 4608 in groups of 128 (36 groups, 4 K blocks): each
     group's int32 sum is exact, and the fp32 group sums add in the torch path's order."""

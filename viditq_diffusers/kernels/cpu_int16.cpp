@@ -24,6 +24,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include "cpu_quantize.h"
 
 namespace {
@@ -293,6 +295,17 @@ void store_tile(const __m256* y, const float* x_scale, const float* bcol, bool h
     std::memcpy(o + (rp * MR + r) * n + cp * NR, vals + r * NR, cols * sizeof(float));
 }
 
+// How many row panels of packed activations (`units` 4-byte K units a row) stay in half of this core's L2 while every
+// column panel of a thread passes over them: at K = 4608 the whole activation (2.4 MB at M = 512) does not, and
+// streaming it from L3 once per column panel made the GEMM memory-bound. At least one panel.
+int64_t row_panels_in_l2(int64_t units) {
+  static const int64_t l2 = [] {
+    const long bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return bytes > 0 ? int64_t(bytes) : int64_t(512) << 10;  // unknown: the smallest L2 of the CPUs we run on
+  }();
+  return std::max<int64_t>(1, l2 / 2 / (units * 4 * MR));
+}
+
 }  // namespace
 
 // fp32 x [M, K] -> ((float)(Q(x) @ (codes - zero)^T) * w_scale[n]) * x_scale[m] (+ bias[n]), fp32 [M, N].
@@ -320,9 +333,11 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t n, torch::Te
   const int16_t* a = apack.data_ptr<int16_t>();
 
   const int16_t* b = packed.data_ptr<int16_t>();
+  const int64_t chunk = row_panels_in_l2(pairs);
   at::parallel_for(0, n_panels, 1, [&](int64_t c0, int64_t c1) {
-    // int32 partial sums of one column panel between K blocks, one 4 x 16 tile per row panel (L2-sized)
-    std::vector<int32_t> partial(pairs > KC_PAIRS ? m_panels * MR * NR : 0);
+    // int32 partial sums of one column panel between K blocks, one 4 x 16 tile per row panel of the chunk
+    std::vector<int32_t> partial(pairs > KC_PAIRS ? chunk * MR * NR : 0);
+    for (int64_t r0 = 0; r0 < m_panels; r0 += chunk)  // rows whose activations stay in L2, then every column panel
     for (int64_t cp = c0; cp < c1; cp++) {
       alignas(32) float wcol[NR], bcol[NR];
       for (int j = 0; j < NR; j++) {
@@ -334,9 +349,9 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t n, torch::Te
         const int64_t kp = std::min(KC_PAIRS, pairs - k0);
         const bool first = k0 == 0, last = k0 + kp == pairs;
         const int16_t* bp = b + (cp * pairs + k0) * NR * 2;  // this block of the panel stays in L1
-        for (int64_t rp = 0; rp < m_panels; rp++) {
+        for (int64_t rp = r0; rp < std::min(r0 + chunk, m_panels); rp++) {
           __m256i acc[8];
-          int32_t* tile = partial.empty() ? nullptr : partial.data() + rp * MR * NR;
+          int32_t* tile = partial.empty() ? nullptr : partial.data() + (rp - r0) * MR * NR;
           for (int i = 0; i < 8; i++)
             acc[i] = first ? _mm256_setzero_si256()
                            : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + 8 * i));
@@ -399,9 +414,11 @@ torch::Tensor linear_grouped(torch::Tensor x, torch::Tensor packed, int64_t n, t
   // both layouts as 4-byte units (the tile loop steps and loads in bytes)
   const int16_t* a = reinterpret_cast<const int16_t*>(apack.data_ptr());
   const int16_t* b = reinterpret_cast<const int16_t*>(packed.data_ptr());
+  const int64_t chunk = row_panels_in_l2(pairs);
   at::parallel_for(0, n_panels, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> partial(pairs > block ? m_panels * MR * NR : 0);  // fp32 sums between K blocks
+    std::vector<float> partial(pairs > block ? chunk * MR * NR : 0);  // fp32 sums between K blocks
     std::vector<float> scol(groups * NR);  // this panel's scales, [G][16]
+    for (int64_t r0 = 0; r0 < m_panels; r0 += chunk)  // rows whose activations stay in L2, then every column panel
     for (int64_t cp = c0; cp < c1; cp++) {
       alignas(32) float bcol[NR];
       for (int j = 0; j < NR; j++) {
@@ -412,9 +429,9 @@ torch::Tensor linear_grouped(torch::Tensor x, torch::Tensor packed, int64_t n, t
       for (int64_t k0 = 0; k0 < pairs; k0 += block) {
         const int64_t kp = std::min(block, pairs - k0);
         const bool first = k0 == 0, last = k0 + kp == pairs;
-        for (int64_t rp = 0; rp < m_panels; rp++) {
+        for (int64_t rp = r0; rp < std::min(r0 + chunk, m_panels); rp++) {
           __m256 y[8];
-          float* tile = partial.empty() ? nullptr : partial.data() + rp * MR * NR;
+          float* tile = partial.empty() ? nullptr : partial.data() + (rp - r0) * MR * NR;
           for (int i = 0; i < 8; i++) y[i] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(tile + 8 * i);
           group_tile(a + (rp * pairs + k0) * MR * 2, b + (cp * pairs + k0) * NR * 2, kp / group_pairs, group_pairs,
                      u8 ? corr + (cp * groups + k0 / group_pairs) * NR : nullptr,
