@@ -81,17 +81,16 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
                                                        bool first, __m256* y) {                                \
     __m256 y0 = y[0], y1 = y[1], y2 = y[2], y3 = y[3], y4 = y[4], y5 = y[5], y6 = y[6], y7 = y[7];             \
     for (int64_t g = 0; g < groups; g++, scale += NR) {                                                        \
-      __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;      \
-      _Pragma("GCC unroll 2")                                                                                  \
-      for (int64_t i = 0; i < units; i++, a += MR * 2, b += NR * 2) VIDITQ_TILE_STEP(MADD)                     \
+      /* the sums start at -corr (wrapping int32: the same p_g as subtracting it after, in 2 ops instead of 8) */ \
+      __m256i k0 = _mm256_setzero_si256(), k1 = k0;                                                            \
       if (corr) {                                                                                              \
-        const __m256i k0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr));                         \
-        const __m256i k1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr + 8));                     \
-        c0 = _mm256_sub_epi32(c0, k0), c2 = _mm256_sub_epi32(c2, k0), c4 = _mm256_sub_epi32(c4, k0);           \
-        c6 = _mm256_sub_epi32(c6, k0), c1 = _mm256_sub_epi32(c1, k1), c3 = _mm256_sub_epi32(c3, k1);           \
-        c5 = _mm256_sub_epi32(c5, k1), c7 = _mm256_sub_epi32(c7, k1);                                          \
+        k0 = _mm256_sub_epi32(k0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr)));                 \
+        k1 = _mm256_sub_epi32(k1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr + 8)));             \
         corr += NR;                                                                                            \
       }                                                                                                        \
+      __m256i c0 = k0, c1 = k1, c2 = k0, c3 = k1, c4 = k0, c5 = k1, c6 = k0, c7 = k1;                          \
+      _Pragma("GCC unroll 2")                                                                                  \
+      for (int64_t i = 0; i < units; i++, a += MR * 2, b += NR * 2) VIDITQ_TILE_STEP(MADD)                     \
       const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);                               \
       if (first && g == 0) {                                                                                   \
         y0 = VIDITQ_PART(c0, s0), y1 = VIDITQ_PART(c1, s1), y2 = VIDITQ_PART(c2, s0);                          \
