@@ -11,6 +11,7 @@ Two loading paths, one plan:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 
@@ -25,6 +26,7 @@ from .checkpoint import missing_config_message, safetensors_metadata, tensor_hea
 from .config import ViDiTQConfig, ViDiTQQuantMethod
 from .convert import (own_aligned_memory, quantized_layer, recorded_plan_problems, resolve_plan, set_submodule,
                       stored_tensor_problems)
+from .footprint import num_parameters
 from .timestep_clock import install_clock
 from .hub import attach, detach
 from .nn import ViDiTQLinear
@@ -59,10 +61,12 @@ class ViDiTQQuantizer(DiffusersQuantizer):
     def update_torch_dtype(self, torch_dtype):
         # A checkpoint reloads in the dtype it was quantized in (its floating-point layers were
         # saved in it), unless the caller asks for another: the same outputs, bit for bit.
+        # Without torch_dtype diffusers loads in torch's default dtype: named here, it becomes the model's
+        # `config._pre_quantization_dtype` (diffusers records the dtype this returns), never None.
         plan = self.quantization_config.plan or {}
         if torch_dtype is None and self.pre_quantized and plan.get("dtype"):
             return getattr(torch, plan["dtype"])
-        return torch_dtype
+        return torch.get_default_dtype() if torch_dtype is None else torch_dtype
 
     @property
     def plan_layers(self) -> dict:
@@ -159,8 +163,11 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         first = model.get_submodule(next(iter(self.plan_layers)))
         self.quantization_config.plan["dtype"] = str(first.weight.dtype).removeprefix("torch.")
         self.quantization_config.calibration = None  # the plan now holds what the statistics decided
-        model.register_to_config(quantization_config=self.quantization_config)
+        # the dtype the weights had (from_pretrained sets it again after this, to the dtype update_torch_dtype gave)
+        model.register_to_config(quantization_config=self.quantization_config,
+                                 _pre_quantization_dtype=first.weight.dtype)
         attach(model)
+        model.num_parameters = functools.partial(num_parameters, model)  # quantized weights count as FP elements
         return model
 
     def get_state_dict_and_metadata(self, state_dict, safe_serialization=False):
@@ -183,8 +190,10 @@ class ViDiTQQuantizer(DiffusersQuantizer):
                     linear.bias.copy_(layer.bias)
             set_submodule(model, name, linear)
         # a plain FP model again: its config.json must not claim otherwise
-        model._internal_dict = FrozenDict({k: v for k, v in model.config.items() if k != "quantization_config"})
+        model._internal_dict = FrozenDict({k: v for k, v in model.config.items()
+                                           if k not in ("quantization_config", "_pre_quantization_dtype")})
         detach(model)
+        model.__dict__.pop("num_parameters", None)
         return model
 
     def adjust_target_dtype(self, torch_dtype):
