@@ -27,6 +27,7 @@ from .config import ViDiTQConfig, ViDiTQQuantMethod
 from .convert import (own_aligned_memory, quantized_layer, recorded_plan_problems, resolve_plan, set_submodule,
                       stored_tensor_problems)
 from .footprint import num_parameters
+from .fuse_qkv import install as install_qkv_fusion
 from .timestep_clock import install_clock
 from .hub import attach, detach
 from .nn import ViDiTQLinear
@@ -160,6 +161,7 @@ class ViDiTQQuantizer(DiffusersQuantizer):
             )
         own_aligned_memory(model)
         install_clock(model)
+        install_qkv_fusion(model)  # fuse_qkv_projections() concatenates the projections' codes
         first = model.get_submodule(next(iter(self.plan_layers)))
         self.quantization_config.plan["dtype"] = str(first.weight.dtype).removeprefix("torch.")
         self.quantization_config.calibration = None  # the plan now holds what the statistics decided
@@ -175,6 +177,9 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         if lora:  # such a checkpoint would not reload: the plan knows no LoRA layers
             raise ValueError(f"LoRA layers are loaded (e.g. {lora[0]!r}); call unload_lora() first, or fuse_lora() "
                              f"then unload_lora() to save the LoRA baked into the quantized weights.")
+        # quantized layers outside the plan are fuse_qkv_projections()' fused copies of planned ones: not saved
+        fused = {k.rpartition(".")[0] for k in state_dict if k.endswith(".qweight")} - set(self.plan_layers)
+        state_dict = {k: v for k, v in state_dict.items() if k.rpartition(".")[0] not in fused}
         layers = plan_to_json(self.quantization_config.plan)["layers"]
         # the plan the tensors are written with, so a load can refuse a config.json edited afterwards
         return state_dict, {**SAFETENSORS_METADATA, PLAN_METADATA_KEY: json.dumps(layers, sort_keys=True)}
