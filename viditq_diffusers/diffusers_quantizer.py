@@ -27,7 +27,7 @@ from .config import ViDiTQConfig, ViDiTQQuantMethod
 from .convert import (own_aligned_memory, quantized_layer, recorded_plan_problems, resolve_plan, set_submodule,
                       stored_tensor_problems)
 from .footprint import num_parameters
-from .fuse_qkv import install as install_qkv_fusion
+from .fuse_qkv import fused_layers, install as install_qkv_fusion
 from .timestep_clock import install_clock
 from .hub import attach, detach
 from .nn import ViDiTQLinear
@@ -185,7 +185,8 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         return state_dict, {**SAFETENSORS_METADATA, PLAN_METADATA_KEY: json.dumps(layers, sort_keys=True)}
 
     def _dequantize(self, model):
-        for name, spec in self.plan_layers.items():
+        fused = fused_layers(model)  # fuse_qkv_projections' layers: float too, as diffusers' own fused ones
+        for name, spec in [*self.plan_layers.items(), *((n, m.spec) for n, m in fused.items())]:
             layer = model.get_submodule(name)
             linear = nn.Linear(spec.in_features, spec.out_features, spec.bias,
                                device=layer.qweight.device, dtype=layer.weight.dtype)

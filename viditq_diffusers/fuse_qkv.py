@@ -146,6 +146,12 @@ def fuse_projections(attn: nn.Module, *args, where: str = "", **kwargs) -> None:
     return None
 
 
+def fused_layers(model: nn.Module) -> dict[str, ViDiTQLinear]:
+    """{name: layer} of the fused quantized projections `fuse_projections` added to `model`."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, ViDiTQLinear) and name.rpartition(".")[2] in GROUPS}
+
+
 def install(model: nn.Module) -> None:
     """Give each attention module of `model` with quantized projections the `fuse_projections` above, so the
     model's own `fuse_qkv_projections()` builds fused quantized layers."""

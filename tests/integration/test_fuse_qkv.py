@@ -167,3 +167,17 @@ def test_lora_wrapped_projections_are_refused():
     with pytest.raises(ValueError, match=r"'transformer_blocks\.0\.attn\.to_q' is a ViDiTQLoraLinear.*a LoRA \(or "
                                          r"another wrapper\) would be lost\. Fix: fuse_lora\(\) then unload_lora\(\)"):
         model.fuse_qkv_projections()
+
+
+def test_dequantize_a_fused_model():
+    """The fused layers become float layers too: nothing quantized is left behind."""
+    entry = ZOO["PixArtTransformer2DModel"]
+    model = quantize(entry.build(seed=0), ViDiTQConfig(preset="w8a16"))
+    inputs = entry.make_inputs(0)
+    with torch.no_grad():
+        quantized = run(model, inputs)
+        model.fuse_qkv_projections()
+        model.dequantize()
+        assert not any(isinstance(m, ViDiTQLinear) for m in model.modules())
+        assert type(model.transformer_blocks[0].attn1.to_qkv) is nn.Linear
+        assert torch.allclose(run(model, inputs), quantized, rtol=1e-4, atol=1e-5)
