@@ -101,8 +101,12 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
         weight_bits: 4 or 8; overrides the preset.
         act_bits: 8 (dynamic per-token integer activations) or 16 (weight-only); overrides the preset.
         group_size: input channels per weight scale; None = one scale per output channel.
-        modules_to_not_convert: extra layer names (or prefixes, or fnmatch patterns) to keep in
-            floating point, on top of the per-architecture defaults.
+        modules_to_not_convert: extra layers to keep in floating point, on top of the per-architecture
+            defaults, matched as diffusers' other backends match them: an entry names a layer's leaf ("to_k": every
+            attention's to_k), a dotted component or run of components ("proj_out" also keeps
+            "single_transformer_blocks.0.proj_out"; "transformer_blocks.0" keeps that block's layers), the full
+            name, or is an fnmatch pattern ("transformer_blocks.*.ff.*"). Components match whole
+            ("transformer_blocks.0" is not "single_transformer_blocks.0"). An entry that matches no module warns.
         components: pipeline components to quantize when used with `DiffusionPipeline.from_pretrained`.
         calibration: activation statistics: a `CalibrationStats` from `viditq_diffusers.calibrate` (or the
             path of one saved with `.save`), needed by smoothing and static activation scales; the naive

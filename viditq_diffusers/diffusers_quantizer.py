@@ -11,6 +11,7 @@ Two loading paths, one plan:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 
@@ -25,6 +26,8 @@ from .checkpoint import missing_config_message, safetensors_metadata, tensor_hea
 from .config import ViDiTQConfig, ViDiTQQuantMethod
 from .convert import (own_aligned_memory, quantized_layer, recorded_plan_problems, resolve_plan, set_submodule,
                       stored_tensor_problems)
+from .footprint import num_parameters
+from .fuse_qkv import fused_layers, install as install_qkv_fusion
 from .timestep_clock import install_clock
 from .hub import attach, detach
 from .nn import ViDiTQLinear
@@ -59,10 +62,12 @@ class ViDiTQQuantizer(DiffusersQuantizer):
     def update_torch_dtype(self, torch_dtype):
         # A checkpoint reloads in the dtype it was quantized in (its floating-point layers were
         # saved in it), unless the caller asks for another: the same outputs, bit for bit.
+        # Without torch_dtype diffusers loads in torch's default dtype: named here, it becomes the model's
+        # `config._pre_quantization_dtype` (diffusers records the dtype this returns), never None.
         plan = self.quantization_config.plan or {}
         if torch_dtype is None and self.pre_quantized and plan.get("dtype"):
             return getattr(torch, plan["dtype"])
-        return torch_dtype
+        return torch.get_default_dtype() if torch_dtype is None else torch_dtype
 
     @property
     def plan_layers(self) -> dict:
@@ -156,11 +161,15 @@ class ViDiTQQuantizer(DiffusersQuantizer):
             )
         own_aligned_memory(model)
         install_clock(model)
+        install_qkv_fusion(model)  # fuse_qkv_projections() concatenates the projections' codes
         first = model.get_submodule(next(iter(self.plan_layers)))
         self.quantization_config.plan["dtype"] = str(first.weight.dtype).removeprefix("torch.")
         self.quantization_config.calibration = None  # the plan now holds what the statistics decided
-        model.register_to_config(quantization_config=self.quantization_config)
+        # the dtype the weights had (from_pretrained sets it again after this, to the dtype update_torch_dtype gave)
+        model.register_to_config(quantization_config=self.quantization_config,
+                                 _pre_quantization_dtype=first.weight.dtype)
         attach(model)
+        model.num_parameters = functools.partial(num_parameters, model)  # quantized weights count as FP elements
         return model
 
     def get_state_dict_and_metadata(self, state_dict, safe_serialization=False):
@@ -168,12 +177,16 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         if lora:  # such a checkpoint would not reload: the plan knows no LoRA layers
             raise ValueError(f"LoRA layers are loaded (e.g. {lora[0]!r}); call unload_lora() first, or fuse_lora() "
                              f"then unload_lora() to save the LoRA baked into the quantized weights.")
+        # quantized layers outside the plan are fuse_qkv_projections()' fused copies of planned ones: not saved
+        fused = {k.rpartition(".")[0] for k in state_dict if k.endswith(".qweight")} - set(self.plan_layers)
+        state_dict = {k: v for k, v in state_dict.items() if k.rpartition(".")[0] not in fused}
         layers = plan_to_json(self.quantization_config.plan)["layers"]
         # the plan the tensors are written with, so a load can refuse a config.json edited afterwards
         return state_dict, {**SAFETENSORS_METADATA, PLAN_METADATA_KEY: json.dumps(layers, sort_keys=True)}
 
     def _dequantize(self, model):
-        for name, spec in self.plan_layers.items():
+        fused = fused_layers(model)  # fuse_qkv_projections' layers: float too, as diffusers' own fused ones
+        for name, spec in [*self.plan_layers.items(), *((n, m.spec) for n, m in fused.items())]:
             layer = model.get_submodule(name)
             linear = nn.Linear(spec.in_features, spec.out_features, spec.bias,
                                device=layer.qweight.device, dtype=layer.weight.dtype)
@@ -183,8 +196,10 @@ class ViDiTQQuantizer(DiffusersQuantizer):
                     linear.bias.copy_(layer.bias)
             set_submodule(model, name, linear)
         # a plain FP model again: its config.json must not claim otherwise
-        model._internal_dict = FrozenDict({k: v for k, v in model.config.items() if k != "quantization_config"})
+        model._internal_dict = FrozenDict({k: v for k, v in model.config.items()
+                                           if k not in ("quantization_config", "_pre_quantization_dtype")})
         detach(model)
+        model.__dict__.pop("num_parameters", None)
         return model
 
     def adjust_target_dtype(self, torch_dtype):

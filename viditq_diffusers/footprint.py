@@ -24,3 +24,15 @@ def fp16_weight_bytes(model: nn.Module) -> int:
             continue
         total += sum(t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in tensors)
     return total
+
+
+def num_parameters(model: nn.Module, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+    """diffusers' `ModelMixin.num_parameters` for a quantized model: each `ViDiTQLinear` weight counts as the
+    `out_features x in_features` elements of the `nn.Linear` it stands for (its integer codes are buffers, packed two
+    per byte for W4), so the count equals the floating-point model's, as bitsandbytes, quanto and torchao report it.
+    A timestep-wise layer's second copy is the same weight: counted once. The quantized weights are frozen, so
+    `only_trainable` leaves them out; the biases and the floating-point layers count as diffusers counts them."""
+    count = type(model).num_parameters(model, only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+    if only_trainable:
+        return count
+    return count + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, ViDiTQLinear))

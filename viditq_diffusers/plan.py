@@ -97,9 +97,33 @@ def plan_to_json(plan: dict) -> dict:
     return {**plan, "layers": {name: spec.to_json() for name, spec in plan["layers"].items()}}
 
 
+WILDCARDS = frozenset("*?[")  # fnmatch's special characters
+
+
+def name_runs(name: str) -> set[str]:
+    """Every run of consecutive dotted components of a module name: "blocks.0.attn.to_k" gives "to_k", "attn",
+    "attn.to_k", "blocks.0", ..., and the name itself."""
+    parts = name.split(".")
+    return {".".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)}
+
+
+def pattern_matches(pattern: str, runs: set[str]) -> bool:
+    """`pattern` equals, or fnmatches, one of `runs` (see `matches_any`)."""
+    if WILDCARDS.isdisjoint(pattern):
+        return pattern in runs
+    return any(fnmatch.fnmatchcase(run, pattern) for run in runs)
+
+
 def matches_any(name: str, patterns: list[str]) -> bool:
-    """`name` is a pattern, lies under a pattern (prefix + "."), or fnmatches it."""
-    return any(name == p or name.startswith(p + ".") or fnmatch.fnmatchcase(name, p) for p in patterns)
+    """A `modules_to_not_convert` entry matches a module when it equals, or fnmatches, a run of whole dotted
+    components of the module's name: the leaf ("to_k" matches every "....attn1.to_k"), any component or run of
+    them ("proj_out" also matches "single_transformer_blocks.0.proj_out", "attn2" every layer under an attn2,
+    "transformer_blocks.0" that block's layers), the full name, a prefix, or a pattern such as
+    "transformer_blocks.*.ff.*" or "to_*". Components match whole, unlike bitsandbytes' and torchao's substring
+    test: "transformer_blocks.0" does not match "single_transformer_blocks.0.attn.to_q", nor
+    "transformer_blocks.1" "transformer_blocks.10.attn1.to_q"."""
+    runs = name_runs(name)
+    return any(pattern_matches(p, runs) for p in patterns)
 
 
 def calibration_absmax(calibration, name: str, preset: str):
@@ -150,14 +174,15 @@ def layer_spec(name: str, linear: nn.Module, config, index: int = 0) -> LayerSpe
 
 
 def warn_unmatched(model: nn.Module, patterns: list[str]) -> None:
-    """Warn about each `modules_to_not_convert` entry that names no module of `model` (a typo keeps nothing in
-    floating point, silently otherwise)."""
-    names = [name for name, _ in model.named_modules() if name]
+    """Warn about each `modules_to_not_convert` entry that matches no module of `model` by `matches_any`'s rule (a
+    typo keeps nothing in floating point, silently otherwise)."""
+    runs = set().union(*(name_runs(name) for name, _ in model.named_modules() if name))
     for pattern in patterns:
-        if not any(matches_any(name, [pattern]) for name in names):
+        if not pattern_matches(pattern, runs):
             warnings.warn(f"modules_to_not_convert entry {pattern!r} matches no module of {type(model).__name__}, so "
-                          f"it keeps nothing in floating point; check the name against model.named_modules() "
-                          f"(a name, a prefix, or an fnmatch pattern such as 'transformer_blocks.*.ff.*').",
+                          f"it keeps nothing in floating point; check it against model.named_modules(): an entry "
+                          f"matches a layer's name, a dotted component or run of them ('to_k', 'proj_out', "
+                          f"'transformer_blocks.0'), or is an fnmatch pattern such as 'transformer_blocks.*.ff.*'.",
                           stacklevel=3)
 
 

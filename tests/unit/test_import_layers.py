@@ -6,7 +6,7 @@ level  modules                                   why there
  1     kernels/*                                 integer GEMMs and fused quantizers; need only quant and LayerSpec
  2     nn                                        ViDiTQLinear, the quantized layer; runs on the kernels
  3     footprint, timestep_clock, lora, roles,   read or extend ViDiTQLinear layers, name a model's layers (roles,
-       reference_mixed_precision                 the paper's W8 rule for w4a8_mp)
+       reference_mixed_precision, fuse_qkv       the paper's W8 rule for w4a8_mp), fuse q/k/v layers into one
  4     calibration                               activation statistics; its default layers come from architectures
  5     plan                                      the per-layer decisions; reads CalibrationStats
  6     recipe                                    smoothing / rotation per layer; decides plan entries
@@ -41,7 +41,7 @@ LEVELS = {
     "viditq_diffusers.kernels": 1,
     "viditq_diffusers.nn": 2,
     "viditq_diffusers.footprint": 3, "viditq_diffusers.timestep_clock": 3, "viditq_diffusers.lora": 3,
-    "viditq_diffusers.roles": 3, "viditq_diffusers.reference_mixed_precision": 3,
+    "viditq_diffusers.roles": 3, "viditq_diffusers.reference_mixed_precision": 3, "viditq_diffusers.fuse_qkv": 3,
     "viditq_diffusers.calibration": 4,
     "viditq_diffusers.plan": 5,
     "viditq_diffusers.recipe": 6,
