@@ -22,7 +22,8 @@ def test_the_kernel_builds_here():
 
 
 # (301, 4608, 24): rows in several L2 chunks, each with K-block partial sums
-@pytest.mark.parametrize("m,k,n", [(1, 64, 8), (7, 63, 5), (300, 1152, 96), (17, 4608, 24), (301, 4608, 24), (6, 1001, 33)])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 8), (7, 63, 5), (300, 1152, 96), (17, 4608, 24), (301, 4608, 24),
+                                   (6, 1001, 33)])
 @pytest.mark.parametrize("per_tensor", [False, True])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_matches_the_exact_torch_path_bit_for_bit(m, k, n, per_tensor, symmetric):
