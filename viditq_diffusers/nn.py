@@ -1,4 +1,4 @@
-"""`ViDiTQLinear`: the one quantized layer. Buffers only; `forward` calls the kernels."""
+"""`ViDiTQLinear`: the one quantized layer. Frozen tensors only (no trainable weight); `forward` calls the kernels."""
 
 from __future__ import annotations
 
