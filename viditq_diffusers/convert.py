@@ -117,7 +117,7 @@ def stored_tensor_problems(plan: dict, headers: dict[str, tuple[str, list[int]]]
     problems = []
     for name, spec in plan_from_json(plan)["layers"].items():
         layer = ViDiTQLinear(spec, device="meta")
-        expected = {leaf: (SAFETENSORS_DTYPES[t.dtype], list(t.shape)) for leaf, t in layer.named_buffers()
+        expected = {leaf: (SAFETENSORS_DTYPES[t.dtype], list(t.shape)) for leaf, t in layer.state_dict().items()
                     if t.dtype in SAFETENSORS_DTYPES}
         stored = {leaf: headers[f"{name}.{leaf}"] for leaf in QUANTIZED_LEAVES if f"{name}.{leaf}" in headers}
         for leaf in sorted(set(expected) | set(stored)):

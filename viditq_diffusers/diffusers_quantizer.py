@@ -6,6 +6,12 @@ Two loading paths, one plan:
   (`create_quantized_param`), so the full FP model never sits in memory;
 - pre-quantized checkpoint (`config.json` carries the plan): the planned layers are built
   empty on the meta device before loading and the int codes / scales load into them as is.
+
+Offload maps (a `device_map` with "cpu" / "disk" entries): diffusers hands the tensors of offloaded modules to
+accelerate (a folder, or a CPU state dict) without asking the quantizer, so on the first path the planned layers
+of those modules are quantized earlier, in the shard's state dict (`maybe_update_state_dict`): what is offloaded
+are the layer's integer tensors, never its float weight. The layer's tensors are frozen parameters, which
+accelerate's hooks load for each forward.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import missing_config_message, safetensors_metadata, tensor_headers, unknown_components
 from .config import ViDiTQConfig, ViDiTQQuantMethod
+from .device_maps import main_device, mapped_device, nested_map_problem, offloads
 from .convert import (own_aligned_memory, quantized_layer, recorded_plan_problems, resolve_plan, set_submodule,
                       stored_tensor_problems)
 from .footprint import num_parameters
@@ -69,6 +76,13 @@ class ViDiTQQuantizer(DiffusersQuantizer):
             return getattr(torch, plan["dtype"])
         return torch.get_default_dtype() if torch_dtype is None else torch_dtype
 
+    def validate_environment(self, *args, device_map=None, **kwargs):
+        # called again with the resolved map ("auto" turned into a dict) before the weights load
+        problem = nested_map_problem(device_map)
+        if problem:
+            raise ValueError(problem)
+        self.device_map = device_map
+
     @property
     def plan_layers(self) -> dict:
         return (self.quantization_config.plan or {}).get("layers", {})
@@ -77,6 +91,7 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         config = self.quantization_config
         if not self.pre_quantized:
             config.plan = resolve_plan(model, config)
+            self.model = model  # for maybe_update_state_dict, which diffusers does not pass it
             self.progress = tqdm(total=len(self.plan_layers), desc="Quantizing", unit="layer", disable=None)
             return model
         if config.plan is None:
@@ -92,7 +107,32 @@ class ViDiTQQuantizer(DiffusersQuantizer):
 
     def check_if_quantized_param(self, model, param_value, param_name, state_dict, **kwargs) -> bool:
         layer, _, leaf = param_name.rpartition(".")
-        return not self.pre_quantized and leaf == "weight" and layer in self.plan_layers
+        return (not self.pre_quantized and leaf == "weight" and layer in self.plan_layers
+                and not isinstance(model.get_submodule(layer), ViDiTQLinear))  # not quantized in the state dict
+
+    def maybe_update_state_dict(self, state_dict):
+        """With an offload map, quantize the planned layers of offloaded ("cpu" / "disk") modules in the shard's
+        state dict: diffusers writes those tensors to the offload folder (or a CPU state dict) as they are, so
+        their float weights become the layer's integer tensors here, and an empty `ViDiTQLinear` on the meta
+        device takes the layer's place. Each weight is quantized on the map's main device, where the model
+        without offload would quantize it, so both give the same codes."""
+        device_map = getattr(self, "device_map", None)
+        if self.pre_quantized or not offloads(device_map):
+            return state_dict
+        for name in list(self.plan_layers):
+            key = f"{name}.weight"
+            if key not in state_dict or mapped_device(device_map, key) not in ("cpu", "disk"):
+                continue
+            old = self.model.get_submodule(name)
+            weight = state_dict.pop(key).to(device=main_device(device_map), dtype=old.weight.dtype).contiguous()
+            layer = quantized_layer(name, weight, None, self.plan_layers[name], self.quantization_config)
+            self.plan_layers[name] = layer.spec
+            state_dict.update({f"{name}.{leaf}": t.detach().cpu() for leaf, t in layer.state_dict().items()})
+            empty = ViDiTQLinear(layer.spec, device="meta", dtype=old.weight.dtype)
+            empty.bias = old.bias
+            set_submodule(self.model, name, empty)
+            self.progress.update()
+        return state_dict
 
     def create_quantized_param(self, model, param_value, param_name, target_device, state_dict, unexpected_keys=None,
                                **kwargs):
@@ -153,6 +193,7 @@ class ViDiTQQuantizer(DiffusersQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if getattr(self, "progress", None) is not None:
             self.progress.close()
+        self.model = None  # the model holds this quantizer: no cycle
         leftovers = [name for name in self.plan_layers if not isinstance(model.get_submodule(name), ViDiTQLinear)]
         if leftovers:
             raise ValueError(
@@ -177,6 +218,12 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         if lora:  # such a checkpoint would not reload: the plan knows no LoRA layers
             raise ValueError(f"LoRA layers are loaded (e.g. {lora[0]!r}); call unload_lora() first, or fuse_lora() "
                              f"then unload_lora() to save the LoRA baked into the quantized weights.")
+        offloaded = [k for k, t in state_dict.items() if t.is_meta]
+        if offloaded:  # diffusers would fail with "Cannot copy out of meta tensor"
+            raise ValueError(f"{len(offloaded)} tensor(s) of this model are offloaded (e.g. {offloaded[0]!r} is on "
+                             f"the meta device: the model was loaded with a device_map with 'cpu' or 'disk' entries, "
+                             f"or has offload hooks), and save_pretrained needs them in memory. Load the model "
+                             f"without a device_map (or with device_map={{'': 'cpu'}}) and save that.")
         # quantized layers outside the plan are fuse_qkv_projections()' fused copies of planned ones: not saved
         fused = {k.rpartition(".")[0] for k in state_dict if k.endswith(".qweight")} - set(self.plan_layers)
         state_dict = {k: v for k, v in state_dict.items() if k.rpartition(".")[0] not in fused}
@@ -185,6 +232,12 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         return state_dict, {**SAFETENSORS_METADATA, PLAN_METADATA_KEY: json.dumps(layers, sort_keys=True)}
 
     def _dequantize(self, model):
+        offloaded = [name for name in self.plan_layers if model.get_submodule(name).qweight.is_meta]
+        if offloaded:  # before any layer changes: the float weights cannot be computed from tensors on disk
+            raise ValueError(f"{len(offloaded)} quantized layer(s) are offloaded (e.g. {offloaded[0]!r}: its integer "
+                             f"weights are on the meta device, loaded only for each forward by the device_map's "
+                             f"hooks), so dequantize() cannot compute their float weights. Load the model without "
+                             f"a device_map, dequantize() it, then offload the floating-point model.")
         fused = fused_layers(model)  # fuse_qkv_projections' layers: float too, as diffusers' own fused ones
         for name, spec in [*self.plan_layers.items(), *((n, m.spec) for n, m in fused.items())]:
             layer = model.get_submodule(name)

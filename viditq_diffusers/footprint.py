@@ -28,11 +28,15 @@ def fp16_weight_bytes(model: nn.Module) -> int:
 
 def num_parameters(model: nn.Module, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
     """diffusers' `ModelMixin.num_parameters` for a quantized model: each `ViDiTQLinear` weight counts as the
-    `out_features x in_features` elements of the `nn.Linear` it stands for (its integer codes are buffers, packed two
+    `out_features x in_features` elements of the `nn.Linear` it stands for (not its codes, packed two
     per byte for W4), so the count equals the floating-point model's, as bitsandbytes, quanto and torchao report it.
     A timestep-wise layer's second copy is the same weight: counted once. The quantized weights are frozen, so
     `only_trainable` leaves them out; the biases and the floating-point layers count as diffusers counts them."""
     count = type(model).num_parameters(model, only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
     if only_trainable:
         return count
-    return count + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, ViDiTQLinear))
+    layers = [m for m in model.modules() if isinstance(m, ViDiTQLinear)]
+    # their codes, scales, zero points and smoothing factors are frozen parameters too (so that device maps offload
+    # them): counted as the weight they stand for instead
+    stored = sum(p.numel() for m in layers for n, p in m.named_parameters(recurse=False) if n in ViDiTQLinear.STATE)
+    return count - stored + sum(m.in_features * m.out_features for m in layers)

@@ -1,4 +1,4 @@
-"""`ViDiTQLinear`: the one quantized layer. Buffers only; `forward` calls the kernels."""
+"""`ViDiTQLinear`: the one quantized layer. Frozen tensors only (no trainable weight); `forward` calls the kernels."""
 
 from __future__ import annotations
 
@@ -31,7 +31,15 @@ class ViDiTQLinear(nn.Module):
       meaningful for diffusers code that reads it, and a loader that does not know ViDiT-Q
       (a plain `nn.Linear`, diffusers without the quantization_config) fails on its shape
       instead of loading int codes into a float weight.
+
+    All of them are frozen parameters (`requires_grad=False`), as other backends store their quantized
+    weights: accelerate's device-map hooks offload (to CPU or disk) the parameters of a module, never its
+    buffers, so integer buffers would stay resident or fail to load. Assigning a tensor to one of these
+    names wraps it (`__setattr__`).
     """
+
+    STATE = ("weight", "qweight", "weight_scale", "weight_zero", "act_smooth", "early_qweight", "early_weight_scale",
+             "early_weight_zero")
 
     def __init__(self, spec: LayerSpec, device=None, dtype=None):
         super().__init__()
@@ -53,24 +61,24 @@ class ViDiTQLinear(nn.Module):
         # early_timestep, a second copy of the weight at early_weight_bits is used: same balancing, same bias).
         self.spec = spec
         self.clock = None  # set by install_clock (timestep-wise layers)
-        self.register_buffer("weight", torch.empty(0, device=device, dtype=dtype))
+        self.weight = torch.empty(0, device=device, dtype=dtype)
         for prefix, bits in (("", spec.weight_bits), ("early_", spec.early_weight_bits)):
             if bits is None:
                 continue
             qweight, scale, zero = self._empty_weight(bits, device)
-            self.register_buffer(f"{prefix}qweight", qweight)
-            self.register_buffer(f"{prefix}weight_scale", scale)
-            if zero is None:
-                setattr(self, f"{prefix}weight_zero", None)
-            else:
-                self.register_buffer(f"{prefix}weight_zero", zero)
-        if spec.smoothed:
-            self.register_buffer("act_smooth", torch.empty(spec.in_features, dtype=torch.int32, device=device))
-        else:
-            self.act_smooth = None
+            setattr(self, f"{prefix}qweight", qweight)
+            setattr(self, f"{prefix}weight_scale", scale)
+            setattr(self, f"{prefix}weight_zero", zero)
+        self.act_smooth = (torch.empty(spec.in_features, dtype=torch.int32, device=device) if spec.smoothed
+                           else None)
         # frozen, as the codes: a bias asking for grad would make torch.compile trace a backward the op does not have
         self.bias = (nn.Parameter(torch.empty(spec.out_features, device=device, dtype=dtype), requires_grad=False)
                      if spec.bias else None)
+
+    def __setattr__(self, name, value):
+        if name in self.STATE and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=False)
+        super().__setattr__(name, value)
 
     # the plan entry's fields, read by the kernels' callers, LoRA and the apps
     in_features = property(lambda self: self.spec.in_features)
