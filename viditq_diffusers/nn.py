@@ -68,7 +68,7 @@ class ViDiTQLinear(nn.Module):
             self.register_buffer("act_smooth", torch.empty(spec.in_features, dtype=torch.int32, device=device))
         else:
             self.act_smooth = None
-        # frozen, as the codes: a bias asking for grad would make torch.compile trace a backward the op does not have
+        # frozen, as the codes (a LoRA trains beside the layer, not the layer); made trainable, it gets its gradient
         self.bias = (nn.Parameter(torch.empty(spec.out_features, device=device, dtype=dtype), requires_grad=False)
                      if spec.bias else None)
 

@@ -51,6 +51,11 @@ def test_the_op_checks_its_fake_implementation():
     x = torch.randn(5, 64)
     args = (x, layer.qweight, 4, layer.scales(), layer.weight_zero, layer.bias, 8, None, None, None)
     torch.library.opcheck(torch.ops.viditq.linear.default, args, test_utils=("test_schema", "test_faketensor"))
+    x.requires_grad_(True)  # the autograd formula is registered the way torch.library wants
+    torch.library.opcheck(torch.ops.viditq.linear.default, args, test_utils=("test_autograd_registration",))
+    grad_args = (torch.randn(5, 24), layer.qweight, 4, layer.scales(), layer.weight_zero, None, 7, 64)
+    torch.library.opcheck(torch.ops.viditq.linear_input_grad.default, grad_args,
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def float_then_quantized():

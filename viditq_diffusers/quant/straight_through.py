@@ -3,8 +3,8 @@
 The layer computes `y = Q(x') Wq^T + b` with `x' = x diag(m) R` (smoothing `m`, rotation `R`; either may be
 absent) and `Wq` the dequantized codes in that balanced basis. Rounding has a zero derivative almost
 everywhere, so training through it uses the STE: the activation quantizer `Q` counts as the identity (per-token
-scales are the row's absolute maximum, so nothing is clipped), and the gradient is that of the float layer
-the codes stand for:
+scales are the row's absolute maximum, so nothing is clipped; with a static scale, clipped values pass the
+gradient too), and the gradient is that of the float layer the codes stand for:
 
     dL/dx = ((dL/dy) Wq) R^T diag(m)
 
