@@ -10,6 +10,7 @@ from viditq_diffusers.kernels.ops import linear_input_grad
 from viditq_diffusers.layer_spec import LayerSpec
 from viditq_diffusers.quant.channel_balance import balance_activation
 from viditq_diffusers.quant.formats import dequantize_weight, unpack_int4
+from viditq_diffusers.quant.hadamard import rotate, rotate_transpose, rotation_matrix
 from viditq_diffusers.timestep_clock import TimestepClock
 
 # name -> (weight_bits, act_bits, group_size, symmetric, per-tensor, static act_scale)
@@ -54,6 +55,16 @@ def ste_reference(layer: ViDiTQLinear, x: torch.Tensor, grad_y: torch.Tensor) ->
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("n", [64, 96, 12, 20, 1152])  # powers of two, Paley I and II orders, 36 * 32
+def test_rotate_transpose_is_the_dense_transpose_and_undoes_rotate(n):
+    x = torch.randn(3, n, dtype=torch.float64)
+    torch.testing.assert_close(rotate_transpose(x, 5), x @ rotation_matrix(n, 5).T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(rotate_transpose(rotate(x, 5), 5), x, rtol=0, atol=1e-12)
+    # 1/sqrt(n) first: float16 stays in range where the unnormalised transform (x sqrt(n)) would overflow
+    big = (x * 20000 / x.abs().max()).half()
+    torch.testing.assert_close(rotate_transpose(big, 5).double(), rotate_transpose(big.double(), 5), rtol=0.01, atol=20)
 
 
 @pytest.mark.parametrize("width", WIDTHS)
