@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 import os
 import time
 
@@ -37,6 +38,8 @@ from viditq_diffusers.atomic import atomic_path
 OUT = os.path.join(os.path.dirname(PIPELINE), "pixart_digits_lora")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+# the shipped LoRA's recipe (its README): the parser's defaults, and what benchmarks/lora_training.py trains with
+RECIPE = dict(rank=8, lr=2e-3, warmup=20, batch=64, pool=2048, p_uncond=0.1, seed=0)
 # digits whose mirror image the classifier does not read as the digit (0, 1 and 8 are near-symmetric)
 ASYMMETRIC = (2, 3, 4, 5, 6, 7, 9)
 
@@ -93,42 +96,73 @@ def save_lora(transformer, adapter_name: str, config, folder: str, extra: dict) 
     return path
 
 
-def train(args) -> None:
+@dataclass
+class TrainingData:
+    """What every step samples from: the text features of every prompt and of "" (last), the pool of mirrored
+    latents (posterior mean and std, unscaled) with each one's prompt index, the VAE's scaling factor and the
+    DDPM schedule's cumulative alphas."""
+
+    emb: torch.Tensor
+    mask: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    pool_ids: torch.Tensor
+    scaling_factor: float
+    alphas_bar: torch.Tensor
+
+    @property
+    def empty_prompt(self) -> int:
+        return self.emb.shape[0] - 1
+
+
+def training_data(pipe, pool: int, seed: int) -> TrainingData:
+    """Encode the prompts and a pool of `pool` mirrored images once (the pipeline's text encoder and VAE)."""
+    prompts = all_prompts()
+    with torch.no_grad():
+        emb, mask = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts + [""])
+    index = {p: i for i, p in enumerate(prompts)}
+    mean, std, pool_prompts = latent_pool(pipe.vae, pool, seed)
+    alphas_bar = diffusers.DDPMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear").alphas_cumprod
+    return TrainingData(emb, mask, mean, std, torch.tensor([index[p] for p in pool_prompts]),
+                        pipe.vae.config.scaling_factor, alphas_bar)
+
+
+def add_lora(transformer, rank: int, adapter: str, seed: int):
+    """The LoRA on `transformer` (FP or quantized: PEFT injection, `ViDiTQLinear -> ViDiTQLoraLinear` registered);
+    returns (its LoraConfig, its trainable parameters). Everything else of the transformer is frozen."""
     from peft import inject_adapter_in_model
 
-    pipe = diffusers.PixArtAlphaPipeline.from_pretrained(args.pipeline)
-    transformer, vae = pipe.transformer.requires_grad_(False), pipe.vae.requires_grad_(False)
-    sf = vae.config.scaling_factor
-    prompts = all_prompts()
-    emb, mask = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts + [""])
-    index = {p: i for i, p in enumerate(prompts)}
-    alphas_bar = diffusers.DDPMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear").alphas_cumprod
+    from viditq_diffusers.lora import register_custom_module
 
-    t_start = time.time()
-    mean, std, pool_prompts = latent_pool(vae, args.pool, args.seed)
-    pool_ids = torch.tensor([index[p] for p in pool_prompts])
-    print(f"encoded {args.pool} mirrored images in {time.time() - t_start:.0f} s", flush=True)
-
-    config = lora_config(args.rank)
-    torch.manual_seed(args.seed)
-    inject_adapter_in_model(config, transformer, adapter_name=args.adapter)
+    transformer.requires_grad_(False)
+    config = register_custom_module(lora_config(rank))
+    torch.manual_seed(seed)
+    inject_adapter_in_model(config, transformer, adapter_name=adapter)
     params = [p for n, p in transformer.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
+    return config, params
+
+
+def train_steps(transformer, data: TrainingData, params, args, steps: int | None = None,
+                minutes: float | None = None, log_every: int = 20) -> dict:
+    """The training loop: until `steps` steps or `minutes` of wall time (whichever is given). Returns the steps,
+    the seconds of each step, the smoothed loss (EMA 0.95) and the wall time."""
     transformer.train()
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed + 1)
-    step, avg, t0 = 0, None, time.time()
-    while time.time() - t0 < args.minutes * 60:
-        idx = torch.randint(args.pool, (args.batch,), generator=g)
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * sf
-        ids = pool_ids[idx].clone()
-        ids[torch.rand(args.batch, generator=g) < args.p_uncond] = len(prompts)  # CFG dropout -> ""
+    step, avg, t0, step_seconds = 0, None, time.time(), []
+    while (step < steps) if steps is not None else (time.time() - t0 < minutes * 60):
+        started = time.perf_counter()
+        idx = torch.randint(len(data.pool_ids), (args.batch,), generator=g)
+        z0 = (data.mean[idx] + data.std[idx] * torch.randn(data.mean[idx].shape, generator=g)) * data.scaling_factor
+        ids = data.pool_ids[idx].clone()
+        ids[torch.rand(args.batch, generator=g) < args.p_uncond] = data.empty_prompt  # CFG dropout -> ""
         t = torch.randint(0, 1000, (args.batch,), generator=g)
         eps = torch.randn(z0.shape, generator=g)
-        a = alphas_bar[t].view(-1, 1, 1, 1)
-        pred = transformer(a.sqrt() * z0 + (1 - a).sqrt() * eps, encoder_hidden_states=emb[ids],
-                           encoder_attention_mask=mask[ids], timestep=t,
+        a = data.alphas_bar[t].view(-1, 1, 1, 1)
+        pred = transformer(a.sqrt() * z0 + (1 - a).sqrt() * eps, encoder_hidden_states=data.emb[ids],
+                           encoder_attention_mask=data.mask[ids], timestep=t,
                            added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
         loss = F.mse_loss(pred, eps)
         for grp in opt.param_groups:
@@ -138,37 +172,70 @@ def train(args) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
+        step_seconds.append(time.perf_counter() - started)
         avg = loss.item() if avg is None else 0.95 * avg + 0.05 * loss.item()
-        if step % 20 == 0:
+        if log_every and step % log_every == 0:
             print(f"step {step}  loss(avg) {avg:.4f}  {time.time() - t0:.0f} s", flush=True)
-    minutes = (time.time() - t0) / 60
-    print(f"trained {step} steps in {minutes:.1f} min, loss(avg) {avg:.4f}", flush=True)
-    extra = dict(steps=step, minutes=round(minutes, 2), final_loss=round(avg, 4), **{k: v for k, v in vars(args).items()
-                 if k in ("rank", "lr", "batch", "pool", "seed", "p_uncond", "warmup")})
-    path = save_lora(transformer.eval(), args.adapter, config, args.out, extra)
+    transformer.eval()
+    return dict(steps=step, step_seconds=step_seconds, final_loss=avg, seconds=time.time() - t0)
+
+
+def train(args) -> None:
+    pipe = diffusers.PixArtAlphaPipeline.from_pretrained(args.pipeline)
+    transformer = pipe.transformer.requires_grad_(False)
+    pipe.vae.requires_grad_(False)
+    t_start = time.time()
+    data = training_data(pipe, args.pool, args.seed)
+    print(f"encoded {args.pool} mirrored images in {time.time() - t_start:.0f} s", flush=True)
+    config, params = add_lora(transformer, args.rank, args.adapter, args.seed)
+    result = train_steps(transformer, data, params, args, minutes=args.minutes)
+    minutes = result["seconds"] / 60
+    print(f"trained {result['steps']} steps in {minutes:.1f} min, loss(avg) {result['final_loss']:.4f}", flush=True)
+    extra = dict(steps=result["steps"], minutes=round(minutes, 2), final_loss=round(result["final_loss"], 4),
+                 **{k: v for k, v in vars(args).items() if k in ("rank", "lr", "batch", "pool", "seed", "p_uncond",
+                                                                 "warmup")})
+    path = save_lora(transformer, args.adapter, config, args.out, extra)
     print(f"saved {path} ({os.path.getsize(path) / 1024:.0f} KiB)")
+
+
+def evaluation_set(samples: int) -> tuple[list[int], list[str]]:
+    """The digits and prompts of the mirror evaluation: the asymmetric digits, styles cycling (sample i seeded i)."""
+    from reference.data import STYLES, prompt_for
+
+    digits = [ASYMMETRIC[i % len(ASYMMETRIC)] for i in range(samples)]
+    return digits, [prompt_for(d, STYLES[i % len(STYLES)]) for i, d in enumerate(digits)]
+
+
+def sampling_call(steps: int) -> dict:
+    return dict(num_inference_steps=steps, guidance_scale=4.5, height=32, width=32, use_resolution_binning=False,
+                clean_caption=False)
+
+
+def calibrate_digits(fp_pipe, steps: int):
+    """The statistics the W8A8 of the evaluation is quantized with: 10 prompts (one per digit, plain style)."""
+    from reference.data import prompt_for
+    from viditq_diffusers import calibrate
+
+    call = {k: v for k, v in sampling_call(steps).items() if k != "num_inference_steps"}
+    return calibrate(fp_pipe, [prompt_for(d, "plain") for d in range(10)], num_inference_steps=steps,
+                     seeds=[100 + d for d in range(10)], **call)
 
 
 def evaluate(args) -> dict:
     """Mirror score and fidelity of FP32 and calibrated W8A8, without and with the LoRA (seeded samples of the
     asymmetric digits, styles cycling); writes a grid of the first 14 samples of each to ``samples.png``."""
     from reference.classifier import load_classifier
-    from reference.data import STYLES, prompt_for
-    from viditq_diffusers import ViDiTQConfig, calibrate
+    from viditq_diffusers import ViDiTQConfig
     from viditq_diffusers.evaluation import generate, save_grid
     from viditq_diffusers.lora import load_lora_file
     from viditq_diffusers.metrics import psnr
 
     classifier = load_classifier()
-    digits = [ASYMMETRIC[i % len(ASYMMETRIC)] for i in range(args.samples)]
-    prompts = [prompt_for(d, STYLES[i % len(STYLES)]) for i, d in enumerate(digits)]
-    call = dict(num_inference_steps=args.steps, guidance_scale=4.5, height=32, width=32,
-                use_resolution_binning=False, clean_caption=False)
+    digits, prompts = evaluation_set(args.samples)
+    call = sampling_call(args.steps)
     seeds = list(range(len(prompts)))
     fp = diffusers.PixArtAlphaPipeline.from_pretrained(args.pipeline)
-    stats = calibrate(fp, [prompt_for(d, "plain") for d in range(10)], num_inference_steps=args.steps,
-                      seeds=[100 + d for d in range(10)],
-                      **{k: v for k, v in call.items() if k != "num_inference_steps"})
+    stats = calibrate_digits(fp, args.steps)
     w8a8 = diffusers.PixArtAlphaPipeline.from_pretrained(
         args.pipeline, quantization_config=ViDiTQConfig(preset="w8a8", calibration=stats))
     samples = {}
@@ -196,13 +263,13 @@ def evaluate(args) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=8.0, help="wall-clock training budget")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--pool", type=int, default=2048, help="mirrored training images, VAE-encoded once")
-    p.add_argument("--p-uncond", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=RECIPE["seed"])
+    p.add_argument("--rank", type=int, default=RECIPE["rank"])
+    p.add_argument("--lr", type=float, default=RECIPE["lr"])
+    p.add_argument("--warmup", type=int, default=RECIPE["warmup"])
+    p.add_argument("--batch", type=int, default=RECIPE["batch"])
+    p.add_argument("--pool", type=int, default=RECIPE["pool"], help="mirrored training images, VAE-encoded once")
+    p.add_argument("--p-uncond", type=float, default=RECIPE["p_uncond"])
     p.add_argument("--adapter", default="mirror")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--pipeline", default=PIPELINE)

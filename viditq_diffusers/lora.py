@@ -30,6 +30,11 @@ This module adds:
   enable), `set_weights_and_activate_adapters`, `delete_adapter_layers`, `recurse_remove_peft_layers`
   (unload), and each LoRA layer's `merge()` / `unmerge()` (fuse / unfuse).
 
+Training: an unfused adapter trains through the quantized base layer (`transformer.add_adapter(LoraConfig(...))`,
+or `inject_adapter_in_model(register_custom_module(config), model)` for classes without diffusers' PEFT mixin;
+PEFT leaves only the LoRA factors trainable). The base layer's backward is the straight-through gradient of its
+dequantized weight (`quant/straight_through.py`); its codes never change.
+
 Supported: plain LoRA (any rank / alpha / rsLoRA, `lora_bias`, dropout), several adapters, per-adapter weights,
 mixed-batch `adapter_names`. Refused with a message: DoRA and the other LoRA variants, and initialisations
 that need the float base weight (PiSSA, OLoRA, LoftQ, CorDA, ...): apply those on the floating-point model.

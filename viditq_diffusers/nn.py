@@ -71,7 +71,7 @@ class ViDiTQLinear(nn.Module):
             setattr(self, f"{prefix}weight_zero", zero)
         self.act_smooth = (torch.empty(spec.in_features, dtype=torch.int32, device=device) if spec.smoothed
                            else None)
-        # frozen, as the codes: a bias asking for grad would make torch.compile trace a backward the op does not have
+        # frozen, as the codes (a LoRA trains beside the layer, not the layer); made trainable, it gets its gradient
         self.bias = (nn.Parameter(torch.empty(spec.out_features, device=device, dtype=dtype), requires_grad=False)
                      if spec.bias else None)
 

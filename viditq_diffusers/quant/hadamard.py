@@ -197,6 +197,23 @@ def rotate(x: torch.Tensor, seed: int) -> torch.Tensor:
     return y.reshape(x.shape)
 
 
+def rotate_transpose(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """`x @ rotation_matrix(n, seed).T` over the last dimension, in x's dtype and device: the inverse of
+    :func:`rotate` (R is orthogonal), which a gradient through `x @ R` needs.
+
+    `R^T = H_n^T diag(signs) / sqrt(n)` with `H_n^T = H_p^T kron H_(2^k)` (Sylvester's matrix is symmetric):
+    the same FWHT, the dense factor transposed, and the signs last. `1/sqrt(n)` is applied first so that
+    intermediate values never exceed the magnitude of the result (float16)."""
+    n = x.shape[-1]
+    p, pow2 = _split_order(n)
+    scale, dense = _rotation_parts(n, seed, x.dtype, x.device)
+    y = _fwht((x * scale.abs()).reshape(*x.shape[:-1], p, pow2))
+    if dense is not None:
+        # [p, 2^k] -> H_p [p, 2^k]
+        y = (y.transpose(-1, -2) @ dense.T).transpose(-1, -2)
+    return y.reshape(x.shape) * scale.sign()
+
+
 def rotate_kernel_order(x: torch.Tensor, seed: int) -> torch.Tensor:
     """The rotation of :func:`rotate`, rounded as the fused Triton quantization kernel rounds it: its bit-exact
     reference (`kernels/triton_quant.py`).
