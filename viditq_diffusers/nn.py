@@ -20,7 +20,7 @@ class ViDiTQLinear(nn.Module):
       codes per byte (low nibble first, stored as code + 8);
     - `weight_scale`: fp32 scales `[out, G]` (G = 1 per-channel, else `in // group_size`),
       stored as their int32 bit patterns. Loaders (diffusers' `torch_dtype`, `.to(dtype)`,
-      ComfyUI casts) cast floating tensors; an integer buffer is never cast, so the scales a
+      ComfyUI casts) cast floating tensors; an integer tensor is never cast, so the scales a
       checkpoint was saved with are exactly the scales it reloads with;
     - `weight_zero`: int8 zero points `[out, G]`, only for asymmetric weights;
     - `bias`: a floating-point parameter, as in `nn.Linear`;
@@ -94,7 +94,7 @@ class ViDiTQLinear(nn.Module):
     early_timestep = property(lambda self: self.spec.early_timestep)
 
     def _empty_weight(self, bits: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Empty (codes, scales as int32 bits, zero points or None) buffers for `bits`-bit weights."""
+        """Empty (codes, scales as int32 bits, zero points or None) tensors for `bits`-bit weights."""
         groups = self.in_features // self.group_size if self.group_size else 1
         rows = 1 if self.weight_per_tensor else self.out_features
         if bits == 4:
@@ -117,7 +117,7 @@ class ViDiTQLinear(nn.Module):
         return layer
 
     def set_weight(self, weight: torch.Tensor, name: str = "", smoothing: torch.Tensor | None = None) -> None:
-        """Quantize `weight` (the original float weight) into this layer's buffers, balancing it first if the
+        """Quantize `weight` (the original float weight) into this layer's tensors, balancing it first if the
         spec says so (`smoothing`: its smoothing factors). `name` is for the error message."""
         if not torch.isfinite(weight).all():
             raise ValueError(

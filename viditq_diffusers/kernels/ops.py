@@ -32,7 +32,7 @@ def _(x, qweight, weight_bits, scale, zero, bias, act_bits, act_scale, smooth, r
 # --- autograd: the straight-through gradient w.r.t. x ---------------------------------------------------------------
 # `quant/straight_through.py` has the math: dL/dx = ((dL/dy) Wq) R^T diag(smooth), the gradient of the float layer
 # the codes stand for (activation rounding counts as the identity). The bias gets its ordinary gradient when it asks
-# for one (LoRA training leaves it frozen). The codes, scales and zero points (integer buffers, or fp32 views of
+# for one (LoRA training leaves it frozen). The codes, scales and zero points (integer parameters, or fp32 views of
 # them), the smoothing factors and a static activation scale are frozen: they get no gradient, and a backward that
 # asks for one raises `FROZEN`. The gradient is one more registered op with a fake, so AOT autograd and inductor
 # trace the backward as one node, as they do the forward.
@@ -77,7 +77,7 @@ def _setup_context(ctx, inputs, output):
     x, qweight, weight_bits, scale, zero, bias, act_bits, act_scale, smooth, rotation_seed = inputs
     ctx.weight_bits, ctx.rotation_seed, ctx.in_features = weight_bits, rotation_seed, x.shape[1]
     ctx.bias_dtype = None if bias is None else bias.dtype
-    # buffers of the layer (no copies); x itself is not needed, so training keeps no extra activation
+    # the layer's own tensors (no copies); x itself is not needed, so training keeps no extra activation
     ctx.save_for_backward(qweight, scale, zero, smooth, act_scale)
 
 
