@@ -316,6 +316,7 @@ def main() -> None:
     parser.add_argument("--gemm-repeats", type=int, default=10)
     parser.add_argument("--no-peers", action="store_true", help="skip the peer libraries")
     parser.add_argument("--skip", nargs="*", default=[], help="skip variants whose label contains any of these")
+    parser.add_argument("--gemm-only", action="store_true", help="only the GEMM table (a few minutes)")
     parser.add_argument("--recipes", help="the calibrated default's decided plan: read if the file exists, else "
                                           "searched (slow) and written there; at 28 blocks the shipped one")
     args = parser.parse_args()
@@ -325,6 +326,9 @@ def main() -> None:
     warmup()  # the C++ kernels, built or loaded before anything is timed
     print(cpu_info())
     print(f"load average at start: {os.getloadavg()[0]:.1f}")
+    if args.gemm_only:
+        print_gemm_table(args.gemm_repeats)
+        return
     print(f"PixArt-alpha 512 transformer, {args.layers} blocks; batch 2, 256 image tokens, 120 text tokens; "
           f"1 warm-up, median of {args.repeats} interleaved forwards", flush=True)
 
@@ -368,18 +372,22 @@ def main() -> None:
     for label, counts in routes.items():
         print(f"- {label}: {counts}")
 
+    print_gemm_table(args.gemm_repeats)
+    # Linux reports kilobytes: every variant was held in memory at once
+    print(f"\npeak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
+
+
+def print_gemm_table(repeats: int) -> None:
     print("\nGEMM at DiT shapes, median ms (speed-up vs fp32 F.linear); 'as dispatched' includes the per-token "
           "activation quantization and the epilogue")
     with torch.inference_mode():
-        gemms = time_gemms(args.gemm_repeats)
+        gemms = time_gemms(repeats)
     shapes = list(gemms)
     print("| kernel | " + " | ".join(f"{m}x{k}x{n}" for m, k, n in shapes) + " |")
     print("|---|" + "---:|" * len(shapes))
     for name in gemms[shapes[0]]:
         cells = [f"{gemms[s][name] * 1e3:.1f} ({gemms[s]['fp32 F.linear'] / gemms[s][name]:.2f}x)" for s in shapes]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    # Linux reports kilobytes: every variant was held in memory at once
-    print(f"\npeak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
 
 
 if __name__ == "__main__":
