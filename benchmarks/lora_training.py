@@ -25,17 +25,15 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
+from benchmarks.child_process import run_json_child
 from reference.train_lora import PIPELINE, RECIPE, add_lora, calibrate_digits, evaluation_set, mirror_score, \
     sampling_call, train_steps, training_data
 
-ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {"fp32": None, "w8a8": "w8a8", "w4a8": "w4a8"}  # variant -> ViDiT-Q preset (None: the FP32 transformer)
 SHIPPED_STEPS = 362  # the shipped LoRA's run (8 min on 1 thread; its README)
 SMOKE = dict(steps=3, pool=32, batch=4, samples=7, sample_steps=2)
@@ -78,14 +76,7 @@ def run_child(variant: str, args, stats_path: str | None) -> dict:
                "--pipeline", args.pipeline]
     if stats_path is not None:
         command += ["--stats", stats_path]
-    done = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1][:160]
-    if done.returncode < 0:
-        reason = f"killed by signal {-done.returncode} (out of memory?)"
-    return dict(variant=variant, error=reason)
+    return run_json_child(command, variant=variant)
 
 
 def table(results: list[dict]) -> str:

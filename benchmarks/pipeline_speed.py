@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,6 +47,7 @@ import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
+from benchmarks.child_process import run_json_child
 from benchmarks.pixart_alpha import CONFIG, build
 from benchmarks.speed_cpu import cpu_info
 from viditq_diffusers import ViDiTQConfig, quantize
@@ -209,14 +209,7 @@ def run_child(args, row: str, resolution: int) -> dict:
     command = [sys.executable, "-m", "benchmarks.pipeline_speed", "--child", row, "--resolution", str(resolution),
                "--steps", str(args.steps), "--t5-layers", str(args.t5_layers), "--t5-dtype", args.t5_dtype,
                "--transformer-layers", str(args.transformer_layers), "--threads", str(args.threads)]
-    done = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1][:160]
-    if done.returncode < 0:
-        reason = f"killed by signal {-done.returncode} (out of memory?)"
-    return dict(row=row, resolution=resolution, error=reason)
+    return run_json_child(command, row=row, resolution=resolution)
 
 
 def main() -> None:
