@@ -201,6 +201,9 @@ class ViDiTQQuantizer(DiffusersQuantizer):
                 f"the checkpoint does not match the model config."
             )
         own_aligned_memory(model)
+        for layer in model.modules():  # diffusers loads every tensor trainable; a quantized layer's bias is frozen,
+            if isinstance(layer, ViDiTQLinear) and layer.bias is not None:  # as quantize() and a reload leave it
+                layer.bias.requires_grad_(False)
         install_clock(model)
         install_qkv_fusion(model)  # fuse_qkv_projections() concatenates the projections' codes
         first = model.get_submodule(next(iter(self.plan_layers)))

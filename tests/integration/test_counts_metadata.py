@@ -38,10 +38,12 @@ def test_num_parameters_equal_the_floating_point_model(fp_dir, preset, dtype):
     assert layers
     assert model.num_parameters() == fp.num_parameters()
     assert model.num_parameters(exclude_embeddings=True) == fp.num_parameters(exclude_embeddings=True)
-    # the quantized weights are frozen (and the biases that do not require grad); the rest counts as trainable
-    frozen = sum(m.in_features * m.out_features + (m.out_features if m.bias is not None and not m.bias.requires_grad
-                                                   else 0) for m in layers.values())
+    # the quantized weights and their biases are frozen, however the model was quantized; the rest is trainable
+    frozen = sum(m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
+                 for m in layers.values())
     assert model.num_parameters(only_trainable=True) == fp.num_parameters(only_trainable=True) - frozen
+    assert quantize(entry.cls.from_pretrained(path, torch_dtype=dtype), ViDiTQConfig(preset=preset)).num_parameters(
+        only_trainable=True) == model.num_parameters(only_trainable=True)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
