@@ -6,9 +6,10 @@ attention bias, an embedding), the final norm, CLIP's `text_projection`, and the
 `_keep_in_fp32_modules` (T5's and UMT5's `wo`, the feed-forward output whose activations overflow fp16) and
 `_keep_in_fp32_modules_strict`. A block list is a dotted path to the ModuleList of blocks.
 
-The encoders' default precision is weight-only W8A16 (`TEXT_ENCODER_PRESET`): T5's activations have outliers
-of several hundred times the median channel, which per-token 8-bit activations round away, and a text encoder
-runs once per prompt (not once per denoising step), so its weight memory matters far more than its speed.
+The encoders' default precision is weight-only W8A16 (`TEXT_ENCODER_PRESET`): T5's activations have a few
+outlier channels far larger than the typical one, next to which per-token 8-bit activations round the rest away,
+and a text encoder runs once per prompt (not once per denoising step), so its weight memory matters far more than
+its speed.
 """
 
 from __future__ import annotations
