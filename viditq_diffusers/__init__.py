@@ -1,7 +1,8 @@
 """viditq-diffusers: ViDiT-Q W8A8 / W4A8 quantization for diffusers' diffusion transformers.
 
-Importing this package registers `ViDiTQConfig` with diffusers (`quant_method="viditq"`) and, when PEFT is
-installed, teaches PEFT to put LoRA adapters on `ViDiTQLinear` layers.
+Importing this package registers `ViDiTQConfig` with diffusers (`quant_method="viditq"`), with transformers
+(>= 5) when it is installed (text encoders, `transformers_quantizer.py`) and, when PEFT is installed, teaches PEFT
+to put LoRA adapters on `ViDiTQLinear` layers.
 """
 
 import importlib.util
@@ -17,6 +18,14 @@ from .nn import ViDiTQLinear
 from .recipe_refine import refine_recipes
 
 register()
+
+if importlib.util.find_spec("transformers") is not None:  # text encoders through transformers' quantizer API
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:  # its loading API (quantize ops) came with 5.0
+        from .transformers_quantizer import register as register_transformers
+
+        register_transformers()
 
 if importlib.util.find_spec("peft") is not None:  # LoRA on quantized layers through diffusers / PEFT (lora.py)
     from .lora import enable_peft_support

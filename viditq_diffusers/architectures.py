@@ -5,7 +5,8 @@ keeps the rest in floating point (docs/method.md, section 2): patch/timestep/cap
 embedders, adaLN / modulation projections (`norm*.linear`, `*_mod.*`), the output
 projection (`proj_out`, `norm_out`), the model's own `_keep_in_fp32_modules`, and every
 non-Linear layer (convs, norms). The rule is declarative: a block list name, then a
-pattern for the modulation linears that live inside blocks.
+pattern for the modulation linears that live inside blocks. transformers text encoders have their
+table in `text_encoders.py` (nested block lists such as T5's `encoder.block`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import re
 
 from torch import nn
+
+from .text_encoders import TEXT_ENCODER_BLOCKS
 
 # Top-level ModuleLists that hold the transformer blocks, per zoo class. HunyuanVideo's
 # `context_embedder.token_refiner.refiner_blocks` is a text embedder and stays FP.
@@ -47,17 +50,20 @@ MODULATION = re.compile(r"(^|\.)(norm\w*|\w+_mod|\w*modulation)\.")
 
 
 def block_lists(model: nn.Module) -> tuple[str, ...]:
-    return BLOCK_LISTS.get(type(model).__name__, DEFAULT_BLOCK_LISTS)
+    """Dotted paths of the model's ModuleLists of blocks (transformers text encoders: `text_encoders.py`)."""
+    name = type(model).__name__
+    return BLOCK_LISTS.get(name) or TEXT_ENCODER_BLOCKS.get(name) or DEFAULT_BLOCK_LISTS
 
 
 def is_quantized_by_default(model: nn.Module, name: str) -> bool:
     """Whether the nn.Linear called `name` is quantized by default (attention / FFN in a block)."""
-    match = re.match(r"^([A-Za-z_]\w*)\.\d+\.(.+)$", name)
-    if match is None or match.group(1) not in block_lists(model):
+    inside = [match.group(1) for blocks in block_lists(model)
+              if (match := re.match(rf"{re.escape(blocks)}\.\d+\.(.+)$", name))]
+    if not inside or MODULATION.search(inside[0]):
         return False
-    if MODULATION.search(match.group(2)):
-        return False
-    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or []
+    # transformers' `_keep_in_fp32_modules_strict` (fp32 in bf16 loads too) is kept in floating point as well
+    keep_fp32 = {*(getattr(model, "_keep_in_fp32_modules", None) or []),
+                 *(getattr(model, "_keep_in_fp32_modules_strict", None) or [])}
     return not any(part in keep_fp32 for part in name.split("."))
 
 

@@ -3,7 +3,8 @@
 It is both a diffusers model quantization config (`quant_method="viditq"`) and a
 pipeline quantization config, so the same object goes to
 `<Model>.from_pretrained(..., quantization_config=...)` and
-`DiffusionPipeline.from_pretrained(..., quantization_config=...)`.
+`DiffusionPipeline.from_pretrained(..., quantization_config=...)`. Where transformers is installed it is a
+transformers quantization config too (text encoders: `transformers_quantizer.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ from enum import Enum
 
 from diffusers import PipelineQuantizationConfig
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
+
+try:  # transformers' registry accepts only subclasses of its own mixin; diffusers' methods come first in the MRO
+    from transformers.utils.quantization_config import QuantizationConfigMixin as TransformersConfigMixin
+except ImportError:  # transformers is optional (text encoders only)
+    TransformersConfigMixin = object
 
 from .checks import MAX_SEED, boolean, integer, name_list, real, shown
 from .layer_spec import precision_label
@@ -92,7 +98,7 @@ PRESETS: dict[str, dict] = {
 BALANCES = (None, "smooth", "rotate", "smooth_rotate", "search")
 
 
-class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
+class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig, TransformersConfigMixin):
     """ViDiT-Q quantization settings.
 
     Args:

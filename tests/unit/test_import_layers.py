@@ -3,7 +3,7 @@
 level  modules                                   why there
  0     quant/*, architectures, atomic, jsonio,   pure math and helpers (torch, files, a pipeline call, argument
        metrics, evaluation, checks, layer_spec,  checks, accelerate device maps), and the plan entry type: no other
-       device_maps                               module of this package
+       device_maps, text_encoders                module of this package
  1     kernels/*                                 integer GEMMs and fused quantizers; need only quant and LayerSpec
  2     nn                                        ViDiTQLinear, the quantized layer; runs on the kernels
  3     footprint, timestep_clock, lora, roles,   read or extend ViDiTQLinear layers, name a model's layers (roles,
@@ -14,7 +14,8 @@ level  modules                                   why there
  7     convert                                   model surgery: builds the planned layers
  8     config, checkpoint                        the diffusers-facing config; reading checkpoint files
  9     hub                                       atomic save, model card, push; knows a model by its ViDiTQConfig
-10     diffusers_quantizer                       diffusers' from_pretrained hook; runs convert, attaches hub
+10     diffusers_quantizer,                      diffusers' from_pretrained hook; runs convert, attaches hub;
+       transformers_quantizer                    transformers' (text encoders), on the same plan and layers
 11     api                                       quantize(model, config): the quantizer's result for a loaded model
 12     cli, mixed_precision/*, recipe_refine,    built on all of the above: searches, the command line, the test
        testing/*, the package __init__           models, the public names
@@ -39,6 +40,7 @@ LEVELS = {
     "viditq_diffusers.quant": 0, "viditq_diffusers.architectures": 0, "viditq_diffusers.atomic": 0,
     "viditq_diffusers.jsonio": 0, "viditq_diffusers.metrics": 0, "viditq_diffusers.evaluation": 0,
     "viditq_diffusers.layer_spec": 0, "viditq_diffusers.checks": 0, "viditq_diffusers.device_maps": 0,
+    "viditq_diffusers.text_encoders": 0,
     "viditq_diffusers.kernels": 1,
     "viditq_diffusers.nn": 2,
     "viditq_diffusers.footprint": 3, "viditq_diffusers.timestep_clock": 3, "viditq_diffusers.lora": 3,
@@ -49,7 +51,7 @@ LEVELS = {
     "viditq_diffusers.convert": 7,
     "viditq_diffusers.config": 8, "viditq_diffusers.checkpoint": 8,
     "viditq_diffusers.hub": 9,
-    "viditq_diffusers.diffusers_quantizer": 10,
+    "viditq_diffusers.diffusers_quantizer": 10, "viditq_diffusers.transformers_quantizer": 10,
     "viditq_diffusers.api": 11,
     "viditq_diffusers": 12,  # the package __init__ (the public names)
     "viditq_diffusers.cli": 12, "viditq_diffusers.mixed_precision": 12, "viditq_diffusers.recipe_refine": 12,

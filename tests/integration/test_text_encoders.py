@@ -1,0 +1,183 @@
+"""Text encoders through transformers' quantizer API: `<Encoder>.from_pretrained(path, quantization_config=
+ViDiTQConfig(...))` quantizes as it loads, the plan keeps the right layers in floating point, and a saved model
+reloads without the config argument, bit for bit. Tiny configs built offline (random weights)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import viditq_diffusers  # noqa: F401  (registers viditq with transformers)
+from viditq_diffusers import ViDiTQConfig, ViDiTQLinear
+from viditq_diffusers.convert import quantized_layers, set_submodule
+from viditq_diffusers.text_encoders import TEXT_ENCODER_BLOCKS
+
+VOCAB = 96
+
+
+def t5_config(cls=transformers.T5Config):
+    return cls(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+               feed_forward_proj="gated-gelu", relative_attention_num_buckets=8)
+
+
+def clip_config():
+    return transformers.CLIPTextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, max_position_embeddings=16, projection_dim=32,
+                                       bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
+def decoder_config(cls):  # Gemma2 (Sana) and Llama (HunyuanVideo): the decoder stacks used as text encoders
+    return cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, max_position_embeddings=32)
+
+
+# class -> (config, regex of the linears that stay floating point inside the blocks, layers outside the blocks)
+ENCODERS = {
+    "T5EncoderModel": (transformers.T5EncoderModel, t5_config, r".*\.wo"),
+    "UMT5EncoderModel": (transformers.UMT5EncoderModel, lambda: t5_config(transformers.UMT5Config), r".*\.wo"),
+    "CLIPTextModel": (transformers.CLIPTextModel, clip_config, None),
+    "CLIPTextModelWithProjection": (transformers.CLIPTextModelWithProjection, clip_config, None),
+    "Gemma2Model": (transformers.Gemma2Model, lambda: decoder_config(transformers.Gemma2Config), None),
+    "LlamaModel": (transformers.LlamaModel, lambda: decoder_config(transformers.LlamaConfig), None),
+}
+
+
+def tokens(seed: int = 0) -> torch.Tensor:
+    return torch.randint(2, VOCAB, (2, 9), generator=torch.Generator().manual_seed(seed))
+
+
+def encode(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids)[0].float()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def linears(model) -> dict[str, str]:
+    return {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, (nn.Linear, ViDiTQLinear))}
+
+
+@pytest.fixture(scope="module")
+def fp_checkpoints(tmp_path_factory):
+    """{class name: folder of its floating-point checkpoint (fp32)}."""
+    folders = {}
+    for name, (cls, config, _) in ENCODERS.items():
+        torch.manual_seed(0)
+        folder = tmp_path_factory.mktemp(name)
+        cls(config()).eval().save_pretrained(folder)
+        folders[name] = folder
+    return folders
+
+
+def test_every_supported_class_is_tested():
+    assert set(ENCODERS) == set(TEXT_ENCODER_BLOCKS)
+
+
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_quantize_as_load_layers_quality_and_bit_identical_reload(name, fp_checkpoints, tmp_path):
+    cls, _, kept_fp_pattern = ENCODERS[name]
+    folder = fp_checkpoints[name]
+    fp = cls.from_pretrained(folder).eval()
+    config = ViDiTQConfig("w8a16")
+    model = cls.from_pretrained(folder, quantization_config=config).eval()
+    assert config.plan is None  # the caller's config is not written into
+
+    # which linears: every attention / FFN linear of the blocks, except the class's _keep_in_fp32_modules
+    blocks = TEXT_ENCODER_BLOCKS[name]
+    layers = linears(model)
+    in_blocks = {n for n in layers if any(re.match(rf"{re.escape(b)}\.\d+\.", n) for b in blocks)}
+    kept = {n for n in in_blocks if kept_fp_pattern and re.fullmatch(kept_fp_pattern, n)}
+    assert {n for n, kind in layers.items() if kind == "ViDiTQLinear"} == in_blocks - kept
+    assert all(layers[n] == "Linear" for n in set(layers) - (in_blocks - kept))  # outside the blocks: FP
+    if name == "CLIPTextModelWithProjection":
+        assert layers["text_projection"] == "Linear"
+    if kept_fp_pattern:  # T5 / UMT5: the FFN output projections stay in floating point
+        assert kept and all(layers[n] == "Linear" for n in kept)
+    assert set(model.config.quantization_config.plan["layers"]) == in_blocks - kept
+    assert all(not p.requires_grad for n, p in model.named_parameters()
+               if isinstance(model.get_submodule(n.rpartition(".")[0]), ViDiTQLinear))
+
+    # the same layers as quantizing the loaded floating-point model in memory, bit for bit
+    plan, built = quantized_layers(fp, ViDiTQConfig("w8a16"))
+    for layer_name, layer in built:
+        set_submodule(fp, layer_name, layer)
+    ids = tokens()
+    out = encode(model, ids)
+    assert torch.equal(out, encode(fp, ids))
+    reference = encode(cls.from_pretrained(folder).eval(), ids)
+    assert cosine(out, reference) > 0.999
+
+    # save, reload without the config argument: config.json carries it
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "viditq" and saved["preset"] == "w8a16"
+    reloaded = cls.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded.config.quantization_config, ViDiTQConfig)
+    assert linears(reloaded) == layers
+    assert torch.equal(encode(reloaded, ids), out)
+    assert torch.equal(encode(reloaded, tokens(1)), encode(model, tokens(1)))
+
+
+def test_t5_bf16_loads_and_reloads_in_bf16(fp_checkpoints, tmp_path):
+    folder = fp_checkpoints["T5EncoderModel"]
+    model = transformers.T5EncoderModel.from_pretrained(folder, quantization_config=ViDiTQConfig("w8a16"),
+                                                        dtype=torch.bfloat16).eval()
+    q = model.encoder.block[0].layer[0].SelfAttention.q
+    assert isinstance(q, ViDiTQLinear) and q.weight.dtype == torch.bfloat16 and q.qweight.dtype == torch.int8
+    assert model.config.quantization_config.plan["dtype"] == "bfloat16"
+    reference = encode(transformers.T5EncoderModel.from_pretrained(folder, dtype=torch.bfloat16).eval(), tokens())
+    out = encode(model, tokens())
+    assert cosine(out, reference) > 0.995
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.T5EncoderModel.from_pretrained(tmp_path).eval()  # dtype from config.json
+    assert reloaded.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.bfloat16
+    assert torch.equal(encode(reloaded, tokens()), out)
+
+
+@pytest.mark.parametrize("kwargs, label, minimum", [
+    ({"preset": "w4a16", "group_size": 32}, "W4A16-g32", 0.99),
+    ({"preset": "w8a8"}, "W8A8", 0.995),
+])
+def test_t5_other_presets(kwargs, label, minimum, fp_checkpoints, tmp_path):
+    folder = fp_checkpoints["T5EncoderModel"]
+    model = transformers.T5EncoderModel.from_pretrained(folder, quantization_config=ViDiTQConfig(**kwargs)).eval()
+    specs = model.config.quantization_config.plan["layers"].values()
+    assert {spec.label() for spec in specs} == {label}
+    reference = encode(transformers.T5EncoderModel.from_pretrained(folder).eval(), tokens())
+    out = encode(model, tokens())
+    assert cosine(out, reference) > minimum
+    model.save_pretrained(tmp_path)
+    assert torch.equal(encode(transformers.T5EncoderModel.from_pretrained(tmp_path).eval(), tokens()), out)
+
+
+def test_unsupported_class_names_it_and_the_supported_ones(tmp_path):
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4)
+    transformers.BertModel(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"BertModel.*T5EncoderModel, UMT5EncoderModel, CLIPTextModel"):
+        transformers.BertModel.from_pretrained(tmp_path, quantization_config=ViDiTQConfig("w8a16"))
+
+
+def test_denoiser_mixed_precision_preset_is_refused(fp_checkpoints):
+    with pytest.raises(ValueError, match=r"w4a8_mp.*T5EncoderModel.*'w8a16'"):
+        transformers.T5EncoderModel.from_pretrained(fp_checkpoints["T5EncoderModel"],
+                                                    quantization_config=ViDiTQConfig("w4a8_mp"))
+
+
+def test_reload_refuses_a_plan_edited_in_config_json(fp_checkpoints, tmp_path):
+    model = transformers.T5EncoderModel.from_pretrained(fp_checkpoints["T5EncoderModel"],
+                                                        quantization_config=ViDiTQConfig("w8a16"))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    data = json.loads(path.read_text())
+    data["quantization_config"]["plan"]["layers"]["encoder.block.0.layer.0.SelfAttention.q"]["weight_bits"] = 4
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"(?s)does not match the weights saved with it.*SelfAttention\.q"):
+        transformers.T5EncoderModel.from_pretrained(tmp_path)
