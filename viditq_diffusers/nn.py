@@ -32,13 +32,15 @@ class ViDiTQLinear(nn.Module):
       (a plain `nn.Linear`, diffusers without the quantization_config) fails on its shape
       instead of loading int codes into a float weight.
 
-    All of them are frozen parameters (`requires_grad=False`), as other backends store their quantized
+    All but `weight` are frozen parameters (`requires_grad=False`), as other backends store their quantized
     weights: accelerate's device-map hooks offload (to CPU or disk) the parameters of a module, never its
     buffers, so integer buffers would stay resident or fail to load. Assigning a tensor to one of these
-    names wraps it (`__setattr__`).
+    names wraps it (`__setattr__`). The empty `weight` stays a buffer: ComfyUI patches (LoRA) every
+    parameter named `weight` through the module's `set_weight`, which here means something else, and a
+    weight patch on a quantized layer must reach the node pack's refusal instead.
     """
 
-    STATE = ("weight", "qweight", "weight_scale", "weight_zero", "act_smooth", "early_qweight", "early_weight_scale",
+    STATE = ("qweight", "weight_scale", "weight_zero", "act_smooth", "early_qweight", "early_weight_scale",
              "early_weight_zero")
 
     def __init__(self, spec: LayerSpec, device=None, dtype=None):
@@ -61,7 +63,10 @@ class ViDiTQLinear(nn.Module):
         # early_timestep, a second copy of the weight at early_weight_bits is used: same balancing, same bias).
         self.spec = spec
         self.clock = None  # set by install_clock (timestep-wise layers)
-        self.weight = torch.empty(0, device=device, dtype=dtype)
+        # a buffer (see below), never on the meta device: it holds nothing, and accelerate's offload hooks move a
+        # module's buffers as they are (a meta one has no value to move)
+        on = "cpu" if device is not None and torch.device(device).type == "meta" else device
+        self.register_buffer("weight", torch.empty(0, device=on, dtype=dtype))
         for prefix, bits in (("", spec.weight_bits), ("early_", spec.early_weight_bits)):
             if bits is None:
                 continue
