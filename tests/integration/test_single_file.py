@@ -18,7 +18,7 @@ from viditq_diffusers import ViDiTQConfig, ViDiTQLinear
 from viditq_diffusers.convert import own_aligned_memory
 from viditq_diffusers.plan import plan_to_json
 from viditq_diffusers.single_file import convert_flux_any_size
-from viditq_diffusers.testing.zoo import ZOO, run
+from viditq_diffusers.testing.zoo import ZOO, _reinit_zero_params, run
 
 FAMILIES = sorted(TO_ORIGINAL)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -154,3 +154,57 @@ def test_flux1_sized_files_still_use_diffusers_conversion():
     assert list(mapping(flux1_original_on_meta())) == list(
         convert_flux_transformer_checkpoint_to_diffusers(flux1_original_on_meta()))
     assert diffusers.PixArtTransformer2DModel.from_single_file  # registered on import of viditq_diffusers
+
+
+def _micro_conditions(inputs):  # PixArt-α at 1024 px embeds the image size and aspect ratio
+    return {**inputs, "added_cond_kwargs": {"resolution": torch.tensor([[64.0, 64.0]] * 2),
+                                            "aspect_ratio": torch.tensor([[1.0]] * 2)}}
+
+
+def _with_guidance(inputs):  # Flux.1-dev embeds the guidance scale
+    return {**inputs, "guidance": torch.tensor([3.5])}
+
+
+def _pixart_extras(original, model):
+    """The original's fixed sin-cos position table and its null caption embedding, which diffusers has no use for."""
+    return {**original, "pos_embed": torch.randn(1, 16, 32), "y_embedder.y_embedding": torch.randn(8, 32)}
+
+
+# variant -> (zoo family, model kwargs over the zoo's, inputs change, original-file change, key prefix)
+VARIANTS = {
+    "pixart-micro-conditions": (  # the size embeddings split the width in 3: 48 wide
+        "PixArtTransformer2DModel",
+        {"use_additional_conditions": True, "num_attention_heads": 3, "cross_attention_dim": 48},
+        _micro_conditions, None, ""),
+    "pixart-comfyui-with-pos-embed": ("PixArtTransformer2DModel", {}, None, _pixart_extras, "model.diffusion_model."),
+    "sd35-qk-norm-dual-attention": ("SD3Transformer2DModel", {"qk_norm": "rms_norm", "dual_attention_layers": (0,)},
+                                    None, None, ""),
+    "sd3-comfyui": ("SD3Transformer2DModel", {}, None, None, "model.diffusion_model."),
+    "flux-dev-guidance": ("FluxTransformer2DModel", {"guidance_embeds": True}, _with_guidance, None, ""),
+    "flux-comfyui": ("FluxTransformer2DModel", {}, None, None, "model.diffusion_model."),
+    "wan-comfyui": ("WanTransformer3DModel", {}, None, None, "model.diffusion_model."),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_layout_variants(variant, tmp_path):
+    """Files as they come: ComfyUI's key prefix, extra tensors of the original, optional parts of each family."""
+    family, overrides, change_inputs, change_file, prefix = VARIANTS[variant]
+    entry = ZOO[family]
+    torch.manual_seed(0)
+    model = entry.cls(**{**entry.kwargs, **overrides}).eval()
+    _reinit_zero_params(model, seed=0)  # no all-zero adaLN / output layer that would hide a wrong mapping
+    model.save_pretrained(tmp_path)
+    original = TO_ORIGINAL[family](model.state_dict())
+    original = change_file(original, model) if change_file else original
+    single = str(tmp_path / "original.safetensors")
+    save_file({prefix + k: v for k, v in original.items()}, single)
+    inputs = (change_inputs or (lambda x: x))(entry.make_inputs(1))
+    fp = load_single(entry, single, str(tmp_path))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in fp.state_dict().items())
+    assert sorted(fp.state_dict()) == sorted(model.state_dict())
+    a = load_single(entry, single, str(tmp_path), quantization_config=ViDiTQConfig(preset="w8a8"))
+    b = entry.cls.from_pretrained(tmp_path, quantization_config=ViDiTQConfig(preset="w8a8"))
+    assert plan_to_json(a.config.quantization_config.plan) == plan_to_json(b.config.quantization_config.plan)
+    with torch.no_grad():
+        assert torch.equal(run(a, inputs), run(b, inputs))
