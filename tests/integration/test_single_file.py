@@ -170,6 +170,12 @@ def _pixart_extras(original, model):
     return {**original, "pos_embed": torch.randn(1, 16, 32), "y_embedder.y_embedding": torch.randn(8, 32)}
 
 
+def _image_condition(inputs):  # Wan 2.1 I2V: 512 text tokens (fixed by diffusers' attention) after image tokens
+    g = torch.Generator().manual_seed(2)
+    return {**inputs, "encoder_hidden_states": torch.randn(1, 512, 32, generator=g),
+            "encoder_hidden_states_image": torch.randn(1, 4, 32, generator=g)}
+
+
 # variant -> (zoo family, model kwargs over the zoo's, inputs change, original-file change, key prefix)
 VARIANTS = {
     "pixart-micro-conditions": (  # the size embeddings split the width in 3: 48 wide
@@ -183,6 +189,7 @@ VARIANTS = {
     "flux-dev-guidance": ("FluxTransformer2DModel", {"guidance_embeds": True}, _with_guidance, None, ""),
     "flux-comfyui": ("FluxTransformer2DModel", {}, None, None, "model.diffusion_model."),
     "wan-comfyui": ("WanTransformer3DModel", {}, None, None, "model.diffusion_model."),
+    "wan-i2v": ("WanTransformer3DModel", {"image_dim": 32, "added_kv_proj_dim": 32}, _image_condition, None, ""),
 }
 
 

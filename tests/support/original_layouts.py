@@ -169,6 +169,12 @@ def to_original_wan(state_dict: dict) -> dict:
         (r"condition_embedder\.text_embedder\.linear_1\.(\w+)", r"text_embedding.0.\1"),
         (r"condition_embedder\.text_embedder\.linear_2\.(\w+)", r"text_embedding.2.\1"),
         (r"condition_embedder\.time_proj\.(\w+)", r"time_projection.1.\1"),
+        (r"condition_embedder\.image_embedder\.norm1\.(\w+)", r"img_emb.proj.0.\1"),  # image-to-video (I2V)
+        (r"condition_embedder\.image_embedder\.ff\.net\.0\.proj\.(\w+)", r"img_emb.proj.1.\1"),
+        (r"condition_embedder\.image_embedder\.ff\.net\.2\.(\w+)", r"img_emb.proj.3.\1"),
+        (r"condition_embedder\.image_embedder\.norm2\.(\w+)", r"img_emb.proj.4.\1"),
+        (r"blocks\.(\d+)\.attn2\.add_(k|v)_proj\.(\w+)", r"blocks.\1.cross_attn.\2_img.\3"),
+        (r"blocks\.(\d+)\.attn2\.norm_added_k\.(\w+)", r"blocks.\1.cross_attn.norm_k_img.\2"),
         (r"blocks\.(\d+)\.attn1\.to_(q|k|v)\.(\w+)", r"blocks.\1.self_attn.\2.\3"),
         (r"blocks\.(\d+)\.attn1\.to_out\.0\.(\w+)", r"blocks.\1.self_attn.o.\2"),
         (r"blocks\.(\d+)\.attn1\.norm_(q|k)\.(\w+)", r"blocks.\1.self_attn.norm_\2.\3"),
