@@ -39,6 +39,7 @@ from .timestep_clock import install_clock
 from .hub import attach, detach
 from .nn import ViDiTQLinear
 from .plan import plan_to_json, validate_plan
+from .single_file import register as register_single_file_layouts
 
 SAFETENSORS_METADATA = {"viditq_format": "1", "viditq_weight_scale": "float32 bit patterns stored as int32"}
 PLAN_METADATA_KEY = "viditq_plan"
@@ -63,6 +64,9 @@ class ViDiTQQuantizer(DiffusersQuantizer):
     use_keep_in_fp32_modules = True
 
     def __init__(self, quantization_config: ViDiTQConfig, **kwargs):
+        # from_pretrained always says whether the checkpoint is quantized; from_single_file does not (diffusers'
+        # default is True) and loads original-layout floating-point files: quantize them as they load.
+        kwargs.setdefault("pre_quantized", False)
         # The user's config object may be reused for another model: never write the plan into it.
         super().__init__(copy.deepcopy(quantization_config), **kwargs)
 
@@ -116,6 +120,12 @@ class ViDiTQQuantizer(DiffusersQuantizer):
         their float weights become the layer's integer tensors here, and an empty `ViDiTQLinear` on the meta
         device takes the layer's place. Each weight is quantized on the map's main device, where the model
         without offload would quantize it, so both give the same codes."""
+        codes = [] if self.pre_quantized else [k for k in state_dict if k.endswith(".qweight")]
+        if codes:  # from_single_file hands its whole file here first, before converting the keys
+            raise ValueError(
+                f"These weights are already ViDiT-Q quantized (they hold {codes[0]!r}), so they are no "
+                f"floating-point file to quantize: a quantized model loads from its folder, whose config.json "
+                f"holds the plan. Use <Model>.from_pretrained(folder) without quantization_config.")
         device_map = getattr(self, "device_map", None)
         if self.pre_quantized or not offloads(device_map):
             return state_dict
@@ -280,6 +290,7 @@ def register() -> None:
     diffusers_auto.AUTO_QUANTIZER_MAPPING[key] = ViDiTQQuantizer
     diffusers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING[key] = ViDiTQConfig
     refuse_unknown_components()
+    register_single_file_layouts()
 
 
 def refuse_unknown_components() -> None:
