@@ -150,7 +150,7 @@ class ViDiTQLinear(nn.Module):
     def stored_weight(self, early: bool = False) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor | None]:
         """(stored codes, bits, fp32 scales, zero points) of the main copy, or of the timestep-wise early one."""
         prefix, bits = ("early_", self.early_weight_bits) if early else ("", self.weight_bits)
-        return (getattr(self, f"{prefix}qweight"), bits, getattr(self, f"{prefix}weight_scale").view(torch.float32),
+        return (getattr(self, f"{prefix}qweight"), bits, self._float_bits(f"{prefix}weight_scale"),
                 getattr(self, f"{prefix}weight_zero"))
 
     def active_weight(self) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor | None]:
@@ -165,7 +165,7 @@ class ViDiTQLinear(nn.Module):
 
     def scales(self) -> torch.Tensor:
         """fp32 weight scales `[out, G]` (a view, no copy)."""
-        return self.weight_scale.view(torch.float32)
+        return self._float_bits("weight_scale")
 
     @property
     def is_balanced(self) -> bool:
@@ -173,7 +173,19 @@ class ViDiTQLinear(nn.Module):
 
     def smoothing(self) -> torch.Tensor | None:
         """fp32 smoothing factors `[in]` (a view), or None."""
-        return None if self.act_smooth is None else self.act_smooth.view(torch.float32)
+        return None if self.act_smooth is None else self._float_bits("act_smooth")
+
+    def _float_bits(self, name: str) -> torch.Tensor:
+        """The fp32 values a tensor stores as int32 bit patterns (a view). A cast of it (e.g. a training recipe's
+        `param.data = param.data.float()` over every 1-D parameter) turned the bit patterns into numbers: refused,
+        never read as scales."""
+        tensor = getattr(self, name)
+        if tensor.dtype != torch.int32:
+            raise ValueError(f"ViDiTQLinear.{name} is {tensor.dtype}, not the int32 bit patterns of its fp32 values: "
+                             f"something cast the layer's integer tensors (e.g. `param.data = param.data.float()` "
+                             f"over model.parameters()), which changes its numbers. Cast only floating-point "
+                             f"parameters (`if param.is_floating_point()`), and reload the model.")
+        return tensor.view(torch.float32)
 
     def dequantized_weight(self, early: bool = False, float64: bool = False) -> torch.Tensor:
         """The float weight `[out, in]` this layer stands for, in the ORIGINAL input basis (balancing undone):

@@ -139,3 +139,19 @@ def test_a_non_float_input_is_refused_like_nn_linear(dtype, act_bits):
     for forward in (layer, layer.reference_forward):
         with pytest.raises(TypeError, match=f"expects a floating-point input .*got {dtype}; cast it first"):
             forward(x)
+
+
+def test_a_cast_of_the_bit_pattern_tensors_is_refused_not_read_as_numbers():
+    """Scales and smoothing factors are fp32 values stored as int32 bit patterns; a recipe that casts every 1-D
+    parameter to float (diffusers' generic training check does) turns them into other numbers: the layer refuses
+    to run instead of computing with them."""
+    linear = torch.nn.Linear(32, 16)
+    spec = LayerSpec.for_linear(linear, 8, 8, smooth_alpha=0.5)
+    layer = ViDiTQLinear.from_linear(linear, spec, torch.rand(32) + 0.5)
+    x = torch.randn(4, 32)
+    layer(x)
+    for param in layer.parameters():
+        if param.ndim == 1:
+            param.data = param.data.float()
+    with pytest.raises(ValueError, match=r"act_smooth is torch.float32.*is_floating_point"):
+        layer(x)
