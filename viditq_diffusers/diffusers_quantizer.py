@@ -277,7 +277,7 @@ class ViDiTQQuantizer(DiffusersQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        return True  # adapters (LoRA) train through the quantized layers; their own weights stay frozen
 
     @property
     def is_compileable(self) -> bool:

@@ -137,7 +137,7 @@ class ViDiTQHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        return True  # adapters (LoRA) train through the quantized layers; their own weights stay frozen
 
     @property
     def is_compileable(self) -> bool:

@@ -181,3 +181,22 @@ def test_reload_refuses_a_plan_edited_in_config_json(fp_checkpoints, tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"(?s)does not match the weights saved with it.*SelfAttention\.q"):
         transformers.T5EncoderModel.from_pretrained(tmp_path)
+
+
+def test_a_lora_on_a_quantized_encoder_passes_transformers_training_check_and_trains(fp_checkpoints):
+    """transformers' Trainer refuses a quantized model whose method cannot train (`hf_quantizer.is_trainable`);
+    a LoRA trains through ViDiT-Q layers, so a quantized encoder with one passes, and a step moves only the LoRA."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    model = transformers.T5EncoderModel.from_pretrained(fp_checkpoints["T5EncoderModel"],
+                                                        quantization_config=ViDiTQConfig("w8a8"))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q", "v"], init_lora_weights="gaussian"))
+    validate_quantization_for_training(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(input_ids=tokens())[0].float().pow(2).mean().backward()
+    torch.optim.SGD(trainable, lr=0.1).step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
