@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from .atomic import recover_folder
 from .plan import PLAN_VERSION, average_weight_bits, plan_from_json, summarize, summarize_recipes
+from .text_encoders import is_text_encoder
 
 FP16_BYTES = 2
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -74,13 +75,19 @@ def unknown_components(index: dict, config, where: str) -> str | None:
     if wanted is None or getattr(config, "quant_method", None) != "viditq":
         return None
     names = [n for n in index if not n.startswith("_")]
-    models = [n for n in names if is_diffusers_model(index[n])]
+    models = [n for n in names if is_diffusers_model(index[n]) or is_supported_text_encoder(index[n])]
     unknown = [c for c in wanted if c not in models]
     if not unknown:
         return None
     return (f"components={wanted} names {unknown}, which {'is' if len(unknown) == 1 else 'are'} not a diffusers "
-            f"model of {where} (its diffusers models: {', '.join(models)}; all components: {', '.join(names)}). "
-            f"Pass e.g. components=['transformer'].")
+            f"model or a supported text encoder of {where} (the ones it has: {', '.join(models)}; all components: "
+            f"{', '.join(names)}). Pass e.g. components=['transformer'].")
+
+
+def is_supported_text_encoder(entry) -> bool:
+    """Whether a model_index.json entry is a transformers text encoder ViDiT-Q quantizes (`text_encoders.py`)."""
+    return (isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] == "transformers"
+            and is_text_encoder(str(entry[1])))
 
 
 def is_diffusers_model(entry) -> bool:

@@ -25,6 +25,7 @@ except ImportError:  # transformers is optional (text encoders only)
 from .checks import MAX_SEED, boolean, integer, name_list, real, shown
 from .layer_spec import precision_label
 from .plan import plan_from_json, plan_to_json, read_plan
+from .text_encoders import TEXT_ENCODER_PRESET
 
 
 def bits_argument(value, argument: str, default, allowed: tuple) -> int:
@@ -113,7 +114,9 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig, Transfor
             "single_transformer_blocks.0.proj_out"; "transformer_blocks.0" keeps that block's layers), the full
             name, or is an fnmatch pattern ("transformer_blocks.*.ff.*"). Components match whole
             ("transformer_blocks.0" is not "single_transformer_blocks.0"). An entry that matches no module warns.
-        components: pipeline components to quantize when used with `DiffusionPipeline.from_pretrained`.
+        components: pipeline components to quantize when used with `DiffusionPipeline.from_pretrained`: the
+            denoiser(s) with this config, a transformers text encoder ("text_encoder", ...) with weight-only W8A16
+            (for another encoder preset, diffusers' `PipelineQuantizationConfig(quant_mapping=...)`).
         calibration: activation statistics: a `CalibrationStats` from `viditq_diffusers.calibrate` (or the
             path of one saved with `.save`), needed by smoothing and static activation scales; the naive
             baseline also takes `{layer name: input absmax}` (`calibration.input_absmax`).
@@ -284,12 +287,11 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig, Transfor
         return {}
 
     def _resolve_quant_config(self, is_diffusers: bool = True, module_name: str | None = None):
-        """Per pipeline component: a copy of this config for the denoiser(s), None for the rest."""
+        """Per pipeline component: a copy of this config for the denoiser(s); for a text encoder (a transformers
+        model) named in `components`, the encoders' own default, weight-only W8A16 (`text_encoders.py`: another
+        encoder preset goes through diffusers' `PipelineQuantizationConfig(quant_mapping=...)`); None for the rest."""
         if module_name not in self.components:
             return None
         if not is_diffusers:
-            raise ValueError(
-                f"component {module_name!r} is not a diffusers model; ViDiT-Q quantizes diffusion transformers. "
-                f"Remove it from components={self.components}."
-            )
+            return ViDiTQConfig(TEXT_ENCODER_PRESET)
         return copy.deepcopy(self)

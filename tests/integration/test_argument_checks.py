@@ -117,12 +117,14 @@ def test_modules_to_not_convert_that_match_nothing_warn(q_dir, tmp_path):
 
 def test_pipeline_components_that_match_nothing_are_an_error(pipe_dir):
     with pytest.raises(ValueError, match=r"components=\['transformr'\] names \['transformr'\], which is not a "
-                                         r"diffusers model of the pipeline .*its diffusers models: transformer, vae"):
+                                         r"diffusers model or a supported text encoder of the pipeline .*the ones it "
+                                         r"has: text_encoder, transformer, vae"):
         load_any(str(pipe_dir), quantization_config=ViDiTQConfig(components="transformr"))
     with pytest.raises(ValueError, match=r"names \['scheduler'\]"):
         load_any(str(pipe_dir), quantization_config=ViDiTQConfig(components=["transformer", "scheduler"]))
     # diffusers' own from_pretrained too (it only logs a warning for other backends), before anything loads
-    with pytest.raises(ValueError, match=r"names \['transformr'\], which is not a diffusers model of this pipeline"):
+    with pytest.raises(ValueError, match=r"names \['transformr'\], which is not a diffusers model or a supported "
+                                         r"text encoder of this pipeline"):
         DiffusionPipeline.from_pretrained(pipe_dir, quantization_config=ViDiTQConfig(components="transformr"))
 
 

@@ -200,3 +200,56 @@ def test_a_lora_on_a_quantized_encoder_passes_transformers_training_check_and_tr
     torch.optim.SGD(trainable, lr=0.1).step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
+
+
+PIPELINE_CALL = dict(num_inference_steps=2, guidance_scale=4.5, height=32, width=32, use_resolution_binning=False,
+                     clean_caption=False, output_type="pt")
+
+
+def generate(pipe):
+    return pipe(["a digit 7"], generator=torch.Generator().manual_seed(0), **PIPELINE_CALL).images
+
+
+def precisions(model) -> set[tuple[int, int]]:
+    return {(m.weight_bits, m.act_bits) for m in model.modules() if isinstance(m, ViDiTQLinear)}
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    from viditq_diffusers.testing.zoo import build_tiny_pixart_pipeline
+    return build_tiny_pixart_pipeline(tmp_path_factory.mktemp("pipe") / "pixart")
+
+
+def test_pipeline_components_quantize_the_text_encoder_w8a16_and_reload_bit_identical(tiny_pipeline, tmp_path):
+    """`components=["transformer", "text_encoder"]`: the denoiser takes the config, the T5 encoder the encoders'
+    default W8A16; the whole pipeline saves and reloads without a config, the same images bit for bit."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(
+        tiny_pipeline, quantization_config=ViDiTQConfig("w8a8", components=["transformer", "text_encoder"]))
+    pipe.set_progress_bar_config(disable=True)
+    assert precisions(pipe.text_encoder) == {(8, 16)} and precisions(pipe.transformer) == {(8, 8)}
+    images = generate(pipe)
+    pipe.save_pretrained(tmp_path / "q")
+    again = DiffusionPipeline.from_pretrained(tmp_path / "q")
+    again.set_progress_bar_config(disable=True)
+    assert precisions(again.text_encoder) == {(8, 16)}
+    assert torch.equal(generate(again), images)
+
+
+def test_pipeline_quantization_config_gives_each_component_its_preset(tiny_pipeline):
+    from diffusers import DiffusionPipeline, PipelineQuantizationConfig
+
+    mapping = {"text_encoder": ViDiTQConfig("w4a16", group_size=32), "transformer": ViDiTQConfig("w4a8")}
+    pipe = DiffusionPipeline.from_pretrained(tiny_pipeline,
+                                             quantization_config=PipelineQuantizationConfig(quant_mapping=mapping))
+    assert precisions(pipe.text_encoder) == {(4, 16)} and precisions(pipe.transformer) == {(4, 8)}
+    assert {m.group_size for m in pipe.text_encoder.modules() if isinstance(m, ViDiTQLinear)} == {32}
+
+
+def test_pipeline_components_naming_a_tokenizer_is_refused(tiny_pipeline):
+    from diffusers import DiffusionPipeline
+
+    with pytest.raises(ValueError, match=r"\['tokenizer'\].*not a diffusers model or a supported text encoder"):
+        DiffusionPipeline.from_pretrained(tiny_pipeline,
+                                          quantization_config=ViDiTQConfig(components=["transformer", "tokenizer"]))
