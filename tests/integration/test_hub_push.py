@@ -70,3 +70,31 @@ def test_push_without_token_fails(monkeypatch, tmp_path):
         model = PIXART.cls.from_pretrained(tmp_path / "fp", quantization_config=ViDiTQConfig())
         with pytest.raises(Exception, match="401"):
             model.push_to_hub("user/no-token", token=False)
+
+
+def test_text_encoder_and_whole_pipeline_push_and_reload(hub, tmp_path):
+    """A quantized transformers text encoder pushes with transformers' own `push_to_hub`, and a pipeline whose text
+    encoder is quantized too with ours; both reload from the Hub without a config, bit for bit."""
+    import transformers
+
+    from viditq_diffusers import ViDiTQLinear
+
+    path = build_tiny_pixart_pipeline(tmp_path / "pipe")
+    encoder = transformers.T5EncoderModel.from_pretrained(path, subfolder="text_encoder",
+                                                          quantization_config=ViDiTQConfig("w8a16"))
+    encoder.push_to_hub("user/t5-w8a16")
+    again = transformers.T5EncoderModel.from_pretrained("user/t5-w8a16")
+    ids = torch.randint(2, 50, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids)[0], encoder(input_ids=ids)[0])
+    assert any(isinstance(m, ViDiTQLinear) for m in again.modules())
+
+    pipe = DiffusionPipeline.from_pretrained(
+        path, quantization_config=ViDiTQConfig(preset="w8a8", components=["transformer", "text_encoder"]))
+    push_to_hub(pipe, "user/tiny-pixart-w8a8-te")
+    reloaded = DiffusionPipeline.from_pretrained("user/tiny-pixart-w8a8-te")
+    assert any(isinstance(m, ViDiTQLinear) for m in reloaded.text_encoder.modules())
+    call = dict(prompt="a thin digit 3", num_inference_steps=2, height=32, width=32, output_type="np",
+                use_resolution_binning=False, clean_caption=False)
+    images = [p(**call, generator=torch.Generator().manual_seed(3)).images for p in (pipe, reloaded)]
+    assert (images[0] == images[1]).all()
