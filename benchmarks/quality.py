@@ -9,6 +9,12 @@ image pipeline and an animated GIF grid per video pipeline (FP and each config, 
 
     python -m benchmarks.quality [--per-digit 5] [--per-pair 1] [--stress 100] [--only image|video]
     python -m benchmarks.quality --suite ablation     # channel-balancing ablation (W4A8 and W8A8 baselines)
+    python -m benchmarks.quality --suite text_encoder --stress 0  # the T5 text encoder quantized too
+
+In the text_encoder suite a row's `text_encoder` entry quantizes the pipeline's T5 encoder as a user does,
+`T5EncoderModel.from_pretrained(<pipeline>/text_encoder, quantization_config=ViDiTQConfig(...))`; its table
+adds the cosine and relative squared error of the evaluation prompts' embeddings vs the FP encoder. The eps rel.
+MSE column is the transformer's alone (teacher-forced on the FP trajectory, FP embeddings).
 
 All configs that need activation statistics share one calibration run (`viditq_diffusers.calibrate`) on
 other prompts and seeds than the evaluation's.
@@ -26,6 +32,7 @@ import time
 import torch
 from diffusers import DiffusionPipeline
 
+from benchmarks.text_encoder_quality import embedding_metrics
 from reference.classifier import load_classifier
 from reference.data import STYLES, prompt_for
 from reference.evaluate_video import classify_clips, eval_video_prompts, video_call
@@ -35,14 +42,15 @@ from viditq_diffusers import metrics
 from viditq_diffusers.calibration import calibrate
 from viditq_diffusers.footprint import fp16_weight_bytes, weight_bytes
 from viditq_diffusers.plan import average_weight_bits, summarize_recipes
-from viditq_diffusers.evaluation import (
-    compare_samples, epsilon_error, generate, save_grid, save_video_grid, with_transformer,
-)
+from viditq_diffusers.evaluation import compare_samples, epsilon_error, generate, save_grid, save_video_grid
 from viditq_diffusers.testing.stress import stress
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# "stats": the config takes the calibration statistics.
+# "stats": the config takes the calibration statistics. "text_encoder": ViDiTQConfig kwargs of the T5 encoder
+# (quantized too); a row with no other key keeps the transformer in floating point.
+# The shipped encoders are 64 wide (q/k/v/o and wi inputs; wo stays FP): group 32 gives two groups per row.
+ENCODER_W4A16 = dict(preset="w4a16", group_size=32)
 ALPHAS = (0.5, 0.75, 0.9)  # global smoothing alphas (ViDiT-Q convention) of the ablation
 SUITES = {
     "presets": {
@@ -70,6 +78,18 @@ SUITES = {
         **{f"W4A8 paper (smooth+rotate), alpha {a:g}": dict(preset="paper_w4a8", stats=True, alpha=a) for a in ALPHAS},
         "W4A8 paper (smooth+rotate), auto alpha": dict(preset="paper_w4a8", stats=True),
         "W4A8 per-layer recipe search": dict(preset="w4a8", stats=True),
+    },
+    # Issue 28: the whole pipeline quantized. Transformer W8A8 / W4A8-MP as the presets suite and
+    # benchmarks.mixed_precision build them (calibrated), alone and with the encoder W8A16 or W4A16 g32.
+    "text_encoder": {
+        "encoder W8A16, transformer FP": dict(text_encoder=dict(preset="w8a16")),
+        "encoder W4A16 g32, transformer FP": dict(text_encoder=ENCODER_W4A16),
+        "W8A8 (calibrated), encoder FP": dict(preset="w8a8", stats=True),
+        "W8A8 (calibrated) + encoder W8A16": dict(preset="w8a8", stats=True, text_encoder=dict(preset="w8a16")),
+        "W8A8 (calibrated) + encoder W4A16 g32": dict(preset="w8a8", stats=True, text_encoder=ENCODER_W4A16),
+        "W4A8-MP (calibrated), encoder FP": dict(preset="w4a8_mp", stats=True),
+        "W4A8-MP (calibrated) + encoder W8A16": dict(preset="w4a8_mp", stats=True, text_encoder=dict(preset="w8a16")),
+        "W4A8-MP (calibrated) + encoder W4A16 g32": dict(preset="w4a8_mp", stats=True, text_encoder=ENCODER_W4A16),
     },
 }
 MODELS = os.path.join(ROOT, "reference_models")
@@ -155,26 +175,37 @@ def evaluate(pipe, task, args, classifier, path, configs: dict | None = None):
         t0 = time.time()
         kwargs = dict(kwargs)
         use_stats = kwargs.pop("stats", False)
+        encoder_kwargs = kwargs.pop("text_encoder", None)
+        encoder = None if encoder_kwargs is None else quantized_text_encoder(pipe, task, encoder_kwargs)
+        encoder_row = {} if encoder is None else {
+            **embedding_error(pipe, encoder, task.prompts),
+            "encoder_bytes_vs_fp16": weight_bytes(encoder) / fp16_weight_bytes(encoder)}
         runs = []
         # A rotated recipe is one random draw per seed: its PSNR moves by up to ~1 dB between seeds, so rows
         # that rotate are averaged over --rotation-seeds (and show the spread).
         for seed in args.rotation_seeds:
-            config = ViDiTQConfig(**kwargs, calibration=stats if use_stats else None, rotation_seed=seed)
-            quantized = with_transformer(pipe, quantize(copy.deepcopy(pipe.transformer), config))
-            plan = quantized.transformer.config.quantization_config.plan
+            components = {} if encoder is None else {"text_encoder": encoder}
+            if kwargs:  # else the transformer stays in floating point (an encoder-only row)
+                config = ViDiTQConfig(**kwargs, calibration=stats if use_stats else None, rotation_seed=seed)
+                components["transformer"] = quantize(copy.deepcopy(pipe.transformer), config)
+            quantized = with_components(pipe, **components)
+            plan = getattr(quantized.transformer.config, "quantization_config", None)
+            plan = plan.plan if plan is not None else {"layers": {}}
             samples = generate(quantized, task.prompts, seeds, **task.call)
             alphas = [s.smooth_alpha for s in plan["layers"].values() if s.smooth_alpha is not None]
             runs.append({
                 **compare_samples(samples, reference),
-                "eps_rel_mse": epsilon_error(pipe, quantized.transformer, task.prompts[:10], seeds[:10], **task.call),
+                "eps_rel_mse": (epsilon_error(pipe, quantized.transformer, task.prompts[:10], seeds[:10], **task.call)
+                                if kwargs else 0.0),
                 "accuracy": task.accuracy(classifier, samples),
                 "fd": metrics.frechet_distance(task.features(classifier, samples), ref_feats),
                 **task.extra(samples, reference),
                 **({"alpha_mean": sum(alphas) / len(alphas), "alpha_min": min(alphas), "alpha_max": max(alphas)}
                    if alphas else {}),
-                "recipes": summarize_recipes(plan),
-                "avg_bits": average_weight_bits(plan),
+                "recipes": summarize_recipes(plan) if kwargs else {},
+                **({"avg_bits": average_weight_bits(plan)} if kwargs else {}),
                 "bytes_vs_fp16": weight_bytes(quantized.transformer) / fp16_weight_bytes(quantized.transformer),
+                **encoder_row,
             })
             if seed == args.rotation_seeds[0]:
                 grid[label] = samples[: args.grid]
@@ -184,6 +215,32 @@ def evaluate(pipe, task, args, classifier, path, configs: dict | None = None):
         print(f"  {label}: {time.time() - t0:.0f} s", file=sys.stderr)
     task.save(grid, path)
     return rows
+
+
+def with_components(pipe, **components):
+    """A copy of `pipe` with some components replaced (e.g. quantized ones), progress bars off."""
+    new = type(pipe)(**{**pipe.components, **components})
+    new.set_progress_bar_config(disable=True)
+    return new
+
+
+def quantized_text_encoder(pipe, task, kwargs: dict):
+    """The task's text encoder quantized as it loads, through transformers' quantizer API (as a user does)."""
+    folder = os.path.join(task.pipeline, "text_encoder")
+    return type(pipe.text_encoder).from_pretrained(folder, dtype=pipe.text_encoder.dtype,
+                                                   quantization_config=ViDiTQConfig(**kwargs)).eval()
+
+
+@torch.no_grad()
+def embedding_error(pipe, encoder, prompts: list[str]) -> dict:
+    """Cosine and relative squared error of `encoder`'s embeddings of `prompts` vs the pipeline's FP encoder, over
+    all the prompts' tokens together (padding left out)."""
+    tokens = pipe.tokenizer(prompts, padding=True, return_tensors="pt")
+    keep = tokens.attention_mask.bool()
+    fp = pipe.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0][keep].double()
+    quantized = encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0][keep].double()
+    error = embedding_metrics(quantized, fp)
+    return {"emb_cosine": error["cosine"], "emb_rel_error": error["rel_error"]}
 
 
 def mean_row(runs: list[dict]) -> dict:
@@ -199,11 +256,17 @@ def print_table(name, rows):
     head = "| config | PSNR dB | SSIM | eps rel. MSE | " + (
         "digit+direction accuracy | FD (classifier features) | warp error / FP |" if video else
         "digit accuracy | FD (classifier features) |")
-    print(f"\n{name}\n{head}\n|---|---:|---:|---:|---:|---:|" + ("---:|" if video else ""))
+    encoder = any("emb_cosine" in r for r in rows.values())
+    head += " encoder embedding cosine | encoder embedding rel. error |" if encoder else ""
+    rule = "|---|---:|---:|---:|---:|---:|" + ("---:|" if video else "") + ("---:|---:|" if encoder else "")
+    print(f"\n{name}\n{head}\n{rule}")
     for label, r in rows.items():
         psnr = f"{r['psnr']:.2f}" + (f" ({r['psnr_min']:.2f}..{r['psnr_max']:.2f})" if r.get("seeds", 1) > 1 else "")
         line = f"| {label} | {psnr} | {r['ssim']:.4f} | {r['eps_rel_mse']:.2e} | {r['accuracy']:.3f} | {r['fd']:.3f} |"
-        print(line + (f" {r['warp_ratio']:.3f} |" if video else ""))
+        line += f" {r['warp_ratio']:.3f} |" if video else ""
+        if encoder:
+            line += (f" {r['emb_cosine']:.6f} | {r['emb_rel_error']:.2e} |" if "emb_cosine" in r else " - | - |")
+        print(line)
     for bits in ("W8A8", "W4A8"):  # the per-layer search against the best fixed recipe (issue 11)
         fixed = {label: r["psnr"] for label, r in rows.items() if label.startswith(bits) and "search" not in label
                  and not any(k in label for k in ("naive", "SmoothQuant"))}
