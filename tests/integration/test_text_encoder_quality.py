@@ -58,7 +58,6 @@ def test_synthetic_benchmark_table_and_why_w8a16_is_the_encoder_default(tmp_path
     assert outliers["W8A16 (encoder default)"]["cosine"] > 0.99
 
 
-@pytest.mark.slow
 def test_quality_text_encoder_suite_rows_on_the_shipped_image_pipeline(tmp_path):
     from diffusers import DiffusionPipeline
 

@@ -18,7 +18,9 @@ Construction (:func:`outlier_t5_encoder`)::
 
 The weights themselves are not rescaled: unlike `stress` for the denoiser (which keeps the model's function), the
 outliers here change the function; the floating-point reference is this model itself. In trained models the
-weight columns that meet the outlier channels are ordinary, so the weights stay easy to quantize, as here.
+weight columns that meet the outlier channels are ordinary, so the weights stay easy to quantize, as here. With
+random weights the outliers also make the query and key vectors larger, hence sharper attention (trained models
+temper this): the stack is more sensitive to any error than the same stack at k=1, so compare configs on one model.
 ``wo`` (the FFN output) stays in floating point in every plan (T5 declares it ``_keep_in_fp32_modules``).
 """
 
