@@ -4,7 +4,8 @@
 loader (transformers >= 5), with the plan and the layers of the diffusers path (`convert.py`):
 - floating-point checkpoint + `ViDiTQConfig`: the plan is built on the meta-device model (which linears:
   `text_encoders.py`); transformers hands each planned weight to `ViDiTQQuantize` the moment it is read, which
-  swaps the layer for a `ViDiTQLinear`, so the whole FP model never sits in memory;
+  swaps the layer for a `ViDiTQLinear`, so no float copy of a planned layer is kept (the peak while loading is
+  still about the FP model's size: benchmarks/RESULTS.md, `pipeline_memory.py`);
 - pre-quantized checkpoint (`config.json` carries the plan): the planned layers are built empty on the meta
   device and the integer codes and scales load into them as they are.
 """
