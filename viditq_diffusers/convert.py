@@ -65,6 +65,16 @@ def resolve_plan(model: nn.Module, config) -> dict:
 
 
 @torch.no_grad()
+def freeze_quantized_layers(model: nn.Module) -> None:
+    """Every `ViDiTQLinear`'s own tensors stop requiring grad: the loaders (diffusers', transformers') wrap the
+    float tensors they set as trainable, and a quantized layer's bias is frozen as `quantize()` and a reload leave
+    it (adapters train beside the layer)."""
+    for layer in model.modules():
+        if isinstance(layer, ViDiTQLinear):
+            for tensor in layer.parameters(recurse=False):
+                tensor.requires_grad_(False)
+
+
 def own_aligned_memory(model: nn.Module) -> None:
     """Copy CPU tensors that are not 64-byte aligned (e.g. mmap'ed from safetensors) into fresh memory.
 

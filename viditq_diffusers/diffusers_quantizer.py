@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 from .checkpoint import missing_config_message, safetensors_metadata, tensor_headers, unknown_components
 from .config import ViDiTQConfig, ViDiTQQuantMethod
 from .device_maps import main_device, mapped_device, nested_map_problem, offloads
-from .convert import (own_aligned_memory, quantized_layer, recorded_plan_problems, resolve_plan, set_submodule,
-                      stored_tensor_problems)
+from .convert import (freeze_quantized_layers, own_aligned_memory, quantized_layer, recorded_plan_problems,
+                      resolve_plan, set_submodule, stored_tensor_problems)
 from .footprint import num_parameters
 from .fuse_qkv import fused_layers, install as install_qkv_fusion
 from .timestep_clock import install_clock
@@ -59,7 +59,24 @@ def recorded_plan_layers(path: str) -> dict:
     return layers
 
 
-class ViDiTQQuantizer(DiffusersQuantizer):
+class Capabilities:
+    """What both quantizers (diffusers' and transformers') declare: checkpoints save, adapters (LoRA) train through
+    the quantized layers (their own weights stay frozen), and torch.compile traces them."""
+
+    @property
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+class ViDiTQQuantizer(Capabilities, DiffusersQuantizer):
     requires_calibration = False
     use_keep_in_fp32_modules = True
 
@@ -211,9 +228,7 @@ class ViDiTQQuantizer(DiffusersQuantizer):
                 f"the checkpoint does not match the model config."
             )
         own_aligned_memory(model)
-        for layer in model.modules():  # diffusers loads every tensor trainable; a quantized layer's bias is frozen,
-            if isinstance(layer, ViDiTQLinear) and layer.bias is not None:  # as quantize() and a reload leave it
-                layer.bias.requires_grad_(False)
+        freeze_quantized_layers(model)
         install_clock(model)
         install_qkv_fusion(model)  # fuse_qkv_projections() concatenates the projections' codes
         first = model.get_submodule(next(iter(self.plan_layers)))
@@ -270,18 +285,6 @@ class ViDiTQQuantizer(DiffusersQuantizer):
 
     def adjust_target_dtype(self, torch_dtype):
         return torch.int8  # for device_map="auto" size estimates
-
-    @property
-    def is_serializable(self) -> bool:
-        return True
-
-    @property
-    def is_trainable(self) -> bool:
-        return True  # adapters (LoRA) train through the quantized layers; their own weights stay frozen
-
-    @property
-    def is_compileable(self) -> bool:
-        return True
 
 
 def register() -> None:

@@ -24,10 +24,10 @@ from transformers.quantizers.base import HfQuantizer
 
 from .checkpoint import tensor_headers
 from .config import ViDiTQConfig, ViDiTQQuantMethod
-from .convert import (own_aligned_memory, quantized_layer, recorded_plan_problems, resolve_plan, set_submodule,
-                      stored_tensor_problems)
+from .convert import (freeze_quantized_layers, own_aligned_memory, quantized_layer, recorded_plan_problems,
+                      resolve_plan, set_submodule, stored_tensor_problems)
 from .device_maps import offloads
-from .diffusers_quantizer import PLAN_METADATA_KEY, SAFETENSORS_METADATA, recorded_plan_layers
+from .diffusers_quantizer import PLAN_METADATA_KEY, SAFETENSORS_METADATA, Capabilities, recorded_plan_layers
 from .nn import ViDiTQLinear
 from .plan import plan_to_json, validate_plan
 from .text_encoders import is_text_encoder, unsupported_text_encoder
@@ -49,7 +49,7 @@ class ViDiTQQuantize(ConversionOps):
         return {}  # the layer's tensors are in place: nothing left for the loader to set
 
 
-class ViDiTQHfQuantizer(HfQuantizer):
+class ViDiTQHfQuantizer(Capabilities, HfQuantizer):
     requires_calibration = False
 
     def __init__(self, quantization_config: ViDiTQConfig, **kwargs):
@@ -118,9 +118,7 @@ class ViDiTQHfQuantizer(HfQuantizer):
         if leftovers:
             raise ValueError(f"{len(leftovers)} planned layer(s) got no weight from the checkpoint (e.g. "
                              f"{leftovers[0]!r}); the checkpoint does not match the model config.")
-        for name in self.plan_layers:  # the loader wraps float tensors it sets as trainable: frozen, as on diffusers
-            for tensor in model.get_submodule(name).parameters(recurse=False):
-                tensor.requires_grad_(False)
+        freeze_quantized_layers(model)
         own_aligned_memory(model)
         first = model.get_submodule(next(iter(self.plan_layers)))
         self.quantization_config.plan["dtype"] = str(first.weight.dtype).removeprefix("torch.")
@@ -133,15 +131,7 @@ class ViDiTQHfQuantizer(HfQuantizer):
         # the plan the tensors are written with, so a load can refuse a config.json edited afterwards
         return model.state_dict(), {**SAFETENSORS_METADATA, PLAN_METADATA_KEY: json.dumps(layers, sort_keys=True)}
 
-    def is_serializable(self) -> bool:
-        return True
-
-    @property
-    def is_trainable(self) -> bool:
-        return True  # adapters (LoRA) train through the quantized layers; their own weights stay frozen
-
-    @property
-    def is_compileable(self) -> bool:
+    def is_serializable(self) -> bool:  # a method in transformers (a property in diffusers: Capabilities)
         return True
 
 
