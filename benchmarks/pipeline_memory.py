@@ -18,13 +18,13 @@ Two pipelines, random weights, nothing downloaded:
 
 Rows: FP16 (bf16 weights: the same bytes), the transformer alone W8A8, the whole pipeline W8 (text encoders
 W8A16, transformer W8A8) and W4 (text encoders W4A16 group 64, transformer W4A8). The VAE stays in bf16 in every
-row. The text encoders' default plan keeps T5's feed-forward output `wo` in floating point (a fifth of its block
-weights: its activations overflow fp16); the `*_wo` rows quantize it too, through an explicit plan, to show what
-that is worth. They are computed; `--rows` loads them too. Goals (PixArt-Sigma-sized): whole W8 <= 0.55x FP16,
+row. T5's feed-forward output `wo` (a fifth of its block weights) is quantized weight-only in every encoder preset and
+computes in the dtype transformers gives it: its activations, which overflow fp16, are never quantized. Goals
+(PixArt-Sigma-sized): whole W8 <= 0.55x FP16,
 whole W4 <= 0.32x, and the peak RSS while loading a quantized row at most its quantized bytes + 1.5 GiB. At
 reduced sizes (the flags below) the FP-kept VAE and embeddings weigh relatively more: the ratio goals do not hold.
 
-    python -m benchmarks.pipeline_memory [--cache DIR] [--rows fp16 transformer_w8a8 w8 w4 w8_wo w4_wo]
+    python -m benchmarks.pipeline_memory [--cache DIR] [--rows fp16 transformer_w8a8 w8 w4]
         [--t5-layers 24] [--t5-width 4096] [--transformer-layers 28] [--transformer-heads 16]
 """
 
@@ -39,7 +39,6 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -54,7 +53,6 @@ from benchmarks.pixart_alpha import CONFIG as PIXART_ALPHA
 from viditq_diffusers import ViDiTQConfig
 from viditq_diffusers.convert import resolve_plan, set_submodule
 from viditq_diffusers.nn import ViDiTQLinear
-from viditq_diffusers.plan import plan_to_json
 
 DTYPE = torch.bfloat16
 GIB = 2**30
@@ -76,16 +74,11 @@ ROWS = {
     "transformer_w8a8": {"transformer": ("w8a8", {})},
     "w8": {"encoders": W8_ENCODER, "transformer": ("w8a8", {})},
     "w4": {"encoders": W4_ENCODER, "transformer": ("w4a8", {})},
-    "w8_wo": {"encoders": W8_ENCODER, "transformer": ("w8a8", {})},
-    "w4_wo": {"encoders": W4_ENCODER, "transformer": ("w4a8", {})},
 }
-WO_ROWS = ("w8_wo", "w4_wo")  # T5's `wo` quantized too, through an explicit plan (the default keeps it in FP)
-LOADED_ROWS = ("fp16", "transformer_w8a8", "w8", "w4")  # loaded by default; every row is computed
+LOADED_ROWS = tuple(ROWS)  # loaded by default; every row is computed
 ROW_LABELS = {"fp16": "FP16 (bf16)", "transformer_w8a8": "transformer W8A8",
-              "w8": "whole: encoders W8A16 + transformer W8A8", "w4": "whole: encoders W4A16 g64 + transformer W4A8",
-              "w8_wo": "whole W8, T5 `wo` quantized too (explicit plan)",
-              "w4_wo": "whole W4, T5 `wo` quantized too (explicit plan)"}
-RATIO_GOALS = {"w8": 0.55, "w4": 0.32, "w8_wo": 0.55, "w4_wo": 0.32}  # PixArt-Sigma-sized pipeline, at most x FP16
+              "w8": "whole: encoders W8A16 + transformer W8A8", "w4": "whole: encoders W4A16 g64 + transformer W4A8"}
+RATIO_GOALS = {"w8": 0.55, "w4": 0.32}  # PixArt-Sigma-sized pipeline, at most x FP16
 RSS_HEADROOM = 1.5 * GIB  # load peak RSS at most the quantized bytes + this
 SHARD_BYTES = 2 * GIB  # the T5 encoder's safetensors shards, at most (one block more than fits starts a new one)
 
@@ -196,29 +189,11 @@ def cached_pipeline_folder(args) -> Path:
 # ------------------------------------------------------------------------------------------------ bytes
 
 
-def component_configs(row: str, components: dict[str, tuple[str, torch.nn.Module]]) -> dict:
-    """component name -> ViDiTQConfig for `row`; `components` maps name -> (role, meta model): the role
-    ('encoders', 'transformer', 'vae') picks the preset, the meta model gives a `*_wo` row's explicit plan."""
-    configs = {}
-    for name, (role, model) in components.items():
-        if role in ROWS[row]:
-            preset, extra = ROWS[row][role]
-            configs[name] = ViDiTQConfig(preset, **extra)
-            if row in WO_ROWS and role == "encoders" and isinstance(model, T5EncoderModel):
-                configs[name] = ViDiTQConfig(preset, **extra, plan=plan_with_wo(model, configs[name]))
-    return configs
-
-
-def plan_with_wo(model: T5EncoderModel, config: ViDiTQConfig) -> dict:
-    """The default plan of a T5 encoder plus its `wo` layers, each with the spec of its block's `wi_0`."""
-    plan = resolve_plan(model, copy.deepcopy(config))
-    layers = dict(plan["layers"])
-    for name, module in model.named_modules():
-        if name.endswith(".DenseReluDense.wo"):
-            like = layers[name.removesuffix("wo") + "wi_0"]
-            layers[name] = replace(like, in_features=module.in_features, out_features=module.out_features,
-                                   bias=module.bias is not None)
-    return plan_to_json({**plan, "layers": layers})
+def component_configs(row: str, components: dict[str, str]) -> dict:
+    """component name -> ViDiTQConfig for `row`; `components` maps name -> role ('encoders', 'transformer',
+    'vae'), which picks the preset."""
+    return {name: ViDiTQConfig(ROWS[row][role][0], **ROWS[row][role][1])
+            for name, role in components.items() if role in ROWS[row]}
 
 
 def meta_quantized(model: torch.nn.Module, config: ViDiTQConfig) -> torch.nn.Module:
@@ -234,7 +209,7 @@ def computed_rows(components: dict[str, tuple[str, torch.nn.Module]], rows) -> d
     """row -> component -> bytes, from meta models: `components` maps name -> (role, meta model in bf16)."""
     result = {}
     for row in rows:
-        configs = component_configs(row, components)
+        configs = component_configs(row, {name: role for name, (role, _) in components.items()})
         result[row] = {}
         for name, (_, model) in components.items():
             laid_out = meta_quantized(copy.deepcopy(model), configs[name]) if name in configs else model
@@ -284,11 +259,7 @@ def load_row(folder: Path, row: str) -> dict:
     from diffusers import DiffusionPipeline, PipelineQuantizationConfig
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # after the imports
-    with torch.device("meta"):
-        t5 = T5EncoderModel(T5Config.from_pretrained(folder / "text_encoder"))
-    configs = component_configs(row, {"text_encoder": ("encoders", t5), "transformer": ("transformer", None),
-                                      "vae": ("vae", None)})
-    del t5
+    configs = component_configs(row, {"text_encoder": "encoders", "transformer": "transformer", "vae": "vae"})
     extra = {"quantization_config": PipelineQuantizationConfig(quant_mapping=configs)} if configs else {}
     start = time.perf_counter()
     pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=DTYPE, **extra)

@@ -8,7 +8,7 @@ W4A16 at two group sizes, and W8A8 with dynamic per-token activations (no calibr
 and once on the same model without outliers (k=1), so the outliers' share of the error is visible.
 
     python -m benchmarks.text_encoder_quality                      # T5-XXL widths, 2 layers, k=30, 6 channels
-    python -m benchmarks.text_encoder_quality --d-model 256 --d-ff 640 --heads 4 --layers 1 --tokens 16  # tiny
+    python -m benchmarks.text_encoder_quality --d-model 256 --d-ff 768 --heads 4 --layers 1 --tokens 16  # tiny
 
 Metrics over every token of `--prompts` random prompts of `--tokens` tokens: cosine of all embeddings vs FP and
 relative error ||q - fp||^2 / ||fp||^2 (both over the flattened embeddings), and the quantized linears' bytes

@@ -61,10 +61,21 @@ def is_quantized_by_default(model: nn.Module, name: str) -> bool:
               if (match := re.match(rf"{re.escape(blocks)}\.\d+\.(.+)$", name))]
     if not inside or MODULATION.search(inside[0]):
         return False
+    if is_weight_only_by_default(model, name):
+        return True
     # transformers' `_keep_in_fp32_modules_strict` (fp32 in bf16 loads too) is kept in floating point as well
     keep_fp32 = {*(getattr(model, "_keep_in_fp32_modules", None) or []),
                  *(getattr(model, "_keep_in_fp32_modules_strict", None) or [])}
     return not any(part in keep_fp32 for part in name.split("."))
+
+
+def is_weight_only_by_default(model: nn.Module, name: str) -> bool:
+    """Whether the layer `name` of a transformers text encoder is in its `_keep_in_fp32_modules` (T5's and UMT5's
+    `wo`). Such a layer is quantized weight-only whatever the preset: its activations (the ones that overflow
+    fp16) are never quantized, and it computes in the dtype transformers gives it (fp32 in fp16 loads), while its
+    weight, a fifth of T5's bytes, is stored in 8 or 4 bits (`text_encoders.py`)."""
+    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or []
+    return type(model).__name__ in TEXT_ENCODER_BLOCKS and any(part in keep_fp32 for part in name.split("."))
 
 
 def default_layers(model: nn.Module) -> list[str]:

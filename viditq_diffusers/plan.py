@@ -36,7 +36,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .architectures import is_quantized_by_default
+from .architectures import is_quantized_by_default, is_weight_only_by_default
 from .checks import shown
 from .jsonio import read_json
 from .layer_spec import LayerSpec
@@ -196,6 +196,9 @@ def build_plan(model: nn.Module, config) -> dict:
         and not matches_any(name, config.modules_to_not_convert)
     ]
     layers = {name: layer_spec(name, model.get_submodule(name), config, i) for i, name in enumerate(names)}
+    for name in names:
+        if is_weight_only_by_default(model, name):  # T5's `wo`: activations stay floating point, in any preset
+            layers[name] = replace(layers[name], act_bits=16, smooth_alpha=None, rotation_seed=None, act_scale=None)
     if config.mixed == "reference":
         from .reference_mixed_precision import reference_w8_layers
 

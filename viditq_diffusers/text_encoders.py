@@ -3,8 +3,9 @@
 The rule is the denoiser's (`architectures.py`): the attention and feed-forward linears inside the encoder's
 blocks are quantized; everything else stays in floating point: token / position embeddings (and T5's relative
 attention bias, an embedding), the final norm, CLIP's `text_projection`, and the class's own
-`_keep_in_fp32_modules` (T5's and UMT5's `wo`, the feed-forward output whose activations overflow fp16) and
-`_keep_in_fp32_modules_strict`. A block list is a dotted path to the ModuleList of blocks.
+`_keep_in_fp32_modules_strict`. The class's `_keep_in_fp32_modules` (T5's and UMT5's `wo`, the feed-forward output
+whose activations overflow fp16) are quantized weight-only in every preset (`architectures.is_weight_only_by_default`).
+A block list is a dotted path to the ModuleList of blocks.
 
 The encoders' default precision is weight-only W8A16 (`TEXT_ENCODER_PRESET`): T5's activations have a few
 outlier channels far larger than the typical one, next to which per-token 8-bit activations round the rest away,

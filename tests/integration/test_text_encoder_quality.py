@@ -14,7 +14,7 @@ from benchmarks import quality
 from benchmarks.text_encoder_quality import ROWS, embedding_metrics, main
 from viditq_diffusers.testing.t5_outliers import outlier_channels, outlier_t5_encoder
 
-TINY = ["--d-model", "128", "--d-ff", "320", "--heads", "4", "--layers", "1", "--prompts", "2", "--tokens", "8",
+TINY = ["--d-model", "128", "--d-ff", "384", "--heads", "4", "--layers", "1", "--prompts", "2", "--tokens", "8",
         "--threads", "1"]
 
 

@@ -36,7 +36,7 @@ def decoder_config(cls):  # Gemma2 (Sana) and Llama (HunyuanVideo): the decoder 
                num_key_value_heads=2, head_dim=16, max_position_embeddings=32)
 
 
-# class -> (config, regex of the linears that stay floating point inside the blocks, layers outside the blocks)
+# class -> (config, regex of the `_keep_in_fp32_modules` linears inside the blocks: quantized weight-only in any preset)
 ENCODERS = {
     "T5EncoderModel": (transformers.T5EncoderModel, t5_config, r".*\.wo"),
     "UMT5EncoderModel": (transformers.UMT5EncoderModel, lambda: t5_config(transformers.UMT5Config), r".*\.wo"),
@@ -82,25 +82,23 @@ def test_every_supported_class_is_tested():
 
 @pytest.mark.parametrize("name", list(ENCODERS))
 def test_quantize_as_load_layers_quality_and_bit_identical_reload(name, fp_checkpoints, tmp_path):
-    cls, _, kept_fp_pattern = ENCODERS[name]
+    cls, _, weight_only_pattern = ENCODERS[name]
     folder = fp_checkpoints[name]
     fp = cls.from_pretrained(folder).eval()
     config = ViDiTQConfig("w8a16")
     model = cls.from_pretrained(folder, quantization_config=config).eval()
     assert config.plan is None  # the caller's config is not written into
 
-    # which linears: every attention / FFN linear of the blocks, except the class's _keep_in_fp32_modules
+    # which linears: every attention / FFN linear of the blocks (T5's `wo` included, weight-only), none outside
     blocks = TEXT_ENCODER_BLOCKS[name]
     layers = linears(model)
     in_blocks = {n for n in layers if any(re.match(rf"{re.escape(b)}\.\d+\.", n) for b in blocks)}
-    kept = {n for n in in_blocks if kept_fp_pattern and re.fullmatch(kept_fp_pattern, n)}
-    assert {n for n, kind in layers.items() if kind == "ViDiTQLinear"} == in_blocks - kept
-    assert all(layers[n] == "Linear" for n in set(layers) - (in_blocks - kept))  # outside the blocks: FP
+    assert {n for n, kind in layers.items() if kind == "ViDiTQLinear"} == in_blocks
+    assert all(layers[n] == "Linear" for n in set(layers) - in_blocks)  # outside the blocks: FP
     if name == "CLIPTextModelWithProjection":
         assert layers["text_projection"] == "Linear"
-    if kept_fp_pattern:  # T5 / UMT5: the FFN output projections stay in floating point
-        assert kept and all(layers[n] == "Linear" for n in kept)
-    assert set(model.config.quantization_config.plan["layers"]) == in_blocks - kept
+    assert bool(weight_only_pattern) == bool(getattr(model, "_keep_in_fp32_modules", None))
+    assert set(model.config.quantization_config.plan["layers"]) == in_blocks
     assert all(not p.requires_grad for n, p in model.named_parameters()
                if isinstance(model.get_submodule(n.rpartition(".")[0]), ViDiTQLinear))
 
@@ -141,15 +139,38 @@ def test_t5_bf16_loads_and_reloads_in_bf16(fp_checkpoints, tmp_path):
     assert torch.equal(encode(reloaded, tokens()), out)
 
 
-@pytest.mark.parametrize("kwargs, label, minimum", [
-    ({"preset": "w4a16", "group_size": 32}, "W4A16-g32", 0.99),
-    ({"preset": "w8a8"}, "W8A8", 0.995),
+@pytest.mark.parametrize("name", ["T5EncoderModel", "UMT5EncoderModel"])
+def test_t5_wo_computes_in_fp32_in_an_fp16_load(name, fp_checkpoints, tmp_path):
+    """transformers keeps `_keep_in_fp32_modules` (`wo`) in fp32 when loading in fp16, as its activations overflow
+    fp16: quantized weight-only, `wo` still takes fp32 inputs and computes in fp32, and reloads bit-identical."""
+    cls = ENCODERS[name][0]
+    model = cls.from_pretrained(fp_checkpoints[name], quantization_config=ViDiTQConfig("w8a8"),
+                                dtype=torch.float16).eval()
+    ffn = model.encoder.block[0].layer[1].DenseReluDense
+    assert isinstance(ffn.wo, ViDiTQLinear) and ffn.wo.spec.label() == "W8A16" and ffn.wo.qweight.dtype == torch.int8
+    assert ffn.wo.weight.dtype == torch.float32 and ffn.wi_0.weight.dtype == torch.float16
+    seen = []
+    ffn.wo.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out.dtype)))
+    out = encode(model, tokens())
+    assert seen == [(torch.float32, torch.float32)] and torch.isfinite(out).all()
+    reference = encode(cls.from_pretrained(fp_checkpoints[name], dtype=torch.float16).eval(), tokens())
+    assert cosine(out, reference) > 0.995
+    model.save_pretrained(tmp_path)
+    reloaded = cls.from_pretrained(tmp_path).eval()
+    assert reloaded.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    assert torch.equal(encode(reloaded, tokens()), out)
+
+
+@pytest.mark.parametrize("kwargs, label, wo_label, minimum", [
+    ({"preset": "w4a16", "group_size": 32}, "W4A16-g32", "W4A16-g32", 0.99),
+    ({"preset": "w8a8"}, "W8A8", "W8A16", 0.995),  # `wo`'s activations are never quantized
 ])
-def test_t5_other_presets(kwargs, label, minimum, fp_checkpoints, tmp_path):
+def test_t5_other_presets(kwargs, label, wo_label, minimum, fp_checkpoints, tmp_path):
     folder = fp_checkpoints["T5EncoderModel"]
     model = transformers.T5EncoderModel.from_pretrained(folder, quantization_config=ViDiTQConfig(**kwargs)).eval()
-    specs = model.config.quantization_config.plan["layers"].values()
-    assert {spec.label() for spec in specs} == {label}
+    layers = model.config.quantization_config.plan["layers"]
+    assert {spec.label() for name, spec in layers.items() if not name.endswith(".wo")} == {label}
+    assert {spec.label() for name, spec in layers.items() if name.endswith(".wo")} == {wo_label}
     reference = encode(transformers.T5EncoderModel.from_pretrained(folder).eval(), tokens())
     out = encode(model, tokens())
     assert cosine(out, reference) > minimum

@@ -21,7 +21,8 @@ outliers here change the function; the floating-point reference is this model it
 weight columns that meet the outlier channels are ordinary, so the weights stay easy to quantize, as here. With
 random weights the outliers also make the query and key vectors larger, hence sharper attention (trained models
 temper this): the stack is more sensitive to any error than the same stack at k=1, so compare configs on one model.
-``wo`` (the FFN output) stays in floating point in every plan (T5 declares it ``_keep_in_fp32_modules``).
+``wo`` (the FFN output, in T5's ``_keep_in_fp32_modules``) is quantized weight-only in every plan: its activations
+stay floating point.
 """
 
 from __future__ import annotations
