@@ -223,3 +223,23 @@ def test_save_with_the_checkbox_writes_the_w8a16_text_encoder_and_it_reloads(tmp
         == {(8, 16)}
     assert {(m.weight_bits, m.act_bits) for m in pipe.transformer.modules() if isinstance(m, ViDiTQLinear)} \
         == {(8, 8)}
+
+
+def test_the_flag_checks_the_box_on_the_served_page_and_preloads_the_encoders(tmp_path):
+    """`python -m gradio_app --quantize-text-encoder` for real: the page's checkbox starts checked, and the
+    preload (which prints "models ready" last) loaded the W8A16 encoders without an error."""
+    import json
+    import urllib.request
+
+    from harness.gradio_ui.server import AppServer
+
+    server = AppServer(tmp_path / "app.log", args=("--quantize-text-encoder", "--output-dir", str(tmp_path))).start()
+    try:
+        server.wait_for_log("models ready", timeout=300)
+        with urllib.request.urlopen(f"{server.url}/config", timeout=30) as response:
+            config = json.load(response)
+    finally:
+        server.stop()
+    [box] = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "quantize-text-encoder"]
+    assert box["props"]["value"] is True and box["props"]["label"] == ENCODER_CHECKBOX
+    assert "Traceback" not in server.log()
