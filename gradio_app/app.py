@@ -1,7 +1,7 @@
 """The Gradio UI: FP / W8A8 / W4A8-MP side by side, calibrate, save and push. Logic lives in `variants.py`.
 
     python -m gradio_app [--host 127.0.0.1] [--port 7860] [--threads N] [--output-dir viditq-out]
-                                                                          (or: viditq demo --ui)
+                         [--quantize-text-encoder]                        (or: viditq demo --ui)
 
 `--host` / `--port` default to Gradio's `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT` when those are set.
 
@@ -28,7 +28,8 @@ from PIL import Image  # noqa: E402
 
 from . import inputs  # noqa: E402
 from .choices import (BUNDLED, CALIBRATION_PROMPTS, CUSTOM, DEFAULT_SAVE_ROOT, DEFAULT_SOURCE,  # noqa: E402
-                      MAX_CALIBRATION_PROMPTS, MAX_CALIBRATION_STEPS, STEPS_RANGE, VARIANTS)
+                      ENCODER_CHECKBOX, ENCODER_PRESET, MAX_CALIBRATION_PROMPTS, MAX_CALIBRATION_STEPS, STEPS_RANGE,
+                      VARIANTS)
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860  # unless --host / --port or GRADIO_SERVER_NAME / _PORT say otherwise
 DISPLAY_PX = 256  # the bundled pipelines make 32x32 samples: shown enlarged, pixels kept sharp
@@ -89,9 +90,12 @@ def prune_outputs(max_age_s: float = OUTPUT_MAX_AGE_S) -> None:
 def metrics_markdown(result, fp) -> str:
     """A variant's `variants.Result` as a table; `fp` is the FP result of the same request."""
     mib = 2**20
+    parts = " · ".join(f"{name} {size / mib:.2f}" for name, size in  # the denoiser first
+                       sorted(result.component_bytes.items(), key=lambda item: item[0] != "transformer"))
     rows = [("latency", f"{result.latency_s:.2f} s"),
-            ("transformer weights", f"{result.weight_bytes / mib:.2f} MiB"
+            ("weights (whole pipeline)", f"{result.weight_bytes / mib:.2f} MiB"
              + ("" if result is fp else f" ({result.weight_bytes / fp.weight_bytes:.2f}x FP)")),
+            ("weights by component", f"{parts} MiB"),
             ("peak memory", "n/a" if result.peak_bytes is None else
              f"{result.peak_bytes / mib:.0f} MiB ({logic().peak_memory_kind()})"),
             ("PSNR vs FP", "reference" if result.psnr is None else f"{result.psnr:.2f} dB"),
@@ -100,20 +104,22 @@ def metrics_markdown(result, fp) -> str:
 
 
 @user_error
-def run_generate(choice, custom, prompt, negative_prompt, seed, steps, guidance):
+def run_generate(choice, custom, prompt, negative_prompt, seed, steps, guidance, quantize_encoder=False):
     prompt, steps, guidance, seed = inputs.generation(prompt, steps, guidance, seed)
     variants = logic()
     source = variants.resolve_source(choice, custom)
     start = time.perf_counter()
     negative_prompt = negative_prompt if isinstance(negative_prompt, str) else ""
-    results = variants.CACHE.get(source).generate(prompt, negative_prompt, seed, steps, guidance)
+    results = variants.CACHE.get(source).generate(prompt, negative_prompt, seed, steps, guidance,
+                                                  quantize_encoder=bool(quantize_encoder))
     outputs = []
     for result in results:
         outputs += [gr.Image(value=to_display(result.samples), label=result.label),
                     metrics_markdown(result, results[0])]
     status = (f"Generated “{prompt}” (seed {seed}, {steps} steps, guidance {guidance:g}) with "
               f"{choice if choice in BUNDLED else source}: "
-              f"three variants in {time.perf_counter() - start:.1f} s.")
+              f"three variants in {time.perf_counter() - start:.1f} s"
+              + (f", the quantized ones with a {ENCODER_PRESET.upper()} text encoder." if quantize_encoder else "."))
     return [status] + outputs
 
 
@@ -126,29 +132,34 @@ def run_calibrate(choice, custom, prompts, steps, guidance, progress=gr.Progress
 
 
 @user_error
-def run_save(choice, custom, variant, directory, output_dir=DEFAULT_SAVE_ROOT):
+def run_save(choice, custom, variant, directory, quantize_encoder=False, output_dir=DEFAULT_SAVE_ROOT):
     """Save under `output_dir` only (build_app binds it from --output-dir)."""
     directory = inputs.save_directory(output_dir, directory)
-    return logic().CACHE.get(logic().resolve_source(choice, custom)).save(variant, directory)
+    return logic().CACHE.get(logic().resolve_source(choice, custom)).save(variant, directory, bool(quantize_encoder))
 
 
 @user_error
-def run_push(choice, custom, variant, repo_id, token):
-    return logic().CACHE.get(logic().resolve_source(choice, custom)).push(variant, repo_id, token)
+def run_push(choice, custom, variant, repo_id, token, quantize_encoder=False):
+    return logic().CACHE.get(logic().resolve_source(choice, custom)).push(variant, repo_id, token,
+                                                                          bool(quantize_encoder))
 
 
-def build_app(concurrency: int = 1, output_dir: str = DEFAULT_SAVE_ROOT) -> gr.Blocks:
+def build_app(concurrency: int = 1, output_dir: str = DEFAULT_SAVE_ROOT, quantize_encoder: bool = False) -> gr.Blocks:
     output_dir = os.path.realpath(output_dir)
     # delete_cache: Gradio's copies of the results go after an hour too, checked every ten minutes
     with gr.Blocks(title="ViDiT-Q: FP vs W8A8 vs W4A8-MP", delete_cache=(600, OUTPUT_MAX_AGE_S)) as demo:
         gr.Markdown("# ViDiT-Q quantization: FP vs W8A8 vs W4A8-MP\nThe same prompt and seed through the "
-                    "floating-point pipeline and two quantized transformers (text encoder and VAE stay FP).")
+                    "floating-point pipeline and two with a quantized transformer (their text encoder too when the "
+                    "box is checked; the VAE stays FP). Weights count the whole pipeline.")
         with gr.Row():
             with gr.Column(scale=1):
                 choice = gr.Radio([*BUNDLED, CUSTOM], value=DEFAULT_SOURCE, label="Pipeline")
                 custom = gr.Textbox(label="Local directory or Hub id", elem_id="custom-source",
                                     placeholder="path/to/pipeline or owner/name",
                                     info=f"used when the pipeline is “{CUSTOM}”")
+                encoder = gr.Checkbox(value=quantize_encoder, label=ENCODER_CHECKBOX, elem_id="quantize-text-encoder",
+                                      info="W8A8 and W4A8-MP load the text encoder(s) with int8 weights too; "
+                                           "FP stays FP. Also what Save and Push write.")
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", value="a thick handwritten digit 7")
                 negative = gr.Textbox(label="Negative prompt")
@@ -185,13 +196,14 @@ def build_app(concurrency: int = 1, output_dir: str = DEFAULT_SAVE_ROOT) -> gr.B
         # One queue for everything that runs models, so calibration never competes with a timed generation
         # (peak memory is per process on CPU) and shared models are built by one request at a time.
         queue = dict(concurrency_id="models", concurrency_limit=concurrency)
-        generate.click(run_generate, [choice, custom, prompt, negative, seed, steps, guidance],
+        generate.click(run_generate, [choice, custom, prompt, negative, seed, steps, guidance, encoder],
                        [status, *outputs], api_name="generate", **queue)
         calibrate.click(run_calibrate, [choice, custom, calib_prompts, steps, guidance], calib_status,
                         api_name="calibrate", **queue)
-        save.click(functools.partial(run_save, output_dir=output_dir), [choice, custom, variant, directory],
+        save.click(functools.partial(run_save, output_dir=output_dir), [choice, custom, variant, directory, encoder],
                    store_status, api_name="save", **queue)
-        push.click(run_push, [choice, custom, variant, repo_id, token], store_status, api_name="push", **queue)
+        push.click(run_push, [choice, custom, variant, repo_id, token, encoder], store_status, api_name="push",
+                   **queue)
     return demo.queue()
 
 
@@ -210,6 +222,8 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] = os.en
     parser.add_argument("--concurrency", type=int, default=1, help="requests that run models at the same time "
                         "(more than 1 mixes the peak memory readings on CPU)")
     parser.add_argument("--no-preload", action="store_true", help="load the default pipeline on first request")
+    parser.add_argument("--quantize-text-encoder", action="store_true", help="check “" + ENCODER_CHECKBOX + "” "
+                        "at start: the quantized variants load their text encoders W8A16 too (preloaded)")
     parser.add_argument("--output-dir", default=DEFAULT_SAVE_ROOT, help="the one folder Save writes into (default: "
                         f"./{DEFAULT_SAVE_ROOT}, created on the first save); paths typed in the app stay inside it")
     args = parser.parse_args(argv)
@@ -224,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     global TORCH_THREADS
     TORCH_THREADS = args.threads
-    demo = build_app(args.concurrency, args.output_dir)
+    demo = build_app(args.concurrency, args.output_dir, args.quantize_text_encoder)
     demo.launch(server_name=args.host, server_port=args.port, show_error=True, prevent_thread_lock=True,
                 allowed_paths=[OUTPUT_DIR])
     print(f"serving on http://{args.host}:{args.port}", flush=True)
@@ -234,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         loaded = logic().CACHE.get(BUNDLED[DEFAULT_SOURCE])
         for name in VARIANTS:
-            loaded.variant(name)
+            loaded.modules(name, args.quantize_text_encoder)
         print("models ready", flush=True)
     threading.Thread(target=preload, name="preload", daemon=True).start()
     demo.block_thread()

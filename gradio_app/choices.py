@@ -10,6 +10,10 @@ BUNDLED = {  # choice shown in the UI -> pipeline directory
 DEFAULT_SOURCE = next(iter(BUNDLED))
 CUSTOM = "local directory or Hub id"
 VARIANTS = ("FP", "W8A8", "W4A8-MP")
+# The checkbox (and --quantize-text-encoder): the quantized variants load their text encoders weight-only int8 too,
+# the encoders' own default (activations stay FP: T5's outlier channels; an encoder runs once per prompt)
+ENCODER_PRESET = "w8a16"
+ENCODER_CHECKBOX = "Quantize the text encoder too (W8A16)"
 # At 1 step the PixArt pipelines take a one-step-model path that needs a scheduler returning two outputs (LCM-like)
 # and crash with the bundled DPM-Solver one; 2 is the smallest count every pipeline the app offers runs.
 STEPS_RANGE = (2, 100)

@@ -5,7 +5,9 @@ problem and the fix, and the app shows them as `gr.Error`. Everything quantizati
 (`viditq_diffusers`): this module only decides which config each variant gets, keeps the models, and times runs.
 
 Sharing: a pipeline is loaded once per source and kept; its quantized transformers are built once (from a copy
-of the FP transformer, never in place) and swapped in only when calibration makes a better W4A8-MP. Requests
+of the FP transformer, never in place) and swapped in only when calibration makes a better W4A8-MP. With "quantize
+the text encoder too" the quantized variants also swap in the pipeline's text encoders loaded W8A16, once per source
+(through diffusers' `PipelineQuantizationConfig`, as a user loads them) and shared by both. Requests
 never mutate them: each request builds its own pipeline object around the shared modules (with its own
 scheduler and tokenizers, which hold per-call state) and its own seeded generator
 (`viditq_diffusers.evaluation.generate`).
@@ -23,7 +25,8 @@ from dataclasses import dataclass
 
 import diffusers
 import torch
-from transformers import PreTrainedTokenizerBase
+from diffusers import PipelineQuantizationConfig
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import viditq_diffusers
 from viditq_diffusers import CalibrationStats, ViDiTQConfig, ViDiTQLinear, weight_bytes
@@ -32,7 +35,7 @@ from viditq_diffusers.evaluation import compare_samples, generate
 from viditq_diffusers.jsonio import read_json
 from viditq_diffusers.kernels import warmup as warmup_kernels  # noqa: F401 (app.py calls it at start)
 
-from .choices import BUNDLED, CUSTOM, VARIANTS
+from .choices import BUNDLED, CUSTOM, ENCODER_PRESET, VARIANTS
 
 # The diffusers transformer classes the core's layer rule covers (architectures.BLOCK_LISTS also names
 # ComfyUI's own classes, which never occur in a diffusers pipeline).
@@ -117,6 +120,13 @@ def peak_tracker(device: str):
     return reset, read
 
 
+def component_bytes(pipe) -> dict[str, int]:
+    """{component: bytes of its weights as stored} for every model of a pipeline (denoiser, text encoders, VAE):
+    quantized layers count their integer codes and scales (the core's `weight_bytes`)."""
+    return {name: weight_bytes(module) for name, module in pipe.components.items()
+            if isinstance(module, torch.nn.Module)}
+
+
 @dataclass
 class Result:
     """One variant's output for one request. `samples` is in [-1, 1]: `[1, C, H, W]` or `[1, F, C, H, W]`."""
@@ -125,10 +135,15 @@ class Result:
     label: str
     samples: torch.Tensor
     latency_s: float
-    weight_bytes: int
+    component_bytes: dict[str, int]  # the weights of the whole pipeline that ran, per component
     peak_bytes: int | None
     psnr: float | None = None
     ssim: float | None = None
+
+    @property
+    def weight_bytes(self) -> int:
+        """The whole pipeline's weights."""
+        return sum(self.component_bytes.values())
 
 
 class LoadedPipeline:
@@ -160,6 +175,9 @@ class LoadedPipeline:
         self.shipped = (plan, CalibrationStats.load(stats)) if os.path.isfile(plan) and os.path.isfile(stats) else None
         self.calibration: CalibrationStats | None = None
         self.transformers: dict[str, tuple[str, torch.nn.Module]] = {"FP": (fp_label(), self.fp.transformer)}
+        self.encoder_names = [name for name, component in self.fp.components.items()
+                              if isinstance(component, PreTrainedModel)]  # text_encoder, text_encoder_2, ...
+        self.quantized_encoders: dict[str, torch.nn.Module] | None = None  # loaded on first use (the checkbox)
         self.lock = threading.Lock()  # builds and swaps variants; generation reads without it
         # A fast tokenizer sets its padding and truncation on its one Rust object at every call, then encodes: two
         # requests sharing it encode with each other's padding (another image, or a crash). So each thread gets its
@@ -197,15 +215,53 @@ class LoadedPipeline:
                 self.transformers[name] = (label, model.eval())
             return self.transformers[name]
 
+    def encoders(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's text encoders loaded W8A16, once: through diffusers' `PipelineQuantizationConfig`, the
+        pipeline's other components passed in so that nothing else loads twice. Both quantized variants share them
+        (weight-only W8A16 needs no calibration, so calibrating never rebuilds them)."""
+        with self.lock:
+            if self.quantized_encoders is None:
+                self.quantized_encoders = self.load_quantized_encoders()
+            return self.quantized_encoders
+
+    def load_quantized_encoders(self) -> dict[str, torch.nn.Module]:
+        from diffusers import DiffusionPipeline
+
+        if not self.encoder_names:
+            raise ValueError(f"{self.source} has no text encoder (no transformers model among its components), so "
+                             f"there is none to quantize. Uncheck “Quantize the text encoder too”.")
+        mapping = {name: ViDiTQConfig(ENCODER_PRESET) for name in self.encoder_names}
+        others = {name: component for name, component in self.fp.components.items() if name not in mapping}
+        try:
+            pipe = DiffusionPipeline.from_pretrained(
+                self.source, dtype=self.dtype, quantization_config=PipelineQuantizationConfig(quant_mapping=mapping),
+                **others)
+        except Exception as error:  # an encoder class the core does not know: the core's message says which
+            raise ValueError(f"Could not load the text encoder(s) of {self.source} quantized "
+                             f"{ENCODER_PRESET.upper()}: {error} Uncheck “Quantize the text encoder too” to keep "
+                             f"them in floating point.") from error
+        return {name: getattr(pipe, name).to(self.device).eval() for name in mapping}
+
+    def modules(self, name: str, quantize_encoder: bool) -> tuple[str, dict[str, torch.nn.Module]]:
+        """(label, the components that replace the FP pipeline's) of a variant: its transformer, and for a quantized
+        variant with `quantize_encoder` the W8A16 text encoders too. FP stays FP."""
+        label, transformer = self.variant(name)
+        if not quantize_encoder or name == VARIANTS[0]:
+            return label, {"transformer": transformer}
+        encoders = self.encoders()
+        what = "text encoder" if len(encoders) == 1 else "text encoders"
+        return f"{label} + {what} {ENCODER_PRESET.upper()}", {"transformer": transformer, **encoders}
+
     def tokenizers(self) -> dict:
         """This thread's own copies of the pipeline's tokenizers (made on its first request)."""
         if not hasattr(self.per_thread, "tokenizers"):
             self.per_thread.tokenizers = copy.deepcopy(self.tokenizer_originals)
         return self.per_thread.tokenizers
 
-    def pipeline(self, transformer: torch.nn.Module):
-        """A fresh pipeline object for one request: shared modules, its own scheduler and tokenizers."""
-        components = {**self.fp.components, **self.tokenizers(), "transformer": transformer,
+    def pipeline(self, modules: dict[str, torch.nn.Module]):
+        """A fresh pipeline object for one request: shared modules (the FP pipeline's, with `modules` in place of
+        theirs), its own scheduler and tokenizers."""
+        components = {**self.fp.components, **self.tokenizers(), **modules,
                       "scheduler": copy.deepcopy(self.fp.scheduler)}
         pipe = type(self.fp)(**components)
         pipe.register_to_config(_name_or_path=self.source)
@@ -226,20 +282,22 @@ class LoadedPipeline:
                 call[key] = value
         return call
 
-    def generate(self, prompt: str, negative_prompt: str, seed: int, steps: int, guidance: float) -> list[Result]:
-        """FP, W8A8 and W4A8-MP from the same seed, each timed; fidelity of the quantized ones vs FP."""
+    def generate(self, prompt: str, negative_prompt: str, seed: int, steps: int, guidance: float,
+                 quantize_encoder: bool = False) -> list[Result]:
+        """FP, W8A8 and W4A8-MP from the same seed, each timed; fidelity of the quantized ones vs FP. With
+        `quantize_encoder` the quantized ones run W8A16 text encoders too."""
         call = self.call_kwargs(steps, guidance, negative_prompt)
         reset_peak, read_peak = peak_tracker(self.device)
         results = []
         for name in VARIANTS:
-            label, transformer = self.variant(name)
-            pipe = self.pipeline(transformer)
+            label, modules = self.modules(name, quantize_encoder)
+            pipe = self.pipeline(modules)
             reset_peak()
             start = time.perf_counter()
             samples = generate(pipe, [prompt], [seed], **call)
             if self.device == "cuda":
                 torch.cuda.synchronize()
-            results.append(Result(name, label, samples.cpu(), time.perf_counter() - start, weight_bytes(transformer),
+            results.append(Result(name, label, samples.cpu(), time.perf_counter() - start, component_bytes(pipe),
                                   read_peak()))
         for result in results[1:]:
             scores = compare_samples(result.samples, results[0].samples)
@@ -258,7 +316,7 @@ class LoadedPipeline:
         call = self.call_kwargs(steps, guidance, "")
         call.pop("num_inference_steps"), call.pop("guidance_scale")
         # on a copy: calibration hooks every layer it observes, and the shared FP model must stay untouched
-        stats = viditq_diffusers.calibrate(self.pipeline(copy.deepcopy(self.fp.transformer)), prompts,
+        stats = viditq_diffusers.calibrate(self.pipeline({"transformer": copy.deepcopy(self.fp.transformer)}), prompts,
                                            num_inference_steps=steps, guidance_scale=guidance,
                                            seeds=list(range(len(prompts))), **call)
         with self.lock:
@@ -268,27 +326,33 @@ class LoadedPipeline:
         return (f"Calibrated {len(stats.layers)} layers of {stats.model_class} on {len(prompts)} prompts x {steps} "
                 f"steps; cached for this pipeline. W8A8 and W4A8-MP now use channel balancing.")
 
-    def quantized_pipeline(self, name: str):
-        """The pipeline with a quantized variant's transformer, for save / push."""
+    def quantized_pipeline(self, name: str, quantize_encoder: bool = False):
+        """A quantized variant's pipeline (its text encoders W8A16 too with `quantize_encoder`), for save / push."""
         if name not in VARIANTS[1:]:
             raise ValueError(f"Pick a quantized variant to save or push ({' or '.join(VARIANTS[1:])}), got {name!r}.")
-        return self.pipeline(self.variant(name)[1])
+        return self.pipeline(self.modules(name, quantize_encoder)[1])
 
-    def save(self, name: str, directory: str) -> str:
+    def save(self, name: str, directory: str, quantize_encoder: bool = False) -> str:
         """Save a quantized variant's pipeline to `directory` (checked by `inputs.save_directory`)."""
-        pipe = self.quantized_pipeline(name)
+        pipe = self.quantized_pipeline(name, quantize_encoder)
         try:
             viditq_diffusers.save_pretrained(pipe, directory)
         except OSError as error:  # a full disk, no permission: the user's to fix, so said on the page
             raise ValueError(f"Could not save to {directory}: {error}. Free space or pick another folder.") from error
-        return f"Saved the {name} pipeline to {directory} (reload: DiffusionPipeline.from_pretrained({directory!r}))."
+        return (f"Saved the {name} pipeline{encoder_note(quantize_encoder)} to {directory} "
+                f"(reload: DiffusionPipeline.from_pretrained({directory!r})).")
 
-    def push(self, name: str, repo_id: str, token: str) -> str:
+    def push(self, name: str, repo_id: str, token: str, quantize_encoder: bool = False) -> str:
         repo_id = (repo_id or "").strip()
         if not HUB_ID.match(repo_id):
             raise ValueError(f"Repo id {repo_id!r} is not of the form owner/name; type e.g. you/pixart-w8a8.")
-        url = viditq_diffusers.push_to_hub(self.quantized_pipeline(name), repo_id, token=(token or "").strip() or None)
-        return f"Pushed the {name} pipeline with its model card to {repo_id}: {url}"
+        url = viditq_diffusers.push_to_hub(self.quantized_pipeline(name, quantize_encoder), repo_id,
+                                           token=(token or "").strip() or None)
+        return f"Pushed the {name} pipeline{encoder_note(quantize_encoder)} with its model card to {repo_id}: {url}"
+
+
+def encoder_note(quantize_encoder: bool) -> str:
+    return f" (text encoder {ENCODER_PRESET.upper()})" if quantize_encoder else ""
 
 
 class ModelCache:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from gradio_app import inputs, variants
-from gradio_app.choices import BUNDLED, CUSTOM, DEFAULT_SOURCE
+from gradio_app.choices import BUNDLED, CUSTOM, DEFAULT_SOURCE, ENCODER_CHECKBOX
 from harness.browser import launch_chromium
 from harness.gradio_ui.server import AppServer
 from tests.support.hub_server import LocalHub
@@ -92,6 +92,7 @@ def test_variants_are_built_once_shared_read_only_and_deterministic():
     assert [r.label for r in first] == ["FP32 (CPU)", label, mp_label]
     fp, r8, rmp = first
     assert fp.weight_bytes > r8.weight_bytes > rmp.weight_bytes
+    assert fp.component_bytes["transformer"] > 3 * r8.component_bytes["transformer"]
     assert r8.psnr > 40 and rmp.psnr > 30 and 0.95 < rmp.ssim <= r8.ssim < 1, (r8.psnr, rmp.psnr)
     assert all(r.latency_s > 0 and r.peak_bytes > 100 * 2**20 for r in first)
 
@@ -112,6 +113,40 @@ def test_variants_are_built_once_shared_read_only_and_deterministic():
         assert all(torch.equal(e.samples, g.samples) for e, g in zip(expected[1:], got[1:]))
     assert not torch.equal(first[0].samples, alone[0].samples)
     assert loaded.variant("W8A8")[1] is w8 and loaded.variant("W4A8-MP")[1] is mp
+
+
+def test_the_text_encoder_checkbox_runs_w8a16_encoders_and_the_weights_count_the_whole_pipeline():
+    """With the checkbox, W8A8 and W4A8-MP run a text encoder loaded W8A16 (once, shared), FP stays FP, and each
+    result's weights are the sum of its pipeline's components as stored; ignoring the box fails every check below."""
+    from viditq_diffusers import weight_bytes
+
+    torch.set_num_threads(1)
+    loaded = variants.LoadedPipeline(PIXART)
+    call = ("a thick handwritten digit 7", "", 3, 4, 4.5)
+    plain = loaded.generate(*call)
+    assert loaded.quantized_encoders is None  # unchecked: nothing extra loads
+    both = loaded.generate(*call, quantize_encoder=True)
+    encoder = loaded.encoders()["text_encoder"]
+    assert type(encoder).__name__ == "T5EncoderModel" and encoder is not loaded.fp.text_encoder
+    layers = [m for m in encoder.modules() if isinstance(m, variants.ViDiTQLinear)]
+    assert len(layers) == 12 and {(m.weight_bits, m.act_bits) for m in layers} == {(8, 16)}
+    assert not any(isinstance(m, variants.ViDiTQLinear) for m in loaded.fp.text_encoder.modules())  # FP untouched
+
+    assert torch.equal(both[0].samples, plain[0].samples) and both[0].label == plain[0].label  # FP stays FP
+    vae, fp_encoder = weight_bytes(loaded.fp.vae), weight_bytes(loaded.fp.text_encoder)
+    assert plain[0].component_bytes == {"transformer": weight_bytes(loaded.fp.transformer), "text_encoder": fp_encoder,
+                                        "vae": vae} == both[0].component_bytes
+    for name, p, b in zip(variants.VARIANTS[1:], plain[1:], both[1:]):
+        transformer = weight_bytes(loaded.variant(name)[1])
+        assert p.label + " + text encoder W8A16" == b.label
+        assert p.component_bytes == {"transformer": transformer, "text_encoder": fp_encoder, "vae": vae}
+        assert b.component_bytes == {"transformer": transformer, "text_encoder": weight_bytes(encoder), "vae": vae}
+        assert b.weight_bytes == transformer + weight_bytes(encoder) + vae < p.weight_bytes
+        assert weight_bytes(encoder) < 0.6 * fp_encoder  # int8 linears, FP32 embeddings and norms
+        assert not torch.equal(b.samples, p.samples) and b.psnr > 20  # the quantized encoder ran, close to FP
+    again = loaded.generate(*call, quantize_encoder=True)
+    assert loaded.encoders()["text_encoder"] is encoder  # loaded once per pipeline, not per request
+    assert all(torch.equal(a.samples, b.samples) for a, b in zip(again[1:], both[1:]))
 
 
 # ----------------------------------------------------------------------------------------- the browser
@@ -184,7 +219,13 @@ def wait_for_result(page, prompt: str, seed: int, rgb: bool = True) -> dict:
 
 
 def number(text: str, row: str) -> float:
-    return float(re.search(rf"{row}\s+([\d.]+)", text).group(1))
+    return float(re.search(rf"{re.escape(row)}\s+([\d.]+)", text).group(1))
+
+
+def parts(text: str) -> dict[str, float]:
+    """The "weights by component" row: {component: MiB}."""
+    row = re.search(r"weights by component\s+(.*) MiB", text).group(1)
+    return {name: float(size) for name, size in (part.split(" ") for part in row.split(" · "))}
 
 
 @pytest.mark.browser
@@ -203,8 +244,40 @@ def test_generate_shows_three_images_with_their_metrics(browser, app):
     assert "PSNR vs FP\treference" in fp
     assert number(w8, "PSNR vs FP") > 40 and number(mp, "PSNR vs FP") > 30
     assert 0.95 < number(mp, "SSIM vs FP") <= number(w8, "SSIM vs FP") <= 1
-    weights = [number(text, "transformer weights") for text in (fp, w8, mp)]
-    assert weights[0] > 3 * weights[1] > 3 * weights[2]
+    weights = [parts(text) for text in (fp, w8, mp)]
+    assert weights[0]["transformer"] > 3 * weights[1]["transformer"] > 3 * weights[2]["transformer"]
+    assert all(set(w) == {"transformer", "text_encoder", "vae"} for w in weights)
+    for text, w in zip((fp, w8, mp), weights):  # the whole pipeline: the sum of its components
+        assert abs(number(text, "weights (whole pipeline)") - sum(w.values())) < 0.015
+    assert number(w8, "weights (whole pipeline)") < 0.5 * number(fp, "weights (whole pipeline)")
+    page.context.close()
+
+
+@pytest.mark.browser
+def test_the_text_encoder_checkbox_shrinks_the_whole_pipeline(browser, app):
+    """Checked, the quantized variants say so and weigh less by their text encoder's share; FP is unchanged."""
+    page = open_page(browser, app)
+    submit(page, "a thin handwritten digit 3", 4, steps=10)
+    plain = wait_for_result(page, "a thin handwritten digit 3", 4)
+    page.get_by_label(ENCODER_CHECKBOX).check()
+    submit(page, "a thin handwritten digit 3", 4, steps=10)
+    page.wait_for_function("document.querySelector('#status').innerText.includes('W8A16 text encoder')",
+                           timeout=TIMEOUT_MS)
+    both = wait_for_result(page, "a thin handwritten digit 3", 4)
+    assert both["FP"][0] == plain["FP"][0] == "FP32 (CPU)" and parts(both["FP"][1]) == parts(plain["FP"][1])
+    for name in variants.VARIANTS[1:]:
+        assert both[name][0] == plain[name][0] + " + text encoder W8A16"
+        p, b = parts(plain[name][1]), parts(both[name][1])
+        assert b["transformer"] == p["transformer"] and b["vae"] == p["vae"]
+        assert b["text_encoder"] < 0.6 * p["text_encoder"]
+        assert number(both[name][1], "weights (whole pipeline)") < number(plain[name][1], "weights (whole pipeline)")
+        assert number(both[name][1], "PSNR vs FP") > 20
+    page.get_by_label(ENCODER_CHECKBOX).uncheck()  # and back: the plain variants again, same pixels
+    submit(page, "a thin handwritten digit 3", 4, steps=10)
+    page.wait_for_function("!document.querySelector('#status').innerText.includes('W8A16 text encoder')",
+                           timeout=TIMEOUT_MS)
+    again = wait_for_result(page, "a thin handwritten digit 3", 4)
+    assert [label for label, _, _ in again.values()] == [label for label, _, _ in plain.values()]
     page.context.close()
 
 

@@ -12,7 +12,7 @@ gr = pytest.importorskip("gradio")
 
 from gradio_app import app as ui  # noqa: E402
 from gradio_app.app import parse_args  # noqa: E402
-from gradio_app.choices import (BUNDLED, DEFAULT_SOURCE, MAX_CALIBRATION_PROMPTS,  # noqa: E402
+from gradio_app.choices import (BUNDLED, DEFAULT_SOURCE, ENCODER_CHECKBOX, MAX_CALIBRATION_PROMPTS,  # noqa: E402
                                 MAX_CALIBRATION_STEPS, STEPS_RANGE)
 from gradio_app.inputs import calibration_prompts, save_directory  # noqa: E402
 
@@ -63,8 +63,50 @@ def test_the_output_folder_defaults_to_viditq_out_and_must_be_a_folder(tmp_path)
         parse_args(["--output-dir", str(tmp_path / "file")], environ={})
 
 
-def generate(seed=0, steps=20, guidance=4.5, prompt="a thick handwritten digit 7"):
-    return ui.run_generate(DEFAULT_SOURCE, "", prompt, "", seed, steps, guidance)
+def generate(seed=0, steps=20, guidance=4.5, prompt="a thick handwritten digit 7", quantize_encoder=False):
+    return ui.run_generate(DEFAULT_SOURCE, "", prompt, "", seed, steps, guidance, quantize_encoder)
+
+
+def checkbox(app: gr.Blocks) -> gr.Checkbox:
+    [box] = [block for block in app.blocks.values() if isinstance(block, gr.Checkbox)]
+    return box
+
+
+def test_the_text_encoder_checkbox_is_off_unless_the_flag_turns_it_on():
+    assert parse_args([], environ={}).quantize_text_encoder is False
+    assert parse_args(["--quantize-text-encoder"], environ={}).quantize_text_encoder is True
+    off, on = checkbox(ui.build_app()), checkbox(ui.build_app(quantize_encoder=True))
+    assert off.label == on.label == ENCODER_CHECKBOX == "Quantize the text encoder too (W8A16)"
+    assert (off.value, on.value) == (False, True)
+
+
+def test_the_checkbox_reaches_the_pipeline_and_the_weights_count_the_whole_pipeline():
+    """Generate as the page calls it, box unchecked then checked: the W8A8 / W4A8-MP tables weigh the whole pipeline
+    (transformer + text encoder + VAE), and less with the box checked, by the text encoder's part only."""
+    def tables(quantize_encoder):
+        status, *outputs = generate(steps=2, quantize_encoder=quantize_encoder)
+        return status, outputs[1::2]
+
+    def row(table, name):
+        return re.search(rf"\| {re.escape(name)} \| ([^|]+) \|", table).group(1)
+
+    def mib(text):
+        return float(text.split(" ")[0])
+
+    plain_status, plain = tables(False)
+    both_status, both = tables(True)
+    assert "W8A16 text encoder" in both_status and "W8A16" not in plain_status
+    assert row(plain[0], "weights (whole pipeline)") == row(both[0], "weights (whole pipeline)")  # FP stays FP
+    for p, b in zip(plain[1:], both[1:]):
+        assert "+ text encoder W8A16**" in b and "text encoder W8A16" not in p
+        assert mib(row(b, "weights (whole pipeline)")) < mib(row(p, "weights (whole pipeline)"))
+        assert re.search(r"\(0\.\d\dx FP\)", row(b, "weights (whole pipeline)"))
+        by_plain = dict(part.split(" ") for part in row(p, "weights by component").removesuffix(" MiB").split(" · "))
+        by_both = dict(part.split(" ") for part in row(b, "weights by component").removesuffix(" MiB").split(" · "))
+        assert list(by_both) == ["transformer", "text_encoder", "vae"]
+        assert float(by_both["text_encoder"]) < float(by_plain["text_encoder"])
+        assert {k: v for k, v in by_both.items() if k != "text_encoder"} == \
+            {k: v for k, v in by_plain.items() if k != "text_encoder"}
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -162,5 +204,42 @@ def test_save_writes_a_pipeline_that_loads_and_can_be_saved_again(tmp_path):
         assert status.startswith(f"Saved the W8A8 pipeline to {root / 'pixart-w8a8'}")
     with pytest.raises(gr.Error, match="Could not save to .*File name too long"):  # an OSError, shown as such
         ui.run_save(DEFAULT_SOURCE, "", "W8A8", "x" * 300, output_dir=str(root))
-    saved = checkpoint_summary(str(root / "pixart-w8a8"))["transformer"]
-    assert saved["model_class"] == "PixArtTransformer2DModel" and set(saved["formats"]) == {"W8A8"}, saved
+    saved = checkpoint_summary(str(root / "pixart-w8a8"))
+    assert set(saved) == {"transformer"}, saved  # the box unchecked: the text encoder saved in floating point
+    transformer = saved["transformer"]
+    assert transformer["model_class"] == "PixArtTransformer2DModel" and set(transformer["formats"]) == {"W8A8"}
+
+
+def test_save_with_the_checkbox_writes_the_w8a16_text_encoder_and_it_reloads(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from viditq_diffusers import ViDiTQLinear
+
+    root = tmp_path / "viditq-out"
+    status = ui.run_save(DEFAULT_SOURCE, "", "W8A8", "both", True, output_dir=str(root))
+    assert status.startswith(f"Saved the W8A8 pipeline (text encoder W8A16) to {root / 'both'}")
+    pipe = DiffusionPipeline.from_pretrained(root / "both")
+    assert {(m.weight_bits, m.act_bits) for m in pipe.text_encoder.modules() if isinstance(m, ViDiTQLinear)} \
+        == {(8, 16)}
+    assert {(m.weight_bits, m.act_bits) for m in pipe.transformer.modules() if isinstance(m, ViDiTQLinear)} \
+        == {(8, 8)}
+
+
+def test_the_flag_checks_the_box_on_the_served_page_and_preloads_the_encoders(tmp_path):
+    """`python -m gradio_app --quantize-text-encoder` for real: the page's checkbox starts checked, and the
+    preload (which prints "models ready" last) loaded the W8A16 encoders without an error."""
+    import json
+    import urllib.request
+
+    from harness.gradio_ui.server import AppServer
+
+    server = AppServer(tmp_path / "app.log", args=("--quantize-text-encoder", "--output-dir", str(tmp_path))).start()
+    try:
+        server.wait_for_log("models ready", timeout=300)
+        with urllib.request.urlopen(f"{server.url}/config", timeout=30) as response:
+            config = json.load(response)
+    finally:
+        server.stop()
+    [box] = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "quantize-text-encoder"]
+    assert box["props"]["value"] is True and box["props"]["label"] == ENCODER_CHECKBOX
+    assert "Traceback" not in server.log()
