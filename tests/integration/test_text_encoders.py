@@ -36,6 +36,17 @@ def decoder_config(cls):  # Gemma2 (Sana) and Llama (HunyuanVideo): the decoder 
                num_key_value_heads=2, head_dim=16, max_position_embeddings=32)
 
 
+def qwen_vl_config():  # QwenImage's encoder: Qwen2.5-VL, a language model with a vision tower
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 10000.0})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  fullatt_block_indexes=[0])
+    return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=VOCAB - 4,
+                                         video_token_id=VOCAB - 3, vision_start_token_id=VOCAB - 2,
+                                         vision_end_token_id=VOCAB - 1)
+
+
 # class -> (config, regex of the linears that stay floating point inside the blocks, layers outside the blocks)
 ENCODERS = {
     "T5EncoderModel": (transformers.T5EncoderModel, t5_config, r".*\.wo"),
@@ -44,16 +55,24 @@ ENCODERS = {
     "CLIPTextModelWithProjection": (transformers.CLIPTextModelWithProjection, clip_config, None),
     "Gemma2Model": (transformers.Gemma2Model, lambda: decoder_config(transformers.Gemma2Config), None),
     "LlamaModel": (transformers.LlamaModel, lambda: decoder_config(transformers.LlamaConfig), None),
+    # transformers 5 saves these in the Hub's layout (`model.layers.*`, `visual.*`) and renames the keys as it
+    # loads, so the FP folders below are laid out as released Qwen2.5-VL / QwenImage checkpoints are
+    "Qwen2_5_VLForConditionalGeneration": (transformers.Qwen2_5_VLForConditionalGeneration, qwen_vl_config, None),
+    "Qwen2_5_VLModel": (transformers.Qwen2_5_VLModel, qwen_vl_config, None),
+    "Qwen2_5_VLTextModel": (transformers.Qwen2_5_VLTextModel, lambda: qwen_vl_config().text_config, None),
 }
 
 
-def tokens(seed: int = 0) -> torch.Tensor:
-    return torch.randint(2, VOCAB, (2, 9), generator=torch.Generator().manual_seed(seed))
+def tokens(seed: int = 0) -> torch.Tensor:  # below Qwen2.5-VL's image / video tokens (the last 4 of VOCAB)
+    return torch.randint(2, VOCAB - 4, (2, 9), generator=torch.Generator().manual_seed(seed))
 
 
 def encode(model, ids) -> torch.Tensor:
+    """The text embedding: the last hidden state (QwenImage reads it from a Qwen2.5-VL's hidden states too)."""
     with torch.no_grad():
-        return model(input_ids=ids)[0].float()
+        out = model(input_ids=ids, output_hidden_states=True)
+        last = getattr(out, "last_hidden_state", None)
+        return (out.hidden_states[-1] if last is None else last).float()
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -98,6 +117,9 @@ def test_quantize_as_load_layers_quality_and_bit_identical_reload(name, fp_check
     assert all(layers[n] == "Linear" for n in set(layers) - (in_blocks - kept))  # outside the blocks: FP
     if name == "CLIPTextModelWithProjection":
         assert layers["text_projection"] == "Linear"
+    if name.startswith("Qwen2_5_VL") and name != "Qwen2_5_VLTextModel":  # the vision tower and lm_head stay FP
+        fp_outside = {n for n in layers if "visual." in n or n == "lm_head"}
+        assert fp_outside and all(layers[n] == "Linear" for n in fp_outside)
     if kept_fp_pattern:  # T5 / UMT5: the FFN output projections stay in floating point
         assert kept and all(layers[n] == "Linear" for n in kept)
     assert set(model.config.quantization_config.plan["layers"]) == in_blocks - kept
@@ -171,16 +193,21 @@ def test_denoiser_mixed_precision_preset_is_refused(fp_checkpoints):
                                                     quantization_config=ViDiTQConfig("w4a8_mp"))
 
 
-def test_reload_refuses_a_plan_edited_in_config_json(fp_checkpoints, tmp_path):
-    model = transformers.T5EncoderModel.from_pretrained(fp_checkpoints["T5EncoderModel"],
-                                                        quantization_config=ViDiTQConfig("w8a16"))
+@pytest.mark.parametrize("name, layer", [
+    ("T5EncoderModel", "encoder.block.0.layer.0.SelfAttention.q"),
+    # saved under the Hub's key names (`model.layers.0...`): the check maps them to the model's names first
+    ("Qwen2_5_VLForConditionalGeneration", "model.language_model.layers.0.self_attn.q_proj"),
+])
+def test_reload_refuses_a_plan_edited_in_config_json(name, layer, fp_checkpoints, tmp_path):
+    cls = ENCODERS[name][0]
+    model = cls.from_pretrained(fp_checkpoints[name], quantization_config=ViDiTQConfig("w8a16"))
     model.save_pretrained(tmp_path)
     path = tmp_path / "config.json"
     data = json.loads(path.read_text())
-    data["quantization_config"]["plan"]["layers"]["encoder.block.0.layer.0.SelfAttention.q"]["weight_bits"] = 4
+    data["quantization_config"]["plan"]["layers"][layer]["weight_bits"] = 4
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"(?s)does not match the weights saved with it.*SelfAttention\.q"):
-        transformers.T5EncoderModel.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"(?s)does not match the weights saved with it.*{re.escape(layer)}"):
+        cls.from_pretrained(tmp_path)
 
 
 def test_a_lora_on_a_quantized_encoder_passes_transformers_training_check_and_trains(fp_checkpoints):
