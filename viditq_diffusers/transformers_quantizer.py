@@ -53,8 +53,9 @@ class ViDiTQHfQuantizer(Capabilities, HfQuantizer):
     requires_calibration = False
 
     def __init__(self, quantization_config: ViDiTQConfig, **kwargs):
-        # The user's config object may be reused for another model: never write the plan into it.
-        super().__init__(copy.deepcopy(quantization_config), **kwargs)
+        # The user's config object may be reused for another model: never write the plan into it. A config that
+        # leaves the precision to the model's default gives this encoder weight-only W8A16.
+        super().__init__(copy.deepcopy(quantization_config).for_text_encoder(), **kwargs)
         self.progress = None
 
     @property

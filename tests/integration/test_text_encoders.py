@@ -179,6 +179,39 @@ def test_t5_other_presets(kwargs, label, minimum, fp_checkpoints, tmp_path):
     assert torch.equal(encode(transformers.T5EncoderModel.from_pretrained(tmp_path).eval(), tokens()), out)
 
 
+@pytest.mark.parametrize("config", [ViDiTQConfig(), ViDiTQConfig(group_size=32), {"quant_method": "viditq"}],
+                         ids=["ViDiTQConfig()", "group_size only", "dict"])
+def test_a_config_without_a_precision_gives_an_encoder_w8a16_and_config_json_says_so(config, fp_checkpoints,
+                                                                                      tmp_path):
+    """No preset, bits, calibration or plan: a text encoder takes its own default, weight-only W8A16 (the
+    denoiser's is W8A8); the saved config.json records the preset applied, so the reload needs no argument."""
+    folder = fp_checkpoints["T5EncoderModel"]
+    model = transformers.T5EncoderModel.from_pretrained(folder, quantization_config=config).eval()
+    group = 32 if isinstance(config, ViDiTQConfig) and config.group_size else None
+    assert precisions(model) == {(8, 16)}
+    assert {m.group_size for m in model.modules() if isinstance(m, ViDiTQLinear)} == {group}
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert (saved["preset"], saved["weight_bits"], saved["act_bits"], saved["group_size"]) == ("w8a16", 8, 16, group)
+    assert torch.equal(encode(transformers.T5EncoderModel.from_pretrained(tmp_path).eval(), tokens()),
+                       encode(model, tokens()))
+
+
+@pytest.mark.parametrize("kwargs", [{"preset": "w8a8"}, {"act_bits": 8}, {"weight_bits": 8}])
+def test_a_chosen_precision_is_kept_on_an_encoder(kwargs, fp_checkpoints):
+    model = transformers.T5EncoderModel.from_pretrained(fp_checkpoints["T5EncoderModel"],
+                                                        quantization_config=ViDiTQConfig(**kwargs))
+    assert precisions(model) == {(8, 8)}
+
+
+def test_the_default_config_still_reads_as_the_denoisers_w8a8():
+    """`ViDiTQConfig()` is unchanged as data: the denoiser checkpoints it writes, its equality and its repr."""
+    default, w8a8 = ViDiTQConfig(), ViDiTQConfig("w8a8")
+    assert default.to_dict() == w8a8.to_dict() and default == w8a8 and repr(default) == repr(w8a8)
+    assert default.preset == "w8a8" and (default.weight_bits, default.act_bits) == (8, 8)
+    assert w8a8.for_text_encoder() is w8a8 and default.for_text_encoder() == ViDiTQConfig("w8a16")
+
+
 def test_unsupported_class_names_it_and_the_supported_ones(tmp_path):
     config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                      num_attention_heads=4)
@@ -272,6 +305,20 @@ def test_pipeline_quantization_config_gives_each_component_its_preset(tiny_pipel
                                              quantization_config=PipelineQuantizationConfig(quant_mapping=mapping))
     assert precisions(pipe.text_encoder) == {(4, 16)} and precisions(pipe.transformer) == {(4, 8)}
     assert {m.group_size for m in pipe.text_encoder.modules() if isinstance(m, ViDiTQLinear)} == {32}
+
+
+def test_pipeline_quantization_config_with_default_configs_gives_encoder_w8a16_and_denoiser_w8a8(tiny_pipeline,
+                                                                                                    tmp_path):
+    from diffusers import DiffusionPipeline, PipelineQuantizationConfig
+
+    mapping = {"text_encoder": ViDiTQConfig(), "transformer": ViDiTQConfig()}
+    pipe = DiffusionPipeline.from_pretrained(tiny_pipeline,
+                                             quantization_config=PipelineQuantizationConfig(quant_mapping=mapping))
+    assert precisions(pipe.text_encoder) == {(8, 16)} and precisions(pipe.transformer) == {(8, 8)}
+    pipe.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "transformer" / "config.json").read_text())["quantization_config"]
+    assert {k: v for k, v in saved.items() if k != "plan"} == {
+        k: v for k, v in json.loads(json.dumps(ViDiTQConfig("w8a8").to_dict())).items() if k != "plan"}
 
 
 def test_pipeline_components_naming_a_tokenizer_is_refused(tiny_pipeline):
