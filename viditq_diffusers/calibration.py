@@ -186,7 +186,8 @@ class CalibrationStats:
                    **tensors)
 
     def check_matches(self, model, layers: list[str] | None = None) -> None:
-        """Raise a ValueError unless these statistics fit `model` (a denoiser, or a pipeline's `.transformer`).
+        """Raise a ValueError unless these statistics fit `model` (a denoiser, a pipeline's `.transformer`, or a
+        text encoder for statistics recorded with `component=`).
 
         `layers`: the layers the caller needs (default: all recorded ones); each must be recorded and
         present in `model` with the same in_features.
