@@ -28,6 +28,14 @@ one process on the same prompts, seeds and thread count. For gloo CPU processes,
 `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...` (accelerate's `--cpu` starts several
 processes only through mpirun).
 
+Text encoders: `calibrate(pipe, prompts, component="text_encoder")` records a pipeline's transformers text
+encoder instead (its default layers, `text_encoders.py`), driving it through the pipeline's own
+`encode_prompt(prompt=[p], **call_kwargs)`, so the tokens are the ones generation feeds it (padding and negative
+prompt included); a bare encoder takes `run(prompt, generator)`. An encoder runs once per prompt, with no timestep
+and no CFG halves: one bucket, no `cfg_absmax`. The statistics, keyed by the encoder's layer names, serve
+`ViDiTQConfig("w8a8", calibration=stats)` on that encoder (`<Encoder>.from_pretrained` or a pipeline's
+`quant_mapping`).
+
 `input_absmax(model, run)` is the older, simpler per-tensor statistic used by the naive baseline.
 """
 
@@ -47,6 +55,7 @@ from torch import nn
 from .architectures import default_layers
 from .atomic import atomic_path
 from .checks import GENERATOR_SEEDS, integer, name_list, real, shown
+from .text_encoders import is_text_encoder
 
 SAMPLE_ROWS = 64
 FORMAT_VERSION = 1
@@ -177,13 +186,16 @@ class CalibrationStats:
                    **tensors)
 
     def check_matches(self, model, layers: list[str] | None = None) -> None:
-        """Raise a ValueError unless these statistics fit `model` (a denoiser, or a pipeline's `.transformer`).
+        """Raise a ValueError unless these statistics fit `model` (a denoiser, a pipeline's `.transformer`, or a
+        text encoder for statistics recorded with `component=`).
 
         `layers`: the layers the caller needs (default: all recorded ones); each must be recorded and
         present in `model` with the same in_features.
         """
         model = getattr(model, "transformer", model)
-        fix = "recalibrate with `viditq calibrate PIPE --prompts FILE --out STATS.safetensors` on this model"
+        fix = ("recalibrate on this model: viditq_diffusers.calibrate(pipe, prompts, component='text_encoder')"
+               if is_text_encoder(type(model).__name__) else
+               "recalibrate with `viditq calibrate PIPE --prompts FILE --out STATS.safetensors` on this model")
         if type(model).__name__ != self.model_class:
             raise ValueError(f"calibration statistics were recorded on {self.model_class}, this model is "
                              f"{type(model).__name__}; {fix}.")
@@ -323,6 +335,31 @@ def _denoiser(pipe_or_model, run):
     )
 
 
+def _text_encoder(pipe_or_model, component: str, run):
+    """The pipeline's transformers text encoder called `component`, checked; or a ValueError naming the ones it
+    has."""
+    if not isinstance(component, str):
+        raise TypeError(f"calibrate: component must be a pipeline component's name, got {shown(component)}; e.g. "
+                        f"component='text_encoder'.")
+    components = getattr(pipe_or_model, "components", None)
+    if isinstance(pipe_or_model, nn.Module) or not isinstance(components, dict):
+        raise ValueError(f"calibrate: component={component!r} names a component of a diffusers pipeline, got "
+                         f"{type(pipe_or_model).__name__}. Pass the pipeline, or calibrate a bare text encoder "
+                         f"without component, with run=lambda prompt, generator: ... that encodes one prompt.")
+    encoders = [name for name, module in components.items()
+                if isinstance(module, nn.Module) and is_text_encoder(type(module).__name__)]
+    module = components.get(component)
+    if not (isinstance(module, nn.Module) and is_text_encoder(type(module).__name__)):
+        what = "not a component of" if component not in components else f"a {type(module).__name__} in"
+        raise ValueError(f"calibrate: component={component!r} is {what} this {type(pipe_or_model).__name__}; "
+                         f"calibrate records the denoiser (component='transformer', the default) or a supported "
+                         f"transformers text encoder: {', '.join(map(repr, encoders)) or 'this pipeline has none'}.")
+    if run is None and not callable(getattr(pipe_or_model, "encode_prompt", None)):
+        raise ValueError(f"calibrate: {type(pipe_or_model).__name__} has no encode_prompt to drive its "
+                         f"{component}; pass run=lambda prompt, generator: ... that encodes one prompt.")
+    return module
+
+
 def _reduce(state, stats: dict[str, _LayerStats]) -> None:
     """Max-reduce (min for the token-range min) every statistic across processes; merge row samples."""
     from accelerate.utils import gather
@@ -359,6 +396,7 @@ def calibrate(
     run: Callable[[str, torch.Generator], object] | None = None,
     sample_rows: int = SAMPLE_ROWS,
     timestep_range: float | None = None,
+    component: str = "transformer",
     **call_kwargs,
 ) -> CalibrationStats:
     """Run the pipeline on `prompts` and record per-layer activation statistics (module docstring).
@@ -376,6 +414,12 @@ def calibrate(
     Under `accelerate launch --num_processes N` the (prompt, seed) pairs are split between the
     processes and the statistics are reduced across them, so every process gets the same result
     as a single process would (row samples included: see `_LayerStats`).
+
+    `component="text_encoder"` (or "text_encoder_2", ...) records the pipeline's transformers text encoder
+    instead: each prompt goes through `pipe.encode_prompt(prompt=[prompt], **call_kwargs)` (or `run`), the
+    layers default to the encoder's quantized ones, and `num_inference_steps`, `guidance_scale`,
+    `timestep_buckets` and `timestep_range` do not apply (one bucket, no CFG halves). A bare text encoder (a
+    class of `text_encoders.TEXT_ENCODER_BLOCKS`) is recorded the same way with `run(prompt, generator)`.
     """
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
@@ -405,7 +449,13 @@ def calibrate(
     if reserved:
         raise ValueError(f"calibrate sets {sorted(reserved)} itself; pass them as calibrate's own arguments.")
 
-    denoiser, scheduler, is_pipeline = _denoiser(pipe_or_model, run)
+    if component == "transformer":
+        denoiser, scheduler, is_pipeline = _denoiser(pipe_or_model, run)
+        encoder = not is_pipeline and is_text_encoder(type(denoiser).__name__)
+    else:
+        denoiser, scheduler, is_pipeline, encoder = _text_encoder(pipe_or_model, component, run), None, True, True
+    if encoder:  # runs once per prompt: no timestep to bucket by, no [uncond, cond] halves to split
+        timestep_buckets, guidance_scale, timestep_range = 1, 1.0, 1.0
     num_train = int(scheduler.config.num_train_timesteps) if scheduler is not None else (timestep_range or 1000)
     names = default_layers(denoiser) if layers is None else list(layers)
     if layers is None and not names:
@@ -451,7 +501,7 @@ def calibrate(
     items = list(enumerate(zip(prompts, seeds)))
     with state.split_between_processes(items) as mine:
         mine = list(mine)
-    handles = [denoiser.register_forward_pre_hook(on_denoiser, with_kwargs=True)]
+    handles = [] if encoder else [denoiser.register_forward_pre_hook(on_denoiser, with_kwargs=True)]
     handles += [modules[n].register_forward_pre_hook(on_layer(n)) for n in names]
     progress = getattr(pipe_or_model, "_progress_bar_config", None) if is_pipeline else None
     if is_pipeline:
@@ -460,9 +510,11 @@ def calibrate(
     try:
         for index, (prompt, seed) in tqdm(mine, desc="viditq calibrate", unit="prompt",
                                            disable=not state.is_main_process):
-            now["t"], now["priority_gen"] = None, torch.Generator().manual_seed(SAMPLE_SEED + index)
+            now["t"], now["priority_gen"] = 0.0 if encoder else None, torch.Generator().manual_seed(SAMPLE_SEED + index)
             generator = torch.Generator().manual_seed(seed)
-            if is_pipeline:
+            if encoder and run is None:
+                pipe_or_model.encode_prompt(prompt=[prompt], **call_kwargs)
+            elif is_pipeline and not encoder:
                 pipe_or_model(prompt=[prompt], num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                               generator=[generator], output_type="latent", **call_kwargs)
             else:
@@ -486,7 +538,8 @@ def calibrate(
         if error is None and failed.any():
             raise RuntimeError(f"calibration failed on process(es) {failed.nonzero().flatten().tolist()}; "
                                f"see their error above.")
-    if isinstance(error, (IndexError, TypeError, KeyError)) and is_pipeline and num_inference_steps == 1:
+    if isinstance(error, (IndexError, TypeError, KeyError)) and is_pipeline and not encoder and \
+            num_inference_steps == 1:
         # e.g. diffusers' PixArt pipelines take a one-step path meant for one-step (distilled) schedulers
         raise ValueError(f"{type(pipe_or_model).__name__} with its {type(scheduler).__name__} failed at "
                          f"num_inference_steps=1 ({type(error).__name__}: {error}); this pipeline and scheduler do "
@@ -520,5 +573,8 @@ def calibrate(
         "guidance_scale": guidance_scale, "timestep_buckets": timestep_buckets, "num_train_timesteps": num_train,
         "sample_rows": sample_rows, "call_kwargs": json.loads(json.dumps(call_kwargs, default=repr)),
     }
+    if encoder:  # no denoising steps, buckets or CFG: say so rather than record the unused arguments
+        settings.update(num_inference_steps=None, guidance_scale=None, timestep_buckets=1, num_train_timesteps=None,
+                        component=component if is_pipeline else None)
     return CalibrationStats(model_class=type(denoiser).__name__, in_features={n: modules[n].in_features for n in names},
                             settings=settings, **result)

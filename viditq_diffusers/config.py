@@ -97,6 +97,7 @@ PRESETS: dict[str, dict] = {
     "paper_w4a8": {"weight_bits": 4, "act_bits": 8, "group_size": None, "balance": "smooth_rotate"},
 }
 BALANCES = (None, "smooth", "rotate", "smooth_rotate", "search")
+DENOISER_PRESET = "w8a8"  # `preset=None` on a diffusers denoiser (a text encoder: TEXT_ENCODER_PRESET)
 
 
 class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig, TransformersConfigMixin):
@@ -104,7 +105,12 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig, Transfor
 
     Args:
         preset: one of `PRESETS` ("w8a8", "w4a8", "w8a16", "w4a16", "w4a8_mp": the paper's reference
-            mixed precision, W8 for FFN linears and the first and last blocks, W4 attention).
+            mixed precision, W8 for FFN linears and the first and last blocks, W4 attention), or None (default):
+            the model's default, "w8a8" for a diffusers denoiser and weight-only "w8a16" for a transformers text
+            encoder (`text_encoders.py`). The config reads as "w8a8" (`preset`, `to_dict()`, equality, repr); a
+            text encoder's quantizer swaps it for "w8a16" (`for_text_encoder`), which is what its config.json
+            records. Giving weight_bits, act_bits, calibration, balance or a plan chooses the precision: the
+            config is then "w8a8" with those overrides for every model.
         weight_bits: 4 or 8; overrides the preset.
         act_bits: 8 (dynamic per-token integer activations) or 16 (weight-only); overrides the preset.
         group_size: input channels per weight scale; None = one scale per output channel.
@@ -142,7 +148,7 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig, Transfor
 
     def __init__(
         self,
-        preset: str = "w8a8",
+        preset: str | None = None,
         weight_bits: int | None = None,
         act_bits: int | None = None,
         group_size: int | None = None,
@@ -158,6 +164,10 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig, Transfor
         early_timestep: float = 750.0,
         quant_method: str = ViDiTQQuantMethod.VIDITQ,
     ):
+        # no precision chosen: the model's default (W8A8 here; a text encoder's quantizer makes it W8A16)
+        self._model_default = preset is None and weight_bits is None and act_bits is None and plan is None \
+            and calibration is None and balance == "preset"
+        preset = DENOISER_PRESET if preset is None else preset
         if not isinstance(preset, str) or preset not in PRESETS:
             raise ValueError(f"Unknown preset {preset!r}. Choose one of: {', '.join(PRESETS)}.")
         if quant_method != ViDiTQQuantMethod.VIDITQ:
@@ -222,8 +232,9 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig, Transfor
 
     # -- diffusers' QuantizationConfigMixin conventions ------------------------------------
     def to_dict(self) -> dict:
-        # In-memory statistics are not config data: once quantized, the plan holds what they decided.
-        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k != "calibration"}
+        # In-memory statistics are not config data: once quantized, the plan holds what they decided. Private
+        # attributes (`_model_default`) are not config data either.
+        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k != "calibration" and not k.startswith("_")}
         out["calibration"] = self.calibration if isinstance(self.calibration, (str, dict, type(None))) else None
         if self.plan is not None:
             out["plan"] = plan_to_json(self.plan)
@@ -243,6 +254,15 @@ class ViDiTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig, Transfor
 
     def __repr__(self) -> str:
         return f"ViDiTQConfig({json.dumps(self.to_dict(), sort_keys=True)})"
+
+    def for_text_encoder(self) -> ViDiTQConfig:
+        """The config a transformers text encoder is quantized with: this one, except that a config whose
+        precision was left to the model's default (`preset=None` and no precision argument) becomes weight-only
+        "w8a16" (`text_encoders.TEXT_ENCODER_PRESET`), its other settings kept."""
+        if not self._model_default:
+            return self
+        return ViDiTQConfig(**{**self.to_dict(), "preset": TEXT_ENCODER_PRESET, "weight_bits": None, "act_bits": None,
+                               "balance": "preset"})
 
     @property
     def per_tensor(self) -> bool:

