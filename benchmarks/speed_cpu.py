@@ -55,8 +55,8 @@ from viditq_diffusers import ViDiTQConfig, ViDiTQLinear, calibrate, quantize
 from viditq_diffusers.calibration import CalibrationStats
 from viditq_diffusers.footprint import weight_bytes
 from viditq_diffusers.jsonio import write_json
-from viditq_diffusers.kernels import (LayerCall, cpu_amx, cpu_int16, int_mm, onednn, quantized_linear, select_route,
-                                      warmup)
+from viditq_diffusers.kernels import (LayerCall, cpu_amx, cpu_int16, cpu_vnni, int_mm, onednn, quantized_linear,
+                                      select_route, warmup)
 from viditq_diffusers.kernels.routes import balance_name
 from viditq_diffusers.layer_spec import LayerSpec
 from viditq_diffusers.mixed_precision.cost import cpu_description
@@ -272,6 +272,9 @@ def time_gemms(repeats: int) -> dict[tuple, dict[str, float]]:
                 row[f"int8 x int{bits} our AMX GEMM, epilogue fused"] = median_time(
                     lambda: cpu_amx.extension().gemm(xq, x_scale, rowsum, tiles, n, None, layer.scales(), None, False),
                     repeats)
+            if cpu_vnni.available():  # one call: its quantization and epilogue cannot be timed apart
+                row[f"int8 x int{bits} our VNNI GEMM, quantization and epilogue fused"] = median_time(
+                    lambda: cpu_vnni.linear_vnni(x, layer.qweight, bits, layer.scales(), None, None), repeats)
             linear = torch.nn.Linear(k, n, bias=False)
             default = ViDiTQLinear.from_linear(linear, LayerSpec.for_linear(linear, bits, 8))  # asymmetric weights
             for label, activation in (("", x), (", bf16 input", xb)):

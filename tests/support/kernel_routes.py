@@ -9,7 +9,8 @@ import os
 
 import torch
 
-from viditq_diffusers.kernels import LayerCall, cpu_amx, cpu_direct, cpu_int16, onednn, route, triton_available
+from viditq_diffusers.kernels import (LayerCall, cpu_amx, cpu_direct, cpu_int16, cpu_vnni, onednn, route,
+                                      triton_available)
 from viditq_diffusers.kernels.torch_ops import linear_int
 from viditq_diffusers.quant.formats import unpack_int4
 
@@ -33,6 +34,8 @@ def runnable_routes(layer: LayerCall) -> list[str]:
         return names
     if per_token and cpu_amx.available():
         names.append("cpu_amx")
+    if per_token and cpu_vnni.available():
+        names.append("cpu_vnni")
     if per_token and cpu_direct.available() and onednn.exact_for(layer.weight_bits):
         names.append("cpu_direct")
     if per_token and cpu_int16.available() and layer.weight_bits == 8 and layer.in_features <= cpu_int16.MAX_K:

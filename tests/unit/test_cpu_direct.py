@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from viditq_diffusers import ViDiTQLinear
-from viditq_diffusers.kernels import LayerCall, cpu_amx, cpu_direct, onednn, route, select_route
+from viditq_diffusers.kernels import LayerCall, cpu_amx, cpu_direct, cpu_vnni, onednn, route, select_route
 from viditq_diffusers.kernels.torch_ops import linear_int
 from viditq_diffusers.layer_spec import LayerSpec
 from tests.support.cpu import X86_AVX2
@@ -76,7 +76,7 @@ def test_route_rules(monkeypatch):
     assert "static activation scale" in direct.applies(LayerCall(128, 8, 4, 8, static_act_scale=True), x)
     assert direct.applies(LayerCall(128, 8, 4, 16), x).startswith("A16")
     assert direct.applies(LayerCall(128, 8, 4, 8, groups=2), x) == "group-wise weights"
-    if not cpu_amx.available():  # the AMX kernel comes first where it runs
+    if not cpu_amx.available() and not cpu_vnni.available():  # the AMX and VNNI kernels come first where they run
         assert select_route(LayerCall(128, 8, 4, 8), x).name == "cpu_direct"
     monkeypatch.setenv("VIDITQ_KERNELS", "torch")
     assert "VIDITQ_KERNELS=torch" in direct.applies(LayerCall(128, 8, 4, 8), x)

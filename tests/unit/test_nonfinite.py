@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from viditq_diffusers import ViDiTQLinear
-from viditq_diffusers.kernels import ROUTE_NAMES, LayerCall, cpu_amx, cpu_build, select_route, triton_available
+from viditq_diffusers.kernels import (ROUTE_NAMES, LayerCall, cpu_amx, cpu_build, cpu_vnni, select_route,
+                                      triton_available)
 from viditq_diffusers.kernels.cpu_flags import cpu_model_and_flags
 from viditq_diffusers.layer_spec import LayerSpec
 from viditq_diffusers.quant.formats import quantize_activation_per_token, quantize_activation_static
@@ -103,8 +104,9 @@ def test_every_route_that_can_run_here_is_exercised():
                 for groups in (1, 2):
                     reached.update(runnable_routes(LayerCall(K, N, bits, 8, groups, not symmetric, static)))
     missing = set(ROUTE_NAMES) - reached
-    assert missing <= {"cpu_amx", "triton"}, missing
+    assert missing <= {"cpu_amx", "cpu_vnni", "triton"}, missing
     assert "cpu_amx" not in missing or not cpu_amx.available()
+    assert "cpu_vnni" not in missing or not cpu_vnni.available()
     assert "triton" not in missing or not triton_available() or os.environ.get("TRITON_INTERPRET") != "1"
 
 

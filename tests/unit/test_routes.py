@@ -14,15 +14,15 @@ import pytest
 import torch
 
 from viditq_diffusers import LayerSpec, ViDiTQConfig, ViDiTQLinear, cli, kernels
-from viditq_diffusers.kernels import (ROUTE_NAMES, LayerCall, cpu_amx, cpu_build, cpu_int16, explain, onednn,
-                                      route, select_route)
+from viditq_diffusers.kernels import (ROUTE_NAMES, LayerCall, cpu_amx, cpu_build, cpu_int16, cpu_vnni, explain,
+                                      onednn, route, select_route)
 from viditq_diffusers.kernels.routes import FORCED
 from viditq_diffusers.testing.zoo import build_tiny_pixart_pipeline
 from tests.support.quantized_weights import random_weights
 
 VNNI_NO_AMX = (cpu_build.unsupported_reason() is None and onednn.available() and onednn.exact_for(8)
-               and not cpu_amx.cpu_has_amx())
-this_cpu = pytest.mark.skipif(not VNNI_NO_AMX, reason="expects x86 with AVX2, oneDNN exact for W8 (VNNI), no AMX")
+               and cpu_vnni.cpu_has_vnni() and not cpu_amx.cpu_has_amx())
+this_cpu = pytest.mark.skipif(not VNNI_NO_AMX, reason="expects x86 with AVX-512 VNNI (oneDNN exact for W8), no AMX")
 
 W8 = LayerCall(1152, 1152, 8, 8, asymmetric=True)  # the default W8A8 layer
 W4 = LayerCall(1152, 1152, 4, 8, asymmetric=True)
@@ -33,7 +33,7 @@ def name(layer, x):
 
 
 def test_the_table_is_ordered_fastest_first():
-    assert ROUTE_NAMES == ("triton", "cpu_amx", "cpu_direct", "cpu_int16", "cpu_group", "onednn_direct",
+    assert ROUTE_NAMES == ("triton", "cpu_amx", "cpu_vnni", "cpu_direct", "cpu_int16", "cpu_group", "onednn_direct",
                            "onednn_split", "torch")
     with pytest.raises(ValueError, match="the routes are triton, cpu_amx"):
         route("cuda")
@@ -61,7 +61,7 @@ def test_group_wise_weights_on_cpu_take_the_group_kernel():
     x = torch.randn(256, 1152)
     layer = LayerCall(1152, 1152, 4, 8, groups=1152 // 64, asymmetric=True)
     assert layer.label == "W4A8-g64"
-    for n in ("cpu_amx", "cpu_direct", "cpu_int16", "onednn_direct", "onednn_split"):
+    for n in ("cpu_amx", "cpu_vnni", "cpu_direct", "cpu_int16", "onednn_direct", "onednn_split"):
         assert route(n).applies(layer, x) == "group-wise weights"
     kernels.warmup(verbose=False)  # loads the int16 kernel on every x86 CPU with AVX2
     if cpu_build.unsupported_reason() is None:
@@ -85,7 +85,7 @@ def test_static_activation_scales_skip_the_per_token_kernels():
     x = torch.randn(256, 1152)
     layer = LayerCall(1152, 1152, 8, 8, asymmetric=True, static_act_scale=True)
     reasons = dict(explain(layer, x))
-    for n in ("cpu_amx", "cpu_direct", "cpu_int16"):
+    for n in ("cpu_amx", "cpu_vnni", "cpu_direct", "cpu_int16"):
         assert "static activation scale" in reasons[n]
     assert name(layer, x) in (("onednn_split", "onednn_direct") if onednn.available() else ("torch",))
 
@@ -105,8 +105,10 @@ def test_cuda_routes():
 @this_cpu
 def test_this_cpu_routes():
     x = torch.randn(256, 1152)
-    assert name(W8, x) == "cpu_direct" and name(W4, x) == "cpu_direct"
-    assert dict(explain(W8, x)) == {"triton": "not a CUDA tensor", "cpu_amx": "no AMX on this CPU", "cpu_direct": None}
+    kernels.warmup(verbose=False)
+    assert name(W8, x) == "cpu_vnni" and name(W4, x) == "cpu_vnni"
+    assert dict(explain(W8, x)) == {"triton": "not a CUDA tensor", "cpu_amx": "no AMX on this CPU", "cpu_vnni": None}
+    assert route("cpu_direct").applies(W8, x) is None  # the next route, where the VNNI kernel is not built
     assert route("cpu_int16").applies(W8, x) == "oneDNN's direct int8 GEMM is exact for W8 on this CPU, and faster"
     static = LayerCall(1152, 1152, 8, 8, asymmetric=True, static_act_scale=True)
     assert name(static, x) == "onednn_split"  # code - zero does not fit int8
@@ -178,7 +180,7 @@ def test_info_kernels_on_a_saved_checkpoint(tmp_path, capsys):
     if routes["device"] == "cpu":
         assert all(row["skipped"]["triton"] == "not a CUDA tensor" for row in rows.values())
     if VNNI_NO_AMX:
-        assert {row["route"] for row in rows.values()} == {"cpu_direct"}
+        assert {row["route"] for row in rows.values()} == {"cpu_vnni"}
     assert cli.main(["info", "--kernels", str(tmp_path / "q")]) == 0
     text = capsys.readouterr().out
     assert f"kernel routes on this machine ({routes['device']}, float32 input of 256 tokens)" in text

@@ -6,6 +6,8 @@ gives the torch route's bits:
 - `triton`: CUDA tensors, A8 with per-token scales, 17 tokens or more, group sizes that are multiples of 64:
   the fused Triton kernels (`triton_quant`, smoothing and rotation included, + `triton_gemm`);
 - `cpu_amx`: CPU, A8 per token, per-channel weights, Intel CPUs with AMX: our AMX int8 GEMM, epilogue fused;
+- `cpu_vnni`: the same on x86 CPUs with AVX-512 VNNI (and no AMX, or tiles the OS refuses): our `vpdpbusd` int8
+  GEMM, quantization and epilogue fused;
 - `cpu_direct`: the same where oneDNN's direct int8 GEMM is exact (W4 everywhere, W8 on x86 with VNNI or
   AMX): that GEMM between our C++ quantization and zero-point epilogue;
 - `cpu_int16`: the same for W8 where oneDNN's direct GEMM is not exact (x86 without VNNI): our int16 kernel;
@@ -37,7 +39,7 @@ from __future__ import annotations
 import sys
 import threading
 
-from . import cpu_amx, cpu_balance, cpu_build, cpu_direct, cpu_int16, onednn
+from . import cpu_amx, cpu_balance, cpu_build, cpu_direct, cpu_int16, cpu_vnni, onednn
 from .routes import (ROUTE_NAMES, ROUTES, LayerCall, Route, balance_reason, explain, fast_kernels_allowed,
                      linear_triton, log_route, log_routes_enabled, route, select_route,
                      triton_available)
@@ -55,6 +57,8 @@ def warmup(verbose: bool = True) -> dict[str, str | None]:
     with _warm_lock:
         # cpu_int16 on every x86 CPU: group-wise weights run on it (route cpu_group), and W8 where oneDNN saturates
         wanted = [cpu_direct, cpu_int16, cpu_balance] if onednn.exact_for(4) else [cpu_int16, cpu_balance]
+        if cpu_vnni.cpu_has_vnni():
+            wanted.insert(0, cpu_vnni)
         if cpu_amx.cpu_has_amx():
             wanted.insert(0, cpu_amx)
         if cpu_build.unsupported_reason() is None:
@@ -65,7 +69,7 @@ def warmup(verbose: bool = True) -> dict[str, str | None]:
             for module in wanted:
                 module.build()
         _warm = True
-    reasons = {m.NAME: m.missing_reason() for m in (cpu_amx, cpu_direct, cpu_int16, cpu_balance)}
+    reasons = {m.NAME: m.missing_reason() for m in (cpu_amx, cpu_vnni, cpu_direct, cpu_int16, cpu_balance)}
     if cpu_direct not in wanted and reasons[cpu_direct.NAME]:
         reasons[cpu_direct.NAME] = "not used: this torch build has no oneDNN int8 ops"
     return reasons

@@ -1,5 +1,5 @@
-"""Building the C++ CPU kernels (`cpu_int16.cpp`, `cpu_direct.cpp`, `cpu_amx.cpp`, `cpu_balance.cpp`) with
-`torch.utils.cpp_extension`, when `kernels.warmup()` asks for them.
+"""Building the C++ CPU kernels (`cpu_int16.cpp`, `cpu_direct.cpp`, `cpu_vnni.cpp`, `cpu_amx.cpp`, `cpu_balance.cpp`)
+with `torch.utils.cpp_extension`, when `kernels.warmup()` asks for them.
 
 Each is compiled once per machine, torch install and checkout (about a minute) into its own folder under
 `~/.cache/viditq_diffusers/kernels` (or `$VIDITQ_KERNEL_CACHE`); later warmups only load it. Needs a C++

@@ -28,7 +28,7 @@ import torch
 from ..layer_spec import LayerSpec, precision_label
 from ..quant.channel_balance import balance_activation_kernel_order
 from ..quant.formats import unpack_int4
-from . import cpu_amx, cpu_balance, cpu_direct, cpu_int16, onednn
+from . import cpu_amx, cpu_balance, cpu_direct, cpu_int16, cpu_vnni, onednn
 from .torch_ops import linear_int, linear_weight_only, quantize_activations
 
 MIN_TRITON_ROWS = 17  # below this the GEMM is launch-bound and the torch route is as fast
@@ -160,6 +160,10 @@ def cpu_amx_reason(layer: LayerCall, x: torch.Tensor) -> str | None:
     return _cpu_int8_reason(layer, x) or cpu_amx.missing_reason()
 
 
+def cpu_vnni_reason(layer: LayerCall, x: torch.Tensor) -> str | None:
+    return _cpu_int8_reason(layer, x) or cpu_vnni.missing_reason()
+
+
 def cpu_direct_reason(layer: LayerCall, x: torch.Tensor) -> str | None:
     reason = _cpu_int8_reason(layer, x)
     if reason:
@@ -275,6 +279,10 @@ def _run_cpu_amx(x, qweight, weight_bits, scale, zero, bias, act_bits, act_scale
     return cpu_amx.linear_amx(balanced(x, smooth, rotation_seed), qweight, weight_bits, scale, zero, bias)
 
 
+def _run_cpu_vnni(x, qweight, weight_bits, scale, zero, bias, act_bits, act_scale, smooth, rotation_seed):
+    return cpu_vnni.linear_vnni(balanced(x, smooth, rotation_seed), qweight, weight_bits, scale, zero, bias)
+
+
 def _run_cpu_direct(x, qweight, weight_bits, scale, zero, bias, act_bits, act_scale, smooth, rotation_seed):
     return cpu_direct.linear_direct(balanced(x, smooth, rotation_seed), qweight, weight_bits, scale, zero, bias)
 
@@ -306,6 +314,7 @@ def _run_torch(x, qweight, weight_bits, scale, zero, bias, act_bits, act_scale, 
 ROUTES: tuple[Route, ...] = (  # fastest first
     Route("triton", triton_reason, _run_triton),
     Route("cpu_amx", cpu_amx_reason, _run_cpu_amx),
+    Route("cpu_vnni", cpu_vnni_reason, _run_cpu_vnni),  # AVX-512 VNNI CPUs; on AMX ones where the tiles are refused
     Route("cpu_direct", cpu_direct_reason, _run_cpu_direct),
     Route("cpu_int16", cpu_int16_reason, _run_cpu_int16),
     Route("cpu_group", cpu_group_reason, _run_cpu_group),  # group-wise weights, on the int16 kernel's GEMM
