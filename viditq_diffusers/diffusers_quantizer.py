@@ -35,6 +35,7 @@ from .convert import (freeze_quantized_layers, own_aligned_memory, quantized_lay
                       resolve_plan, set_submodule, stored_tensor_problems)
 from .footprint import num_parameters
 from .fuse_qkv import fused_layers, install as install_qkv_fusion
+from .load_memory import HeapTrim, release_file_pages
 from .timestep_clock import install_clock
 from .hub import attach, detach
 from .nn import ViDiTQLinear
@@ -114,6 +115,7 @@ class ViDiTQQuantizer(Capabilities, DiffusersQuantizer):
             config.plan = resolve_plan(model, config)
             self.model = model  # for maybe_update_state_dict, which diffusers does not pass it
             self.progress = tqdm(total=len(self.plan_layers), desc="Quantizing", unit="layer", disable=None)
+            self.heap = HeapTrim()
             return model
         if config.plan is None:
             raise ValueError(
@@ -168,6 +170,9 @@ class ViDiTQQuantizer(Capabilities, DiffusersQuantizer):
         old = model.get_submodule(name)
         weight = param_value.to(target_device)
         layer = quantized_layer(name, weight, None, self.plan_layers[name], self.quantization_config)
+        # read once: neither its pages of the mapped checkpoint nor the freed temporaries need stay resident
+        release_file_pages(param_value)
+        self.heap.quantized(param_value)
         self.plan_layers[name] = layer.spec  # decided: config.json records what the weight decided
         layer.bias = old.bias  # loaded already, or still on meta and filled by the loader later
         set_submodule(model, name, layer)
@@ -220,6 +225,7 @@ class ViDiTQQuantizer(Capabilities, DiffusersQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if getattr(self, "progress", None) is not None:
             self.progress.close()
+            self.heap.close()
         self.model = None  # the model holds this quantizer: no cycle
         leftovers = [name for name in self.plan_layers if not isinstance(model.get_submodule(name), ViDiTQLinear)]
         if leftovers:

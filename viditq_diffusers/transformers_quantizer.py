@@ -4,8 +4,8 @@
 loader (transformers >= 5), with the plan and the layers of the diffusers path (`convert.py`):
 - floating-point checkpoint + `ViDiTQConfig`: the plan is built on the meta-device model (which linears:
   `text_encoders.py`); transformers hands each planned weight to `ViDiTQQuantize` the moment it is read, which
-  swaps the layer for a `ViDiTQLinear`, so no float copy of a planned layer is kept (the peak while loading is
-  still about the FP model's size: benchmarks/RESULTS.md, `pipeline_memory.py`);
+  swaps the layer for a `ViDiTQLinear`, so no float copy of a planned layer is kept, and the weight's pages of the
+  mapped checkpoint file are handed back (`load_memory.py`): the peak while loading stays near the quantized size;
 - pre-quantized checkpoint (`config.json` carries the plan): the planned layers are built empty on the meta
   device and the integer codes and scales load into them as they are.
 """
@@ -28,6 +28,7 @@ from .convert import (freeze_quantized_layers, own_aligned_memory, quantized_lay
                       resolve_plan, set_submodule, stored_tensor_problems)
 from .device_maps import offloads
 from .diffusers_quantizer import PLAN_METADATA_KEY, SAFETENSORS_METADATA, Capabilities, recorded_plan_layers
+from .load_memory import HeapTrim, release_file_pages
 from .nn import ViDiTQLinear
 from .plan import plan_to_json, validate_plan
 from .text_encoders import is_text_encoder, unsupported_text_encoder
@@ -57,6 +58,7 @@ class ViDiTQHfQuantizer(Capabilities, HfQuantizer):
         # leaves the precision to the model's default gives this encoder weight-only W8A16.
         super().__init__(copy.deepcopy(quantization_config).for_text_encoder(), **kwargs)
         self.progress = None
+        self.heap = HeapTrim()
 
     @property
     def plan_layers(self) -> dict:
@@ -68,7 +70,9 @@ class ViDiTQHfQuantizer(Capabilities, HfQuantizer):
                              f"support for transformers text encoders yet; load without device_map (or with "
                              f"device_map={{'': 'cpu'}} or a single accelerator) and move the model afterwards.")
 
-    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+    def check_model(self, model) -> None:
+        """Refuse a class without a text-encoder entry (unless the config has a plan) and the denoiser's
+        mixed-precision preset, with the fix."""
         config = self.quantization_config
         name = type(model).__name__
         if config.plan is None and not is_text_encoder(name):
@@ -77,6 +81,10 @@ class ViDiTQHfQuantizer(Capabilities, HfQuantizer):
             raise ValueError(f"preset {config.preset!r} is the denoiser's mixed precision (W8 for its FFNs and first "
                              f"and last blocks); it has no rule for {name}. Use 'w8a16' (the text-encoder default), "
                              f"'w4a16' with group_size=... or 'w8a8'.")
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        config = self.quantization_config
+        self.check_model(model)
         if not self.pre_quantized:
             config.plan = resolve_plan(model, config)
             self.progress = tqdm(total=len(self.plan_layers), desc="Quantizing", unit="layer", disable=None)
@@ -108,6 +116,9 @@ class ViDiTQHfQuantizer(Capabilities, HfQuantizer):
         self.plan_layers[name] = layer.spec  # decided: config.json records what the weight decided
         layer.bias = old.bias  # loaded already, or still on meta and set by the loader later
         set_submodule(model, name, layer)
+        # read once: neither its pages of the mapped checkpoint nor the freed temporaries need stay resident
+        release_file_pages(weight)
+        self.heap.quantized(weight)
         if self.progress is not None:
             self.progress.update()
 
@@ -115,6 +126,7 @@ class ViDiTQHfQuantizer(Capabilities, HfQuantizer):
         if self.progress is not None:
             self.progress.close()
             self.progress = None
+        self.heap.close()
         leftovers = [name for name in self.plan_layers if not isinstance(model.get_submodule(name), ViDiTQLinear)]
         if leftovers:
             raise ValueError(f"{len(leftovers)} planned layer(s) got no weight from the checkpoint (e.g. "

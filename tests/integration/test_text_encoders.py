@@ -348,3 +348,22 @@ def test_pipeline_components_naming_a_tokenizer_is_refused(tiny_pipeline):
     with pytest.raises(ValueError, match=r"\['tokenizer'\].*not a diffusers model or a supported text encoder"):
         DiffusionPipeline.from_pretrained(tiny_pipeline,
                                           quantization_config=ViDiTQConfig(components=["transformer", "tokenizer"]))
+
+
+def test_quantize_on_a_loaded_encoder_equals_quantize_as_load_and_saves(fp_checkpoints, tmp_path):
+    """`viditq_diffusers.quantize` on an encoder already in memory: the encoder default (W8A16) as on load, the
+    same outputs bit for bit, the caller's config untouched, and a save that reloads without the config."""
+    folder = fp_checkpoints["T5EncoderModel"]
+    config = ViDiTQConfig()
+    model = viditq_diffusers.quantize(transformers.T5EncoderModel.from_pretrained(folder).eval(), config)
+    loaded = transformers.T5EncoderModel.from_pretrained(folder, quantization_config=ViDiTQConfig()).eval()
+    assert config.plan is None and precisions(model) == {(8, 16)}
+    assert torch.equal(encode(model, tokens()), encode(loaded, tokens()))
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["preset"] == "w8a16"
+    assert torch.equal(encode(transformers.T5EncoderModel.from_pretrained(tmp_path).eval(), tokens()),
+                       encode(model, tokens()))
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                                          num_hidden_layers=1, num_attention_heads=4))
+    with pytest.raises(ValueError, match="BertModel.*supported transformers text encoders"):
+        viditq_diffusers.quantize(bert, ViDiTQConfig())

@@ -3,7 +3,8 @@
 level  modules                                   why there
  0     quant/*, architectures, atomic, jsonio,   pure math and helpers (torch, files, a pipeline call, argument
        metrics, evaluation, checks, layer_spec,  checks, accelerate device maps, single-file key layouts), and the
-       device_maps, text_encoders, single_file   plan entry type: no other module of this package
+       device_maps, text_encoders, single_file,  plan entry type, releasing mapped checkpoint pages: no other
+       load_memory                              module of this package
  1     kernels/*                                 integer GEMMs and fused quantizers; need only quant and LayerSpec
  2     nn                                        ViDiTQLinear, the quantized layer; runs on the kernels
  3     footprint, timestep_clock, lora, roles,   read or extend ViDiTQLinear layers, name a model's layers (roles,
@@ -40,7 +41,7 @@ LEVELS = {
     "viditq_diffusers.quant": 0, "viditq_diffusers.architectures": 0, "viditq_diffusers.atomic": 0,
     "viditq_diffusers.jsonio": 0, "viditq_diffusers.metrics": 0, "viditq_diffusers.evaluation": 0,
     "viditq_diffusers.layer_spec": 0, "viditq_diffusers.checks": 0, "viditq_diffusers.device_maps": 0,
-    "viditq_diffusers.text_encoders": 0, "viditq_diffusers.single_file": 0,
+    "viditq_diffusers.text_encoders": 0, "viditq_diffusers.single_file": 0, "viditq_diffusers.load_memory": 0,
     "viditq_diffusers.kernels": 1,
     "viditq_diffusers.nn": 2,
     "viditq_diffusers.footprint": 3, "viditq_diffusers.timestep_clock": 3, "viditq_diffusers.lora": 3,
