@@ -21,7 +21,8 @@ W8A16, transformer W8A8) and W4 (text encoders W4A16 group 64, transformer W4A8)
 row. T5's feed-forward output `wo` (a fifth of its block weights) is quantized weight-only in every encoder preset and
 computes in the dtype transformers gives it: its activations, which overflow fp16, are never quantized. Goals
 (PixArt-Sigma-sized): whole W8 <= 0.55x FP16, whole W4 <= 0.32x, and the peak RSS while loading a quantized row at
-most its quantized bytes + 1.5 GB (`viditq_diffusers/load_memory.py` keeps it there). At reduced sizes (the flags below) the FP-kept VAE and embeddings weigh relatively more: the ratio goals do not hold.
+most its quantized bytes + 1.5 GB (`viditq_diffusers/load_memory.py` keeps it there). At reduced sizes (the flags
+below) the FP-kept VAE and embeddings weigh relatively more: the ratio goals do not hold.
 
     python -m benchmarks.pipeline_memory [--cache DIR] [--rows fp16 transformer_w8a8 w8 w4]
         [--t5-layers 24] [--t5-width 4096] [--transformer-layers 28] [--transformer-heads 16]
