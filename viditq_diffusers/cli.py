@@ -400,17 +400,20 @@ def cmd_calibrate(args) -> None:
     check_output_file(args.out)  # before the run, not after it
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     pipe = DiffusionPipeline.from_pretrained(args.pipeline).to(state.device)
-    call = pipeline_call(pipe, args)
     seeds = [args.seed + i for i in range(len(prompts))]
-    stats = calibrate(pipe, prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, seeds=seeds,
-                      timestep_buckets=args.buckets, **call)
+    if args.component == "transformer":
+        stats = calibrate(pipe, prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, seeds=seeds,
+                          timestep_buckets=args.buckets, **pipeline_call(pipe, args))
+        runs = f"{len(prompts)} prompts x {args.steps} steps, {args.buckets} timestep buckets"
+    else:  # a text encoder runs once per prompt: no steps, buckets or image size
+        stats = calibrate(pipe, prompts, seeds=seeds, component=args.component)
+        runs = f"{len(prompts)} prompts"
     if not state.is_main_process:
         return
     stats.save(args.out)
     ratios = stats.outlier_ratio()
     worst = max(ratios, key=ratios.get)
-    print(f"calibrated {stats.model_class}: {len(stats.layers)} layers, {len(prompts)} prompts x {args.steps} steps, "
-          f"{args.buckets} timestep buckets")
+    print(f"calibrated {stats.model_class}: {len(stats.layers)} layers, {runs}")
     print(f"max outlier ratio (max / median input channel absmax): {ratios[worst]:.1f}x in {worst}")
     print(f"saved to {args.out}")
 
@@ -592,6 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prompts", required=True, help="text file, one calibration prompt per line")
     c.add_argument("--out", required=True, help="where to write the statistics (.safetensors)")
     c.add_argument("--buckets", type=integer(1, MAX_STEPS), default=4, help="timestep buckets")
+    c.add_argument("--component", default="transformer",
+                   help="the component to record: the denoiser (default) or a text encoder ('text_encoder', "
+                        "'text_encoder_2', ...), whose statistics serve ViDiTQConfig('w8a8', calibration=...) on it")
     add_generation_args(c)
     c.set_defaults(func=cmd_calibrate)
     parser.commands = sub.choices  # so that main() reports an unknown option under its command's name

@@ -83,3 +83,13 @@ def test_calibrate_writes_statistics(tmp_path):
                         check=False)
         assert result.returncode == 1 and message in result.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+    # the pipeline's text encoder, once per prompt, keyed by its own layer names
+    out = viditq("calibrate", src, "--prompts", tmp_path / "prompts.txt", "--out", tmp_path / "t5.safetensors",
+                 "--component", "text_encoder").stdout
+    assert "calibrated T5EncoderModel:" in out and "2 prompts\n" in out
+    encoder = CalibrationStats.load(tmp_path / "t5.safetensors")
+    assert encoder.model_class == "T5EncoderModel" and all(n.startswith("encoder.block.") for n in encoder.layers)
+    result = viditq("calibrate", src, "--prompts", tmp_path / "prompts.txt", "--out", tmp_path / "y.safetensors",
+                    "--component", "tokenizer", check=False)
+    assert result.returncode == 1 and "tokenizer" in result.stderr and not (tmp_path / "y.safetensors").exists()
