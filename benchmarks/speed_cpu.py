@@ -1,27 +1,34 @@
 """CPU forward latency of the PixArt-alpha 512 transformer: fp32, bf16, our W8A8 / W4A8, and the peers.
 
 One forward = batch 2 (CFG), latent 32x32 (256 image tokens), 120 T5 tokens (4096 channels), timestep [2].
-Each variant is built (random init, seed 0), quantized from fp32 where it is quantized, and run once (it
-compiles, for compiled variants, and packs weights); then all are timed together in N interleaved rounds (each
-round runs every variant once, under `torch.inference_mode()`, with torch threads = the cores this process may
-use) and the median per variant is reported: a slower phase of a shared machine slows every variant alike.
-Every row also shows the
-weight bytes as stored and the PSNR of its output against the fp32 output (data range = the fp32 output's).
+Each variant lives in a worker process of its own (`variant_worker.py`): it is built there (random init, seed 0),
+quantized from fp32 where it is quantized, and run once (it compiles, for compiled variants, and packs weights),
+then it waits; the builds run one at a time. The parent times the variants in N interleaved rounds: each round asks
+every variant for one forward, one after the other (timed in the worker, under `torch.inference_mode()`, with torch
+threads = the cores this process may use), and the median per variant is reported: a slower phase of a shared
+machine slows every variant alike. Every variant held at once would not fit a 24 GB machine (a worker holds its
+model plus about 0.5 GB of torch and diffusers), so the fp32 and bf16 baselines stay for the whole run and the
+other variants come in groups, as many as fit in `--max-rss-gib` (and in the memory available), each group timed
+with the baselines and then ended: a variant's speed-ups are against the baselines' medians in its own group's
+rounds. Every row also shows the weight bytes as stored and the PSNR of its output against the fp32 output (data
+range = the fp32 output's). A worker that fails, to build or later, is a row that says why.
 
 The W4A8-MP rows: the `w4a8_mp` preset (the paper's heuristic: W8 FFNs and first / last blocks), and the searched
 plans that ship with the image pipeline, mapped onto this model by role and block depth (`plan_mapping.py`).
 Their smoothed layers, and the calibrated default's recipe search (smoothing / rotation per layer, the default
 with statistics), take statistics from `viditq_diffusers.calibrate` on the benchmark inputs at four timesteps,
-as a user calibrates before quantizing. The search costs 10-20 s per layer on 2 cores (about an hour at 28
+as a user calibrates before quantizing (once a run: the first worker that needs them saves them for the others).
+The search costs 10-20 s per layer on 2 cores (about an hour at 28
 blocks): `--recipes FILE` saves its decided plan once and reuses it. At 28 blocks the default is the plan it
 decided on 2026-12-07 (`recipes/pixart_alpha_calibrated_default.plan.json`, 5 of 280 layers rotated); pass
 `--recipes NEW.json` to search again. After the table, each quantized variant's
 layers are counted per kernel route (`kernels/routes.py`) and channel-balancing path: where its time goes.
-Every variant stays in memory until the end; the heap pages freed while one is quantized are handed back before
-the next is built, and the peak RSS is printed last.
+The peak RSS printed last is that of the whole benchmark: this process and its workers, summed (sampled every
+0.1 s, and each build's own peak added to what the others held then).
 
 Peers (`pip install -e ".[bench]"`, never imported by the package): see `peers.py`. A peer that is not
-installed or fails is listed with the reason instead of a time.
+installed or fails is listed with the reason instead of a time. Compiled variants compile with one inductor
+process (`TORCHINDUCTOR_COMPILE_THREADS=1`): a pool of compile processes would stay resident beside each.
 
 A GEMM table follows at the DiT shapes (M = 512 tokens; K, N in 1152 / 4608): the float matmuls, the integer
 kernels with their operands already quantized, and the whole quantized linear (activation quantization,
@@ -29,8 +36,8 @@ GEMM, epilogue) as the dispatch runs it, per channel and group-wise (W4A8 with g
 group-wise kernel called directly). The CPU's int8-relevant flags are printed first: they decide which
 integer kernels are fast, and exact, here (`viditq_diffusers/kernels/onednn.py`).
 
-    python -m benchmarks.speed_cpu [--layers 28] [--repeats 5] [--no-peers] [--skip g64 compile]
-        [--recipes recipes/pixart_alpha_calibrated_default.plan.json]
+    python -m benchmarks.speed_cpu [--layers 28] [--repeats 5] [--no-peers] [--skip g64 compile] [--only W4A8]
+        [--recipes recipes/pixart_alpha_calibrated_default.plan.json] [--max-rss-gib 14]
 """
 
 from __future__ import annotations
