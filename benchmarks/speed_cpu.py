@@ -290,19 +290,20 @@ def run_variants(labels: list[str], layers: int, rounds: int, recipes: str | Non
 
         try:
             for label in BASELINES:
-                alive[label] = start(label)
-                if alive[label] is None:
+                worker = start(label)
+                if worker is None:
                     raise SystemExit(f"speed_cpu: the {label} baseline failed ({rows[label]}): no speed-ups")
-            baselines = dict(alive)
+                alive[label] = worker
+            baselines = dict(alive)  # the groups' workers come and go in `alive`, so that they are ended on errors
             pending, group_number = [label for label in labels if label not in BASELINES], 0
             while pending or group_number == 0:
                 group_number += 1
                 group = {}
                 while pending and (not group or fits(max(b["peak_rss"] for b in built.values()), max_rss, peak)):
                     label = pending.pop(0)
-                    worker = alive[label] = start(label)
+                    worker = start(label)
                     if worker is not None:
-                        group[label] = worker
+                        alive[label] = group[label] = worker
                 if not group and group_number > 1:
                     break  # the last ones failed to build: nothing left to time
                 print(f"group {group_number}: timing {len(group)} variants and the 2 baselines in {rounds} "
@@ -321,8 +322,7 @@ def run_variants(labels: list[str], layers: int, rounds: int, recipes: str | Non
                     alive.pop(label).close()
         finally:
             for worker in alive.values():
-                if worker is not None:
-                    worker.close()
+                worker.close()
         for label in BASELINES:
             median = statistics.median(times[label])
             rows[label] = (median, statistics.median(times["fp32 eager"]) / median,
