@@ -62,7 +62,7 @@ def quanto_w8a8(model: torch.nn.Module, calib_kwargs: dict | None = None) -> tor
     from optimum.quanto import Calibration, freeze, qint8, quantize
 
     if calib_kwargs is None:
-        from pixart_alpha import inputs
+        from benchmarks.pixart_alpha import inputs
 
         calib_kwargs = inputs(torch.float32)
     quantize(model, weights=qint8, activations=qint8)

@@ -1,6 +1,13 @@
 """benchmarks/speed_cpu.py's W4A8-MP and calibrated-default rows, their route counts and the group-wise GEMM rows,
 run at a tiny size: a 2-block PixArt transformer of hidden 64 (a Hadamard order, and a multiple of the plans'
-group size 64) stands in for the 28-block, hidden-1152 one."""
+group size 64) stands in for the 28-block, hidden-1152 one. Then the run itself at 1 block: each variant in a worker
+process of its own, in groups, with rows for the variants that fail, and the peak RSS of all processes summed."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -9,6 +16,8 @@ from diffusers import PixArtTransformer2DModel
 from benchmarks import speed_cpu
 from benchmarks.pixart_alpha import CONFIG
 from benchmarks.plan_mapping import shipped_plan_mapped
+from benchmarks.tree_rss import PeakTreeRss, tree_rss_bytes
+from benchmarks.variant_worker import VariantWorker
 from viditq_diffusers import ViDiTQLinear
 from viditq_diffusers.kernels import cpu_int16
 
@@ -109,3 +118,64 @@ def test_the_printed_cpu_flags_are_among_those_the_cpu_description_reports():
     from viditq_diffusers.kernels.cpu_flags import ROUTE_FLAGS
 
     assert set(speed_cpu.FLAGS) <= set(ROUTE_FLAGS)  # cpu_info marks a flag it was never told about as missing
+
+
+TORCHAO = "torchao int8 dyn-act/int8-weight (eager)"
+
+
+@pytest.mark.slow
+def test_a_one_block_run_in_worker_processes_one_variant_a_group(capsys):
+    labels = ["fp32 eager", "bf16 eager", "ViDiT-Q W8A8", TORCHAO, "no such variant", "ViDiT-Q W4A8"]
+    with PeakTreeRss() as peak:  # max_rss 0: every group holds one variant (and the two baselines)
+        rows, routes = speed_cpu.run_variants(labels, layers=1, rounds=2, recipes=None, peak=peak, threads=1,
+                                              max_rss=0)
+    speed_cpu.print_variant_table(rows, routes)
+    print(speed_cpu.peak_line(peak.bytes))
+    out = capsys.readouterr().out
+    assert list(rows) == labels
+    assert out.count("interleaved rounds") == 2  # W8A8, then W4A8: one group each
+    fp32_seconds, vs_fp32, _, fp32_bytes, fp32_psnr = rows["fp32 eager"]
+    assert fp32_seconds > 0 and vs_fp32 == 1 and fp32_psnr == float("inf") and fp32_bytes > 0
+    for label in ("bf16 eager", "ViDiT-Q W8A8", "ViDiT-Q W4A8"):
+        seconds, vs_fp32, vs_bf16, nbytes, quality = rows[label]
+        assert seconds > 0 and vs_fp32 > 0 and vs_bf16 > 0 and 0 < nbytes < fp32_bytes and 30 < quality < 200
+    assert set(routes) == {"ViDiT-Q W8A8", "ViDiT-Q W4A8"} and "W4A8 -> " in routes["ViDiT-Q W4A8"]
+    assert rows["no such variant"] == "KeyError: 'no such variant'"
+    if importlib.util.find_spec("torchao") is None:  # the dev install: the peer's row says why it has no time
+        assert rows[TORCHAO] == "ModuleNotFoundError: No module named 'torchao'"
+        assert f"| {TORCHAO} | failed: ModuleNotFoundError: No module named 'torchao' | | | | |" in out
+    else:
+        assert rows[TORCHAO][0] > 0
+    # three workers at a time (the baselines and one variant), each with torch imported: more than 1 GiB together
+    assert 1 < peak.bytes / 2**30 < 8
+    assert f"peak RSS: {peak.bytes / 2**30:.1f} GiB (this process and its variant workers together" in out
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_while_timed_becomes_a_row(tmp_path):
+    worker = VariantWorker("bf16 eager", 1, None, 1, str(tmp_path), 0)
+    try:
+        assert worker.built()["nbytes"] > 0 and worker.run() > 0
+        worker.process.kill()
+        rows = {}
+        assert speed_cpu.time_interleaved({"bf16 eager": worker}, 2, rows) == {}
+        assert rows == {"bf16 eager": "while timed: killed by signal 9 (out of memory?)"}
+    finally:
+        worker.close()
+
+
+def test_the_tree_rss_sums_the_children():
+    hold = "b = bytearray(300 * 2**20); print(flush=True); import time; time.sleep(60)"  # 300 MiB, resident
+    children = [subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE) for _ in range(2)]
+    try:
+        for child in children:
+            child.stdout.readline()  # allocated
+        alone = tree_rss_bytes(os.getpid()) - sum(tree_rss_bytes(c.pid) for c in children)
+        assert tree_rss_bytes() >= alone + 2 * 300 * 2**20
+        with PeakTreeRss(interval=0.01) as peak:
+            time.sleep(0.05)
+        assert peak.bytes >= alone + 2 * 300 * 2**20
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
