@@ -1,17 +1,18 @@
 """Where one forward's time goes, per op category: bf16 eager, W8A8 eager and W8A8 + torch.compile.
 
-The PixArt-alpha 512 transformer (`pixart_alpha.py`: random init, seed 0, bf16) is built once, profiled in bf16,
-quantized W8A8 in place (`ViDiTQConfig("w8a8")`: attention, norms, GELU, the caption projection and the timestep
-embedding stay bf16, as in `speed_cpu.py`'s "(bf16 activations)" row), profiled eager, then compiled
-(`torch.compile(fullgraph=True)`) and profiled again. One forward = batch 2, 256 image tokens, 120 T5 tokens.
+The PixArt-alpha 512 transformer (`pixart_alpha.py`: random init, seed 0, bf16) is built once; a copy is quantized
+W8A8 (`ViDiTQConfig("w8a8")`: attention, norms, GELU, the caption projection and the timestep embedding stay bf16,
+as in `speed_cpu.py`'s "(bf16 activations)" row) and run eager and compiled (`torch.compile(fullgraph=True)` of
+the same layers). One forward = batch 2, 256 image tokens, 120 T5 tokens.
 
 Each forward runs under `torch.profiler` (CPU, record_shapes off) on 1 thread, so that other processes on a shared
 machine distort less. An op's self CPU time goes to the category of its OUTERMOST categorized op (the `aten::addmm`
 under `aten::linear` is a float linear, the `aten::copy_` under `viditq::linear` a quantized linear); time spent
-outside every op (Python, module calls, the dispatcher before the first op) is "outside ops". Per category the
-median over the repeats is shown; the total is the median profiled wall time, and "unprofiled" the median wall
-time of the same forward without the profiler. Inductor's generated kernels are named by its kernel profiling
-(`cpp.enable_kernel_profile`) and counted as "compiled fused kernels".
+outside every op (Python, module calls, the dispatcher before the first op) is "outside ops". Inductor's generated
+kernels are named by its kernel profiling (`cpp.enable_kernel_profile`) and counted as "compiled fused kernels".
+The variants run in interleaved rounds (each round: every variant once profiled, once not); per category the median
+over the rounds is shown, the total is the sum of those medians, and "unprofiled" the median wall time without the
+profiler.
 
     python -m benchmarks.eager_profile [--layers 28] [--repeats 5] [--no-compile] [--threads 1]
 """
@@ -19,7 +20,9 @@ time of the same forward without the profiler. Inductor's generated kernels are 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import resource
 import statistics
 import sys
 import time
@@ -90,32 +93,41 @@ def categorized(events) -> tuple[dict[str, float], dict[str, int], Counter]:
     return seconds, calls, per_op
 
 
-def profile_forward(model, kwargs: dict, repeats: int) -> dict:
-    """Median seconds per category (with "outside ops"), the median profiled and unprofiled wall times, top-level
-    op calls per category and the heaviest ops of one forward."""
+def profile_once(model, kwargs: dict) -> dict:
+    """One profiled forward (seconds and top-level op calls per category, "outside ops" included, seconds per op,
+    wall time) and one unprofiled forward (wall time, minor page faults)."""
     with torch.inference_mode():
-        model(**kwargs)  # warm-up: weight layouts packed, compiled graph built
-        runs, walls = [], []
-        for _ in range(repeats):
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
-                start = time.perf_counter()
-                model(**kwargs)
-                wall = time.perf_counter() - start
-            seconds, calls, per_op = categorized(prof.events())
-            seconds[OUTSIDE] = max(0.0, wall - sum(seconds.values()))
-            runs.append((seconds, calls, per_op))
-            walls.append(wall)
-        plain = []
-        for _ in range(repeats):
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
             start = time.perf_counter()
             model(**kwargs)
-            plain.append(time.perf_counter() - start)
-    median = {what: statistics.median(run[0].get(what, 0.0) for run in runs) for what in CATEGORIES}
-    ops = Counter()
-    for run in runs:
-        ops.update({key: value / repeats for key, value in run[2].items()})
-    return dict(seconds=median, wall=statistics.median(walls), unprofiled=statistics.median(plain),
-                calls=runs[0][1], ops=ops)
+            wall = time.perf_counter() - start
+        seconds, calls, per_op = categorized(prof.events())
+        seconds[OUTSIDE] = max(0.0, wall - sum(seconds.values()))
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start = time.perf_counter()
+        model(**kwargs)
+        plain = time.perf_counter() - start
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return dict(seconds=seconds, calls=calls, ops=per_op, wall=wall, unprofiled=plain, page_faults=faults)
+
+
+def median_of(runs: list[dict]) -> dict:
+    """Per category and per op the median over the runs; the median wall times and page faults."""
+    ops = set().union(*(run["ops"] for run in runs))
+    return dict(seconds={what: statistics.median(run["seconds"].get(what, 0.0) for run in runs) for what in CATEGORIES},
+                ops=Counter({key: statistics.median(run["ops"].get(key, 0.0) for run in runs) for key in ops}),
+                calls=runs[0]["calls"], **{key: statistics.median(run[key] for run in runs)
+                                           for key in ("wall", "unprofiled", "page_faults")})
+
+
+def profile_interleaved(variants: dict, kwargs: dict, repeats: int) -> dict[str, dict]:
+    """`median_of` per variant; each round runs every variant once, so a slow phase of a shared machine slows every
+    variant alike."""
+    runs = {label: [] for label in variants}
+    for _ in range(repeats):
+        for label, model in variants.items():
+            runs[label].append(profile_once(model, kwargs))
+    return {label: median_of(done) for label, done in runs.items()}
 
 
 def print_table(results: dict[str, dict]) -> None:
@@ -135,6 +147,8 @@ def print_table(results: dict[str, dict]) -> None:
     print("| profiled wall, median | " + " | ".join(f"{r['wall'] * 1e3:.1f}" for r in results.values()) + " |")
     print("| unprofiled wall, median | " + " | ".join(f"{r['unprofiled'] * 1e3:.1f}" for r in results.values())
           + " |")
+    print("| minor page faults per unprofiled forward | " + " | ".join(f"{r['page_faults']:,.0f}"
+                                                                    for r in results.values()) + " |")
 
 
 def print_difference(eager: dict, compiled: dict) -> None:
@@ -152,7 +166,7 @@ def print_difference(eager: dict, compiled: dict) -> None:
 
 def print_heaviest(label: str, result: dict, count: int) -> None:
     total = sum(result["seconds"].values())
-    print(f"\n{label}: the {count} heaviest ops (self CPU time per forward, averaged over the repeats)")
+    print(f"\n{label}: the {count} heaviest ops (self CPU time per forward, median over the repeats)")
     for (what, name), s in result["ops"].most_common(count):
         print(f"  {s * 1e3:8.1f} ms  {100 * s / total:5.1f}%  {name}  [{what}]")
 
@@ -170,27 +184,26 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     print(cpu_info())
     print(f"load average at start: {os.getloadavg()[0]:.1f}")
     print(f"PixArt-alpha 512 transformer, {args.layers} blocks, bf16; batch 2, 256 image tokens, 120 text tokens; "
-          f"{args.threads} thread(s), median of {args.repeats} profiled forwards after 1 warm-up", flush=True)
+          f"{args.threads} thread(s), 1 warm-up, median of {args.repeats} interleaved rounds", flush=True)
 
     model, kwargs = build(torch.bfloat16, args.layers), inputs(torch.bfloat16)
-    results = {"bf16 eager": profile_forward(model, kwargs, args.repeats)}
-    print("  bf16 eager: profiled", flush=True)
-    model = quantize(model, ViDiTQConfig("w8a8"))
-    results["W8A8 eager"] = profile_forward(model, kwargs, args.repeats)
-    print("  W8A8 eager: profiled", flush=True)
+    variants = {"bf16 eager": model, "W8A8 eager": quantize(copy.deepcopy(model), ViDiTQConfig("w8a8"))}
     if not args.no_compile:
         import torch._inductor.config as inductor_config
         inductor_config.cpp.enable_kernel_profile = True  # the generated kernels show up by name
+        variants["W8A8 compiled"] = torch.compile(variants["W8A8 eager"], fullgraph=True)  # the same layers
+    for label, variant in list(variants.items()):
         start = time.perf_counter()
-        compiled = torch.compile(model, fullgraph=True)
         try:
             with torch.inference_mode():
-                compiled(**kwargs)
+                variant(**kwargs)  # warm-up: weight layouts packed, the graph compiled
         except Exception as err:  # a compiler that fails here is reported, not fatal
-            print(f"  W8A8 + torch.compile: failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
-        else:
-            print(f"  W8A8 + torch.compile: compiled in {time.perf_counter() - start:.0f} s", flush=True)
-            results["W8A8 compiled"] = profile_forward(compiled, kwargs, args.repeats)
+            print(f"  {label}: failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+            del variants[label]
+            continue
+        print(f"  {label}: warmed up in {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"profiling {len(variants)} variants in {args.repeats} interleaved rounds", flush=True)
+    results = profile_interleaved(variants, kwargs, args.repeats)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
     print_table(results)
