@@ -179,41 +179,45 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--no-compile", action="store_true", help="skip W8A8 + torch.compile")
     parser.add_argument("--top", type=int, default=15, help="heaviest ops listed per variant")
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    warmup()  # the C++ kernels, built or loaded before anything is timed
-    print(cpu_info())
-    print(f"load average at start: {os.getloadavg()[0]:.1f}")
-    print(f"PixArt-alpha 512 transformer, {args.layers} blocks, bf16; batch 2, 256 image tokens, 120 text tokens; "
-          f"{args.threads} thread(s), 1 warm-up, median of {args.repeats} interleaved rounds", flush=True)
+    try:
+        warmup()  # the C++ kernels, built or loaded before anything is timed
+        print(cpu_info())
+        print(f"load average at start: {os.getloadavg()[0]:.1f}")
+        print(f"PixArt-alpha 512 transformer, {args.layers} blocks, bf16; batch 2, 256 image tokens, 120 text tokens; "
+              f"{args.threads} thread(s), 1 warm-up, median of {args.repeats} interleaved rounds", flush=True)
 
-    model, kwargs = build(torch.bfloat16, args.layers), inputs(torch.bfloat16)
-    variants = {"bf16 eager": model, "W8A8 eager": quantize(copy.deepcopy(model), ViDiTQConfig("w8a8"))}
-    if not args.no_compile:
-        import torch._inductor.config as inductor_config
-        inductor_config.cpp.enable_kernel_profile = True  # the generated kernels show up by name
-        variants["W8A8 compiled"] = torch.compile(variants["W8A8 eager"], fullgraph=True)  # the same layers
-    for label, variant in list(variants.items()):
-        start = time.perf_counter()
-        try:
-            with torch.inference_mode():
-                variant(**kwargs)  # warm-up: weight layouts packed, the graph compiled
-        except Exception as err:  # a compiler that fails here is reported, not fatal
-            print(f"  {label}: failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
-            del variants[label]
-            continue
-        print(f"  {label}: warmed up in {time.perf_counter() - start:.0f} s", flush=True)
-    print(f"profiling {len(variants)} variants in {args.repeats} interleaved rounds", flush=True)
-    results = profile_interleaved(variants, kwargs, args.repeats)
-    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+        model, kwargs = build(torch.bfloat16, args.layers), inputs(torch.bfloat16)
+        variants = {"bf16 eager": model, "W8A8 eager": quantize(copy.deepcopy(model), ViDiTQConfig("w8a8"))}
+        if not args.no_compile:
+            import torch._inductor.config as inductor_config
+            inductor_config.cpp.enable_kernel_profile = True  # the generated kernels show up by name
+            variants["W8A8 compiled"] = torch.compile(variants["W8A8 eager"], fullgraph=True)  # the same layers
+        for label, variant in list(variants.items()):
+            start = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    variant(**kwargs)  # warm-up: weight layouts packed, the graph compiled
+            except Exception as err:  # a compiler that fails here is reported, not fatal
+                print(f"  {label}: failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+                del variants[label]
+                continue
+            print(f"  {label}: warmed up in {time.perf_counter() - start:.0f} s", flush=True)
+        print(f"profiling {len(variants)} variants in {args.repeats} interleaved rounds", flush=True)
+        results = profile_interleaved(variants, kwargs, args.repeats)
+        print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
-    print_table(results)
-    bf16 = results["bf16 eager"]["unprofiled"]
-    print("\nspeed-up vs bf16 eager (unprofiled medians, this thread count): " + ", ".join(
-        f"{label} {bf16 / r['unprofiled']:.2f}x" for label, r in results.items()))
-    if "W8A8 compiled" in results:
-        print_difference(results["W8A8 eager"], results["W8A8 compiled"])
-    for label, result in results.items():
-        print_heaviest(label, result, args.top)
+        print_table(results)
+        bf16 = results["bf16 eager"]["unprofiled"]
+        print("\nspeed-up vs bf16 eager (unprofiled medians, this thread count): " + ", ".join(
+            f"{label} {bf16 / r['unprofiled']:.2f}x" for label, r in results.items()))
+        if "W8A8 compiled" in results:
+            print_difference(results["W8A8 eager"], results["W8A8 compiled"])
+        for label, result in results.items():
+            print_heaviest(label, result, args.top)
+    finally:
+        torch.set_num_threads(threads)  # a caller (the test) keeps its own
     sys.stdout.flush()
     return results
 

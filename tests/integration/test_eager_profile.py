@@ -4,6 +4,7 @@ column per variant, and the categories add up to the forward's wall time."""
 import re
 
 import pytest
+import torch
 
 from benchmarks import eager_profile
 from benchmarks.eager_profile import ATTENTION, CATEGORIES, COPIES, FLOAT_LINEAR, FUSED, NORM, OTHER, QUANTIZED
@@ -21,9 +22,11 @@ def test_category_of_op_names():
 
 
 def test_table_at_one_block(capsys):
+    threads = torch.get_num_threads()
     results = eager_profile.main(["--layers", "1", "--repeats", "1", "--no-compile", "--top", "3"])
     out = capsys.readouterr().out
     assert list(results) == ["bf16 eager", "W8A8 eager"]
+    assert torch.get_num_threads() == threads  # it profiles on 1 thread and gives the caller's count back
 
     rows = [line for line in out.splitlines() if line.startswith("| ") and "ms (share)" not in line]
     table = {line.split(" | ")[0].removeprefix("| "): line for line in rows}
